@@ -1,0 +1,3 @@
+from defectscan.cli import main
+
+main()

@@ -1,0 +1,171 @@
+"""Checkpoints: weights in safetensors plus a JSON sidecar with everything `infer` needs to rebuild the model.
+
+Nothing here unpickles: safetensors holds only tensors, and foreign `.pth` files go through
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from defectscan.errors import DefectscanError
+from defectscan.images import atomic_path, write_text
+from defectscan.models.factory import ModelSpec, build_model, describe
+
+FORMAT = "defectscan-checkpoint"
+FORMAT_VERSION = 1
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) for a path given as either file or as the common stem."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import segmentation_models_pytorch as smp
+    import timm
+
+    import defectscan
+
+    return {"defectscan": defectscan.__version__, "torch": torch.__version__, "segmentation_models_pytorch": smp.__version__, "timm": timm.__version__}
+
+
+def save_checkpoint(
+    model: nn.Module,
+    spec: ModelSpec,
+    path: str | Path,
+    *,
+    half: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `<stem>.safetensors` and `<stem>.json` atomically; returns the weights path.
+
+    `half` stores float tensors as float16 (half the size; loading converts back to float32).
+    """
+    from safetensors.torch import save_file
+
+    weights, sidecar = checkpoint_paths(path)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v.contiguous()
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": spec.to_dict(),
+        "weights_file": weights.name,
+        "weights_sha256": _sha256(weights),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"extra": dict(extra)} if extra else {}),
+    }
+    write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .pt/.pth through the weights-only (non-pickle) loader."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DefectscanError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DefectscanError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def match_state_dict(
+    module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, allow_unused: Iterable[str] = ()
+) -> None:
+    """Load `state` strictly; any missing key, unexpected key or shape mismatch is one clear error line."""
+    own = module.state_dict()
+    allow = tuple(allow_unused)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(allow)]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise DefectscanError(f"{source} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    weights, sidecar = checkpoint_paths(path)
+    if not sidecar.is_file():
+        raise DefectscanError(f"{sidecar}: checkpoint sidecar not found (a defectscan checkpoint is <name>.safetensors + <name>.json)")
+    if not weights.is_file():
+        raise DefectscanError(f"{weights}: checkpoint weights not found")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DefectscanError(f"{sidecar}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DefectscanError(f"{sidecar}: not a defectscan checkpoint sidecar")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise DefectscanError(f"{sidecar}: written by a newer defectscan (format {meta['format_version']})")
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, *, expect: ModelSpec | None = None, verify: bool = True
+) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """(model in eval mode, its spec, the sidecar) from a checkpoint.
+
+    `expect`: the architecture the caller needs (e.g. when resuming training); a checkpoint of another
+    architecture is refused before any weights are touched.
+    """
+    weights, sidecar = checkpoint_paths(path)
+    meta = read_sidecar(path)
+    spec = ModelSpec.from_dict(meta["model"])
+    if expect is not None:
+        for name in ("arch", "encoder", "classes", "head", "in_channels"):
+            if getattr(spec, name) != getattr(expect, name):
+                raise DefectscanError(
+                    f"{weights}: checkpoint is {describe(spec)}, but {describe(expect)} was asked for ({name} differs)"
+                )
+    if verify and meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise DefectscanError(f"{weights}: weights do not match their sidecar (checksum differs; file replaced or damaged?)")
+    model = build_model(spec)
+    match_state_dict(model, load_state_file(weights), source=f"{weights} ({describe(spec)})")
+    return model.eval(), spec, meta
+
+
+def default_checkpoint() -> Path:
+    """The bundled model trained on synthetic wafers (see scripts/train_default_model.py)."""
+    return Path(__file__).resolve().parent.parent / "weights" / "wafer_unet_r10t.safetensors"
