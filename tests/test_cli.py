@@ -1,0 +1,167 @@
+"""`defectscan` command line end to end: outputs of `infer`, `synth`, and every bad-input case."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from defectscan.cli import main
+from defectscan.images import write_image
+from defectscan.models import ModelSpec, build_model, default_checkpoint, save_checkpoint
+from defectscan.synth import generate_wafer
+
+OUTPUT_FILES = {"defects.csv", "defects.json", "mask.png", "overlay.jpg"}
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["defectscan", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def wafer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wafer")
+    image, mask = generate_wafer(448, seed=11)
+    write_image(d / "wafer.png", image)
+    return d / "wafer.png", mask
+
+
+def test_infer_with_bundled_model_writes_every_output(monkeypatch, capsys, tmp_path, wafer):
+    assert default_checkpoint().is_file(), "the bundled model is part of the package"
+    path, _ = wafer
+    code, out, err = run_cli(monkeypatch, capsys, "infer", path, "--out", tmp_path / "res")
+    assert code == 0, err
+    res = tmp_path / "res" / "wafer"
+    names = {p.name for p in res.iterdir()}
+    assert OUTPUT_FILES <= names
+    assert {f"prob_{c}.png" for c in ("scratch", "particle", "crack", "stain", "edge_chip")} <= names
+    table = json.loads((res / "defects.json").read_text())
+    assert table["width"] == table["height"] == 448 and table["tiles"] == 1
+    mask = cv2.imread(str(res / "mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (448, 448) and mask.dtype == np.uint8 and set(np.unique(mask)) <= set(range(6))
+    with open(res / "defects.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(table["defects"])
+    # every listed region lies on mask pixels of its class
+    for r in table["defects"]:
+        box = mask[r["y"] : r["y"] + r["height"], r["x"] : r["x"] + r["width"]]
+        assert (box == r["class_id"]).sum() >= r["area_px"]
+    assert "wafer.png" in out  # summary table
+    assert not [p for p in (tmp_path / "res").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_infer_directory_gaussian_tta_and_repeat_run_replaces_outputs(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    src = tmp_path / "imgs"
+    src.mkdir()
+    image = cv2.imread(str(path))
+    cv2.imwrite(str(src / "a.png"), image[:200, :300])
+    cv2.imwrite(str(src / "b.jpg"), image[100:, 50:])
+    (src / "notes.txt").write_text("ignored")
+    for _ in range(2):
+        code, _, err = run_cli(monkeypatch, capsys, "infer", src, "--out", tmp_path / "o", "--stitch", "gaussian",
+                               "--tta", "--tile", "256", "--overlap", "64", "--threshold", "0.3")
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a", "b"]
+    meta = json.loads((tmp_path / "o" / "a" / "defects.json").read_text())
+    assert (meta["width"], meta["height"], meta["stitch"], meta["tta"], meta["threshold"]) == (300, 200, "gaussian", True, 0.3)
+
+
+def test_grayscale_16bit_and_alpha_inputs_are_converted(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    rgb = cv2.imread(str(path))[:160, :160]
+    gray16 = cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
+    cv2.imwrite(str(tmp_path / "g16.png"), gray16)
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "g16.png", tmp_path / "rgba.png", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert (tmp_path / "o" / "g16" / "overlay.jpg").is_file() and (tmp_path / "o" / "rgba" / "mask.png").is_file()
+
+
+def _truncated(tmp_path, name):
+    p = tmp_path / name
+    cv2.imwrite(str(p), np.full((300, 300, 3), 128, np.uint8) + np.random.default_rng(0).integers(0, 50, (300, 300, 3), dtype=np.uint8))
+    p.write_bytes(p.read_bytes()[:2000])
+    return p
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.png", "no such file"),
+        (lambda d: (d / "x.gif").write_bytes(b"GIF89a") and d / "x.gif", "unsupported image format"),
+        (lambda d: (d / "fake.png").write_bytes(b"hello") and d / "fake.png", "cannot decode"),
+        (lambda d: _truncated(d, "cut.png"), "cannot decode"),
+        (lambda d: _truncated(d, "cut.jpg"), "truncated"),
+    ],
+)
+def test_bad_images_give_one_line_error_and_no_output(monkeypatch, capsys, tmp_path, make, message):
+    bad = make(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "infer", bad, "--out", tmp_path / "o")
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    out = tmp_path / "o"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_one_bad_image_among_good_ones_still_fails_the_run(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    bad = _truncated(tmp_path, "cut.png")
+    code, _, err = run_cli(monkeypatch, capsys, "infer", path, bad, "--out", tmp_path / "o")
+    assert code == 1 and "1 of 2 image(s) failed" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["wafer"]
+
+
+def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    cases = [
+        (["--tile", "500"], "multiple of 32"),
+        (["--overlap", "600"], "overlap"),
+        (["--threshold", "1.5"], "threshold"),
+        (["--stitch", "max"], "unknown stitch mode"),
+        (["--model", tmp_path / "nothing.safetensors"], "sidecar not found"),
+    ]
+    spec = ModelSpec(encoder="resnet18", tile=256)
+    save_checkpoint(build_model(spec), spec, tmp_path / "r18")
+    meta = json.loads((tmp_path / "r18.json").read_text())
+    meta["model"]["encoder"] = "resnet34"
+    meta.pop("weights_sha256")
+    (tmp_path / "r18.json").write_text(json.dumps(meta))
+    cases.append((["--model", tmp_path / "r18.safetensors"], "does not fit the model"))
+    for extra, message in cases:
+        code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--out", tmp_path / "o", *extra)
+        lines = error_lines(err)
+        assert code == 1 and len(lines) == 1 and message in lines[0], (extra, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "synth", tmp_path / "s", "--size", "256", "--count", "2", "--seed", "4")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == ["wafer_000.png", "wafer_001.png"]
+    assert cv2.imread(str(tmp_path / "s" / "masks" / "wafer_001.png"), cv2.IMREAD_UNCHANGED).shape == (256, 256)
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "defectscan", "infer", str(tmp_path / "nope.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such file or directory"]

@@ -1,0 +1,94 @@
+"""Image reading: formats, bit depths, channels, bad files, atomic writes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from defectscan.errors import DefectscanError
+from defectscan.images import atomic_path, open_image, read_image, write_image
+
+
+def rgb(h=40, w=60, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_png_roundtrip_keeps_rgb_order(tmp_path):
+    img = rgb()
+    write_image(tmp_path / "a.png", img)
+    assert (read_image(tmp_path / "a.png") == img).all()
+
+
+def test_sixteen_bit_twelve_bit_data_is_scaled_by_its_bit_depth(tmp_path):
+    data = np.linspace(0, 4095, 40 * 60).reshape(40, 60).astype(np.uint16)  # 12-bit camera in a 16-bit PNG
+    cv2.imwrite(str(tmp_path / "g16.png"), data)
+    out = read_image(tmp_path / "g16.png")
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    assert out.max() == 255 and out.min() == 0
+    assert (out[..., 0] == out[..., 1]).all()
+
+
+def test_grayscale_and_alpha_are_converted(tmp_path):
+    gray = rgb()[..., 0]
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    assert (read_image(tmp_path / "g.png") == np.repeat(gray[..., None], 3, 2)).all()
+    rgba = np.dstack([rgb(), np.full((40, 60), 7, np.uint8)])
+    cv2.imwrite(str(tmp_path / "a.png"), rgba[..., [2, 1, 0, 3]])
+    assert (read_image(tmp_path / "a.png") == rgba[..., :3]).all()
+
+
+def test_uncompressed_tiff_is_memory_mapped_and_read_by_region(tmp_path):
+    img = rgb(300, 200)
+    tifffile.imwrite(tmp_path / "big.tif", img)
+    src = open_image(tmp_path / "big.tif")
+    assert isinstance(src.data, np.memmap)
+    assert (src.read(10, 50, 20, 90) == img[10:50, 20:90]).all()
+    tifffile.imwrite(tmp_path / "z.tif", img, compression="zlib")
+    assert (read_image(tmp_path / "z.tif") == img).all()
+
+
+def test_sixteen_bit_tiff_is_converted_per_region(tmp_path):
+    data = (np.arange(64 * 64).reshape(64, 64) % 1024).astype(np.uint16)  # 10-bit data
+    tifffile.imwrite(tmp_path / "t16.tif", data)
+    src = open_image(tmp_path / "t16.tif")
+    region = src.read(0, 2, 0, 64)
+    assert region.dtype == np.uint8 and region.shape == (2, 64, 3)
+    assert region[0, 63, 0] == round(63 * 255 / 1023)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_truncated_files_are_one_line_errors(tmp_path, suffix, capfd):
+    p = tmp_path / f"img{suffix}"
+    cv2.imwrite(str(p), rgb(200, 200))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DefectscanError) as err:
+        open_image(p).to_rgb8()
+    assert "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # libpng/libjpeg/libtiff chatter is silenced
+
+
+def test_missing_unsupported_and_garbage_files(tmp_path):
+    with pytest.raises(DefectscanError, match="no such file"):
+        open_image(tmp_path / "nope.png")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DefectscanError, match="unsupported image format"):
+        open_image(tmp_path / "x.gif")
+    (tmp_path / "fake.png").write_bytes(b"not an image at all")
+    with pytest.raises(DefectscanError, match="cannot decode"):
+        open_image(tmp_path / "fake.png")
+    with pytest.raises(DefectscanError, match="is a directory"):
+        open_image(tmp_path)
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]

@@ -1,0 +1,199 @@
+"""Tiling engine: layout coverage, exactness against whole-image inference, stitch modes, heads, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from defectscan.errors import DefectscanError
+from defectscan.images import ImageSource
+from defectscan.tiling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _reflect,
+    plan_tiles,
+    predict_batch,
+    read_tile,
+    tiled_inference,
+)
+
+
+class SmallFCN(nn.Module):
+    """Fully convolutional net with two stride-2 stages (align 4), receptive field well under 32 px."""
+
+    def __init__(self, classes: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.Upsample(scale_factor=4, mode="nearest"),
+            nn.Conv2d(8, classes, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def whole_image_reference(model: nn.Module, image: np.ndarray, layout, head: str = "sigmoid") -> np.ndarray:
+    """One forward pass over the reflection-padded region all tiles span, cropped back to the image."""
+    th, tw = layout.tile_shape
+    span_h = (layout.rows.count - 1) * layout.rows.step + th
+    span_w = (layout.cols.count - 1) * layout.cols.step + tw
+    region = read_tile(ImageSource(image), -layout.rows.pad, -layout.cols.pad, span_h, span_w)
+    x = torch.from_numpy(region).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model(x)
+    p = torch.sigmoid(logits) if head == "sigmoid" else torch.softmax(logits, 1)
+    h, w = image.shape[:2]
+    return p[0, :, layout.rows.pad : layout.rows.pad + h, layout.cols.pad : layout.cols.pad + w].numpy()
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # smooth structure plus noise, so the net's output varies across the image
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 128 + 60 * np.sin(yy / 17.0)[..., None] * np.cos(xx / 23.0)[..., None]
+    return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    h=st.integers(1, 700), w=st.integers(1, 700), align=st.sampled_from([1, 2, 8, 32]),
+    tile_units=st.integers(1, 12), overlap_frac=st.floats(0, 0.9),
+)
+def test_center_mode_covers_every_pixel_exactly_once(h, w, align, tile_units, overlap_frac):
+    tile = tile_units * max(align, 16)
+    tile -= tile % align
+    overlap = int(overlap_frac * (tile - align))
+    layout = plan_tiles(h, w, tile, overlap, align)
+    count = np.zeros((h, w), np.int32)
+    for iy, ix in layout.tiles():
+        (y0, y1), (x0, x1) = layout.rows.owned(iy), layout.cols.owned(ix)
+        count[y0:y1, x0:x1] += 1
+        # the owned region keeps at least `pad` pixels of context inside its tile on every side
+        for axis, k, (a, b) in ((layout.rows, iy, (y0, y1)), (layout.cols, ix, (x0, x1))):
+            assert axis.origin(k) <= a - axis.pad
+            assert b + axis.pad <= axis.origin(k) + axis.tile
+            assert axis.tile % align == 0 and axis.step % align == 0
+    assert (count == 1).all()
+
+
+def test_reflect_matches_numpy_reflect_padding():
+    for n in (1, 2, 3, 7):
+        arr = np.arange(n)
+        idx = np.arange(-3 * n - 5, 4 * n + 5)
+        expected = np.pad(arr, 50, mode="reflect")[idx + 50] if n > 1 else np.zeros_like(idx)
+        assert (_reflect(idx, n) == expected).all()
+
+
+@pytest.mark.parametrize("shape", [(301, 457), (96, 130), (20, 9), (1, 1)])
+def test_center_stitching_equals_whole_image_inference(shape):
+    model = SmallFCN().eval()
+    image = random_image(*shape)
+    layout = plan_tiles(*shape, 64, 32, 4)
+    ref = whole_image_reference(model, image, layout)
+    out = tiled_inference(model, image, tile=64, overlap=32, align=4, out_dtype=np.float32, batch_size=3, device="cpu")
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_gaussian_stitching_difference_is_measured_and_small():
+    model = SmallFCN().eval()
+    image = random_image(301, 457)
+    layout = plan_tiles(301, 457, 64, 32, 4)
+    ref = whole_image_reference(model, image, layout)
+    out = tiled_inference(model, image, tile=64, overlap=32, align=4, stitch="gaussian", out_dtype=np.float32, device="cpu")
+    diff = np.abs(out - ref)
+    print(f"gaussian vs whole image: max {diff.max():.2e}, mean {diff.mean():.2e}")
+    # with the receptive field inside the margin both modes are near-exact; gaussian blends float round-off only
+    assert diff.max() < 1e-4
+    # too little margin: both modes deviate; measure and bound them
+    layout = plan_tiles(301, 457, 32, 4, 4)
+    ref = whole_image_reference(model, image, layout)
+    for mode in ("center", "gaussian"):
+        out = tiled_inference(model, image, tile=32, overlap=4, align=4, stitch=mode, out_dtype=np.float32, device="cpu")
+        d = np.abs(out - ref)
+        print(f"{mode}, margin 2 px: max {d.max():.2e}, mean {d.mean():.2e}")
+        assert 1e-6 < d.mean() < 0.05
+
+
+def test_uint8_output_is_rounded_probability():
+    model = SmallFCN().eval()
+    image = random_image(200, 150)
+    f = tiled_inference(model, image, tile=64, overlap=32, align=4, out_dtype=np.float32, device="cpu")
+    u = tiled_inference(model, image, tile=64, overlap=32, align=4, device="cpu")
+    assert u.dtype == np.uint8
+    assert np.abs(u.astype(np.float32) / 255 - f).max() <= 0.5 / 255 + 1e-6
+    g = tiled_inference(model, image, tile=64, overlap=32, align=4, stitch="gaussian", device="cpu")
+    assert np.abs(g.astype(np.int16) - u.astype(np.int16)).max() <= 1
+
+
+def test_softmax_head_and_multiclass_output():
+    model = SmallFCN(classes=4).eval()
+    image = random_image(150, 170)
+    layout = plan_tiles(150, 170, 64, 32, 4)
+    out = tiled_inference(model, image, tile=64, overlap=32, align=4, head="softmax", out_dtype=np.float32, device="cpu")
+    assert out.shape == (4, 150, 170)
+    assert np.allclose(out.sum(0), 1.0, atol=1e-5)
+    assert np.abs(out - whole_image_reference(model, image, layout, head="softmax")).max() < 1e-5
+
+
+def test_tta_averages_flipped_predictions():
+    model = SmallFCN().eval()
+    x = torch.randn(2, 3, 32, 32)
+    manual = sum(torch.flip(torch.sigmoid(model(torch.flip(x, d) if d else x)), d) if d else torch.sigmoid(model(x))
+                 for d in ((), (3,), (2,), (2, 3))) / 4
+    got = predict_batch(model, x, "sigmoid", None, tta=True)
+    assert torch.allclose(got, manual.detach(), atol=1e-6)
+
+
+def test_preallocated_output_such_as_memmap(tmp_path):
+    model = SmallFCN().eval()
+    image = random_image(120, 90)
+    out = np.lib.format.open_memmap(tmp_path / "probs.npy", mode="w+", dtype=np.uint8, shape=(1, 120, 90))
+    res = tiled_inference(model, image, tile=64, overlap=32, align=4, out=out, device="cpu")
+    assert res is out
+    ref = tiled_inference(model, image, tile=64, overlap=32, align=4, device="cpu")
+    assert (np.asarray(out) == ref).all()
+    with pytest.raises(DefectscanError, match="output array has shape"):
+        tiled_inference(model, image, tile=64, overlap=32, align=4, out=np.zeros((2, 120, 90), np.uint8), device="cpu")
+
+
+def test_progress_reports_every_tile():
+    calls = []
+    tiled_inference(SmallFCN().eval(), random_image(200, 200), tile=64, overlap=32, align=4, batch_size=3,
+                    device="cpu", progress=lambda d, n: calls.append((d, n)))
+    assert calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tile=500), "multiple of 32"),
+        (dict(tile=512, overlap=512), "overlap"),
+        (dict(tile=64, overlap=40), "tile - overlap must be at least 32"),
+        (dict(stitch="median"), "unknown stitch mode"),
+        (dict(batch_size=0), "batch size"),
+        (dict(amp="fp8"), "unknown amp mode"),
+        (dict(device="cuda:7"), "not available"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, message):
+    if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    with pytest.raises(DefectscanError, match=message):
+        tiled_inference(SmallFCN().eval(), random_image(64, 64), **{"device": "cpu", **kwargs})
+
+
+def test_wrong_output_size_model_is_an_error():
+    model = nn.Conv2d(3, 1, 3, stride=2, padding=1)
+    with pytest.raises(DefectscanError, match="full-resolution output"):
+        tiled_inference(model, random_image(64, 64), tile=64, overlap=32, device="cpu")
