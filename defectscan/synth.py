@@ -10,13 +10,14 @@ Drawing order (later overwrites earlier in the mask): stain, scratch, particle, 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
+
+from defectscan.images import write_image, write_text
 
 CLASSES: tuple[str, ...] = ("background", "scratch", "particle", "crack", "stain", "edge_chip")
 SCRATCH, PARTICLE, CRACK, STAIN, EDGE_CHIP = 1, 2, 3, 4, 5
@@ -321,17 +322,6 @@ def generate_wafer(size: int, seed: int = 0, *, defect_density: float = 1.0) -> 
     return image, mask
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Write via a temp name + os.replace so readers never see a half-written PNG."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    try:
-        if not cv2.imwrite(str(tmp), array):
-            raise OSError(f"cv2.imwrite failed for {tmp}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_dataset(out_dir: str | Path, *, size: int, count: int, seed: int,
                   progress: Callable[[int], None] | None = None) -> list[tuple[Path, Path]]:
     """Materialise `count` wafers (image i uses seed + i) as PNG pairs for training and demos.
@@ -342,16 +332,14 @@ def write_dataset(out_dir: str | Path, *, size: int, count: int, seed: int,
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    tmp = out / "classes.tmp.json"
-    tmp.write_text(json.dumps({"classes": list(CLASSES)}, indent=2))
-    os.replace(tmp, out / "classes.json")
+    write_text(out / "classes.json", json.dumps({"classes": list(CLASSES)}, indent=2) + "\n")
     pairs = []
     for i in range(count):
         image, mask = generate_wafer(size, seed + i)
         img_path, mask_path = out / "images" / f"wafer_{i:03d}.png", out / "masks" / f"wafer_{i:03d}.png"
-        _write_png(img_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_image(img_path, image)  # atomic: readers never see a half-written PNG
         del image
-        _write_png(mask_path, mask)
+        write_image(mask_path, mask, rgb=False)
         pairs.append((img_path, mask_path))
         if progress is not None:
             progress(i + 1)

@@ -1,7 +1,7 @@
 """Train the bundled default model (defectscan/weights/) on synthetic wafers, reproducibly, on a CPU.
 
-    python scripts/train_default_model.py                  # ~20 min on 2 CPU cores
-    python scripts/train_default_model.py --steps 50 --out /tmp/quick   # smoke run
+    python scripts/train_default_model.py --config configs/default_wafer_model.yaml   # ~20 min on 2 CPU cores
+    python scripts/train_default_model.py --steps 50 --out /tmp/quick                  # smoke run
 
 Data: `defectscan.synth` wafers (train seeds 1000.., validation seeds 2000..), random crops with defect-aware
 oversampling, flips/rotations and brightness/contrast jitter. Loss: cross-entropy + Dice. Validation runs the
@@ -20,6 +20,7 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from segmentation_models_pytorch.losses import DiceLoss
 
 from defectscan.metrics import confusion_matrix, iou_dice
@@ -45,25 +46,28 @@ def sample_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default_wafer_model.yaml")
     ap.add_argument("--out", default=str(ROOT / "defectscan" / "weights" / "wafer_unet_r10t"))
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--train-wafers", type=int, default=8)
-    ap.add_argument("--val-wafers", type=int, default=2)
-    ap.add_argument("--size", type=int, default=2048, help="side of the synthetic wafers in pixels")
-    ap.add_argument("--seed", type=int, default=0)
+    for name, typ in (("steps", int), ("batch", int), ("crop", int), ("lr", float), ("train-wafers", int),
+                      ("val-wafers", int), ("size", int), ("seed", int)):
+        ap.add_argument(f"--{name}", type=typ, default=None, help="overrides the config")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
+    cfg = yaml.safe_load(args.config.read_text())
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    defaults = {"steps": t["steps"], "batch": t["batch"], "lr": t["lr"], "seed": t["seed"], "crop": d["crop"],
+                "train_wafers": d["train_wafers"], "val_wafers": d["val_wafers"], "size": d["size"]}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     spec = ModelSpec(
-        arch="unet", encoder="resnet10t", classes=CLASSES, head="softmax", tile=512, overlap=64,
-        arch_kwargs={"decoder_channels": (128, 64, 32, 16, 16)},
+        arch=m["arch"], encoder=m["encoder"], classes=CLASSES, head="softmax", tile=m["tile"],
+        overlap=m["overlap"], threshold=m["threshold"], arch_kwargs={"decoder_channels": tuple(m["decoder_channels"])},
     )
     model = build_model(spec)
     t0 = time.perf_counter()
@@ -79,7 +83,7 @@ def main() -> None:
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     dice = DiceLoss(mode="multiclass", classes=list(range(1, len(CLASSES))), from_logits=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=t["weight_decay"])
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
@@ -90,7 +94,7 @@ def main() -> None:
         xs, ys = [], []
         for _ in range(args.batch):
             k = int(rng.integers(len(train)))
-            img, msk = sample_crop(rng, *train[k], fgs[k], args.crop, defect_share=0.7)
+            img, msk = sample_crop(rng, *train[k], fgs[k], args.crop, defect_share=d["defect_share"])
             out = aug(image=img, mask=msk)
             xs.append(out["image"])
             ys.append(out["mask"])
@@ -124,6 +128,7 @@ def main() -> None:
     tp = conf[1:, 1:].sum()
     fp, fn = conf[0, 1:].sum(), conf[1:, 0].sum()
     result = {
+        "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
         "train": {"wafers": args.train_wafers, "size": args.size, "seeds": f"1000..{999 + args.train_wafers}",
                   "steps": args.steps, "batch": args.batch, "crop": args.crop, "lr": args.lr,
                   "seconds": round(train_time, 1), "torch_threads": torch.get_num_threads()},
