@@ -20,7 +20,7 @@ from defectscan.errors import DefectscanError
 from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, open_image
 from defectscan.models import default_checkpoint, load_checkpoint
 from defectscan.models.factory import GLOBAL_CONTEXT_DECODERS, describe
-from defectscan.postprocess import REGION_FIELDS, Region, class_mask, find_regions
+from defectscan.postprocess import REGION_FIELDS, Region, segment
 from defectscan.reporting import render_overlay
 from defectscan.tiling import plan_tiles, tiled_inference, validate_tile
 
@@ -84,8 +84,7 @@ class Predictor:
             batch_size=opts.batch_size, device=opts.device, head=self.spec.head, mean=self.spec.mean,
             std=self.spec.std, amp=opts.amp, tta=opts.tta, align=self.spec.stride, progress=progress,
         )
-        mask, score = class_mask(probs, self.spec.head, self.threshold)
-        regions = find_regions(mask, score, self.class_names, min_area=opts.min_area)
+        mask, regions = segment(probs, self.spec.head, self.threshold, self.class_names, min_area=opts.min_area)
         seconds = time.perf_counter() - t0
         h, w = source.shape
         defect_px = int(np.count_nonzero(mask))

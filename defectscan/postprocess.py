@@ -1,8 +1,15 @@
-"""From stitched probabilities to a class mask and a table of defect regions, strip by strip where it matters."""
+"""From stitched probabilities to defect regions and a class mask.
+
+A pixel is a defect where its defect score reaches the threshold (sigmoid heads: the largest class probability;
+softmax heads: 1 - p(background), so weak votes for several defect classes still add up). Defect pixels are
+grouped into 8-connected regions, and each region takes the class with the largest probability mass over its
+pixels: a thin scratch whose pixels waver between "scratch" and "crack" becomes one scratch, not a dotted line of
+alternating fragments.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import cv2
 import numpy as np
@@ -15,29 +22,22 @@ def score_to_u8(threshold: float) -> int:
     return int(round(min(max(threshold, 0.0), 1.0) * 255))
 
 
-def class_mask(probs: np.ndarray, head: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, score) from (C, H, W) uint8 probabilities.
+def defect_channels(head: str, num_channels: int) -> list[int]:
+    """Probability channels that are defect classes (a softmax head's channel 0 is background)."""
+    return list(range(1, num_channels)) if head == "softmax" else list(range(num_channels))
 
-    mask: uint8 class index per pixel (0 = background; for a softmax head the index into the model's classes,
-    for a sigmoid head channel + 1). score: uint8 defect score per pixel, 1 - p(background) for softmax (so
-    that many weak votes for different defect classes still count as a defect), max channel for sigmoid.
-    A pixel is a defect where score >= threshold; its class is the most probable defect class.
-    """
+
+def defect_score(probs: np.ndarray, head: str) -> np.ndarray:
+    """(H, W) uint8 defect score from (C, H, W) uint8 probabilities, strip by strip."""
     c, h, w = probs.shape
-    thr = score_to_u8(threshold)
-    mask = np.zeros((h, w), np.uint8)
-    score = np.zeros((h, w), np.uint8)
+    score = np.empty((h, w), np.uint8)
     for y0 in range(0, h, STRIP_ROWS):
         p = probs[:, y0 : y0 + STRIP_ROWS]
         if head == "softmax":
-            s = 255 - p[0]
-            cls = p[1:].argmax(0).astype(np.uint8) + 1 if c > 2 else np.ones_like(s)
+            score[y0 : y0 + STRIP_ROWS] = 255 - p[0]
         else:
-            s = p.max(0) if c > 1 else p[0]
-            cls = p.argmax(0).astype(np.uint8) + 1 if c > 1 else np.ones_like(s)
-        score[y0 : y0 + STRIP_ROWS] = s
-        mask[y0 : y0 + STRIP_ROWS] = np.where(s >= thr, cls, 0)
-    return mask, score
+            score[y0 : y0 + STRIP_ROWS] = p.max(0) if c > 1 else p[0]
+    return score
 
 
 @dataclass
@@ -59,46 +59,53 @@ class Region:
         return asdict(self)
 
 
-REGION_FIELDS = [f for f in Region.__dataclass_fields__]
+REGION_FIELDS = [f.name for f in fields(Region)]
 
 
-def find_regions(
-    mask: np.ndarray, score: np.ndarray, class_names: dict[int, str], *, min_area: int = 1
-) -> list[Region]:
-    """8-connected regions per class; regions smaller than `min_area` are removed from `mask` in place.
+def segment(
+    probs: np.ndarray, head: str, threshold: float, class_names: dict[int, str], *, min_area: int = 1
+) -> tuple[np.ndarray, list[Region]]:
+    """(class-index mask, regions) from (C, H, W) uint8 probabilities.
 
-    Scores are read only at foreground pixels (usually well under 1% of the image), not over the whole map.
+    Mask values are class ids (softmax: channel index; sigmoid: channel + 1); 0 is background. Regions smaller
+    than `min_area` px are left out of both. Statistics are computed on the foreground pixels only (usually
+    well under 1% of the image), never as full-size float arrays.
     """
-    regions: list[Region] = []
-    for cid, name in class_names.items():
-        binary = (mask == cid).view(np.uint8)
-        if not binary.any():
-            continue
-        n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
-        ys, xs = np.nonzero(labels)
-        labs = labels[ys, xs]
-        vals = score[ys, xs].astype(np.float64) / 255.0
-        order = np.argsort(labs, kind="stable")
-        labs, vals = labs[order], vals[order]
-        starts = np.flatnonzero(np.r_[True, labs[1:] != labs[:-1]])
-        maxima = np.maximum.reduceat(vals, starts)
-        sums = np.add.reduceat(vals, starts)
-        small = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] < min_area]
-        if small:
-            drop = np.zeros(n, bool)
-            drop[small] = True
-            sel = drop[labels[ys, xs]]
-            mask[ys[sel], xs[sel]] = 0
-        for j, lab in enumerate(labs[starts]):
-            x, y, w, h, area = (int(v) for v in stats[lab])
-            if area < min_area:
-                continue
-            regions.append(Region(
-                id=0, class_id=int(cid), class_name=name, x=x, y=y, width=w, height=h, area_px=area,
-                centroid_x=round(float(centroids[lab, 0]), 2), centroid_y=round(float(centroids[lab, 1]), 2),
-                score_max=round(float(maxima[j]), 4), score_mean=round(float(sums[j] / area), 4),
-            ))
+    channels = defect_channels(head, probs.shape[0])
+    class_ids = np.array([c if head == "softmax" else c + 1 for c in channels])
+    score = defect_score(probs, head)
+    binary = (score >= score_to_u8(threshold)).view(np.uint8)
+    mask = np.zeros(score.shape, np.uint8)
+    if not binary.any():
+        return mask, []
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
+    del binary
+    ys, xs = np.nonzero(labels)
+    labs = labels[ys, xs]
+    del labels
+    # class vote: probability mass of each defect class per region
+    votes = np.stack([np.bincount(labs, weights=probs[c][ys, xs], minlength=n) for c in channels], axis=1)
+    region_class = np.zeros(n, np.uint8)
+    region_class[1:] = class_ids[votes[1:].argmax(1)]
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False
+    region_class[~keep] = 0
+    mask[ys, xs] = region_class[labs]
+
+    vals = score[ys, xs].astype(np.float64) / 255.0
+    sums = np.bincount(labs, weights=vals, minlength=n)
+    maxima = np.zeros(n)
+    np.maximum.at(maxima, labs, vals)
+    regions = []
+    for lab in np.flatnonzero(keep):
+        x, y, w, h, area = (int(v) for v in stats[lab])
+        cid = int(region_class[lab])
+        regions.append(Region(
+            id=0, class_id=cid, class_name=class_names[cid], x=x, y=y, width=w, height=h, area_px=area,
+            centroid_x=round(float(centroids[lab, 0]), 2), centroid_y=round(float(centroids[lab, 1]), 2),
+            score_max=round(float(maxima[lab]), 4), score_mean=round(float(sums[lab] / area), 4),
+        ))
     regions.sort(key=lambda r: (r.y, r.x))
     for i, r in enumerate(regions, 1):
         r.id = i
-    return regions
+    return mask, regions

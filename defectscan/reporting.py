@@ -54,8 +54,9 @@ def render_overlay(
     class_names: dict[int, str] | None = None,
     max_side: int = 2048,
     alpha: float = 0.45,
+    min_visible: int = 12,
 ) -> np.ndarray:
-    """RGB preview: defect pixels tinted and outlined per class, each region boxed (at least 12 px wide)."""
+    """RGB preview: defect pixels tinted and outlined per class; regions under `min_visible` preview px boxed."""
     factor = preview_factor(*source.shape, max_side)
     base = downscale(source, factor)
     shape = base.shape[:2]
@@ -70,11 +71,12 @@ def render_overlay(
     out = cv2.addWeighted(tint, alpha, base, 1 - alpha, 0)
     for cs, color in contours:
         cv2.drawContours(out, cs, -1, color, 1, lineType=cv2.LINE_AA)
-    for r in regions:
-        x0, y0 = r.x / factor, r.y / factor
-        x1, y1 = (r.x + r.width) / factor, (r.y + r.height) / factor
-        cx, cy, half_w, half_h = (x0 + x1) / 2, (y0 + y1) / 2, max(6, (x1 - x0) / 2 + 3), max(6, (y1 - y0) / 2 + 3)
-        cv2.rectangle(out, (int(cx - half_w), int(cy - half_h)), (int(cx + half_w), int(cy + half_h)),
+    for r in regions:  # box what is too small to see at preview scale; larger regions show by tint and outline
+        if max(r.width, r.height) / factor >= min_visible:
+            continue
+        cx, cy = (r.x + r.width / 2) / factor, (r.y + r.height / 2) / factor
+        half = min_visible / 2 + 2
+        cv2.rectangle(out, (int(cx - half), int(cy - half)), (int(cx + half), int(cy + half)),
                       class_color(r.class_id), 1, lineType=cv2.LINE_AA)
     if class_names:
         _draw_legend(out, class_names, regions)

@@ -25,7 +25,7 @@ from segmentation_models_pytorch.losses import DiceLoss
 
 from defectscan.metrics import confusion_matrix, iou_dice
 from defectscan.models import ModelSpec, build_model, save_checkpoint
-from defectscan.postprocess import class_mask
+from defectscan.postprocess import segment
 from defectscan.synth import CLASSES, generate_wafer
 from defectscan.tiling import tiled_inference
 
@@ -122,7 +122,8 @@ def main() -> None:
         img, msk = generate_wafer(args.size, 2000 + i)
         probs = tiled_inference(model, img, tile=spec.tile, overlap=spec.overlap, head="softmax", device="cpu",
                                 mean=spec.mean, std=spec.std, align=spec.stride)
-        pred, _ = class_mask(probs, spec.head, spec.threshold)  # the rule `defectscan infer` applies
+        # the rule `defectscan infer` applies (its default --min-area 4)
+        pred, _ = segment(probs, spec.head, spec.threshold, dict(enumerate(CLASSES)), min_area=4)
         conf += confusion_matrix(pred, msk, n)
     iou, dsc = iou_dice(conf)
     tp = conf[1:, 1:].sum()

@@ -4,36 +4,59 @@ from __future__ import annotations
 
 import numpy as np
 
-from defectscan.postprocess import class_mask, find_regions
+from defectscan.postprocess import defect_score, segment
+
+NAMES = {1: "scratch", 2: "particle"}
 
 
-def test_sigmoid_mask_thresholds_score():
+def test_defect_score_per_head():
     probs = np.array([[[0, 127, 128, 255]]], np.uint8)
-    mask, score = class_mask(probs, "sigmoid", 0.5)
-    assert mask.tolist() == [[0, 0, 1, 1]]
-    assert (score == probs[0]).all()
+    assert (defect_score(probs, "sigmoid") == probs[0]).all()
+    two = np.stack([probs[0], 255 - probs[0]])
+    assert (defect_score(two, "sigmoid") == np.maximum(probs[0], 255 - probs[0])).all()
+    # softmax: 1 - p(background) counts weak votes for several defect classes together
+    soft = np.zeros((3, 1, 2), np.uint8)
+    soft[:, 0, 0] = (102, 89, 64)
+    soft[:, 0, 1] = (200, 30, 25)
+    assert defect_score(soft, "softmax").tolist() == [[153, 55]]
 
 
-def test_softmax_mask_uses_total_defect_probability_and_best_defect_class():
-    # background 0.4, two defect classes 0.35 / 0.25: defect score 0.6 -> class 1 although no class beats bg
-    probs = np.zeros((3, 1, 2), np.uint8)
-    probs[:, 0, 0] = (102, 89, 64)
-    probs[:, 0, 1] = (200, 30, 25)
-    mask, score = class_mask(probs, "softmax", 0.5)
-    assert mask.tolist() == [[1, 0]]
-    assert score.tolist() == [[153, 55]]
+def test_sigmoid_binary_threshold():
+    probs = np.array([[[0, 127, 128, 255, 255]]], np.uint8)
+    mask, regions = segment(probs, "sigmoid", 0.5, {1: "defect"})
+    assert mask.tolist() == [[0, 0, 1, 1, 1]]
+    assert [(r.x, r.width, r.area_px) for r in regions] == [(2, 3, 3)]
+
+
+def softmax_probs(h, w):
+    p = np.zeros((3, h, w), np.uint8)
+    p[0] = 255
+    return p
+
+
+def test_region_takes_class_with_most_probability_mass():
+    probs = softmax_probs(10, 20)
+    # one thin line whose pixels alternate between the two defect classes, scratch slightly stronger overall
+    for x in range(2, 18):
+        a, b = (150, 80) if x % 2 == 0 else (70, 140)
+        probs[:, 5, x] = (255 - a - b, a, b)
+    mask, regions = segment(probs, "softmax", 0.5, NAMES)
+    assert len(regions) == 1 and regions[0].class_name == "scratch"
+    assert (mask[5, 2:18] == 1).all() and mask.sum() == 16
 
 
 def test_regions_have_correct_stats_and_small_ones_are_removed():
-    mask = np.zeros((20, 30), np.uint8)
-    score = np.zeros((20, 30), np.uint8)
-    mask[2:5, 3:9] = 1  # 18 px
-    score[2:5, 3:9] = 200
-    score[3, 4] = 250
-    mask[10:12, 20:21] = 2  # 2 px, below min_area
-    mask[15:18, 25:27] = 2  # 6 px
-    score[15:18, 25:27] = 100
-    regions = find_regions(mask, score, {1: "scratch", 2: "particle"}, min_area=4)
+    probs = softmax_probs(20, 30)
+
+    def put(ys, xs, cls, score):
+        probs[0][ys, xs] = 255 - score
+        probs[cls][ys, xs] = score
+
+    put(slice(2, 5), slice(3, 9), 1, 200)  # 18 px scratch
+    put(3, 4, 1, 250)
+    put(slice(10, 12), slice(20, 21), 2, 220)  # 2 px particle: below min_area
+    put(slice(15, 18), slice(25, 27), 2, 130)  # 6 px particle
+    mask, regions = segment(probs, "softmax", 0.5, NAMES, min_area=4)
     assert [(r.class_name, r.x, r.y, r.width, r.height, r.area_px) for r in regions] == [
         ("scratch", 3, 2, 6, 3, 18), ("particle", 25, 15, 2, 3, 6)]
     r = regions[0]
@@ -42,3 +65,9 @@ def test_regions_have_correct_stats_and_small_ones_are_removed():
     assert (r.centroid_x, r.centroid_y) == (5.5, 3.0)
     assert [r.id for r in regions] == [1, 2]
     assert mask[10:12, 20].sum() == 0  # dropped from the mask too, so mask and table agree
+    assert (mask[15:18, 25:27] == 2).all() and np.count_nonzero(mask) == 24
+
+
+def test_no_defects():
+    mask, regions = segment(softmax_probs(8, 8), "softmax", 0.5, NAMES)
+    assert regions == [] and not mask.any()
