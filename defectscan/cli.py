@@ -97,6 +97,79 @@ def synth(
                   + ", ".join(f"{i}={c}" for i, c in enumerate(CLASSES)) + ")")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    root: Path = typer.Argument(..., help="Dataset directory."),
+    format: str = typer.Option("auto", "--format", "-f", help="auto, folder, labelme, coco or mvtec."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated defect class names (default: from the data)."),
+) -> None:
+    """Report counts, sizes, class balance, defect sizes and every problem; exit 1 if a problem is fatal."""
+    from defectscan.data import check_dataset, load_dataset
+    from defectscan.reporting import print_dataset_report
+
+    ds = load_dataset(root, format, classes.split(",") if classes else None)
+    with _progress() as progress:
+        task = progress.add_task("checking images", total=len(ds.samples))
+        report = check_dataset(ds, progress=lambda d, n: progress.update(task, completed=d))
+    print_dataset_report(report, Console(width=max(120, Console().width)))
+    if report.fatal:
+        raise DefectscanError(f"{root}: {sum(p.fatal for p in report.problems)} fatal problem(s), listed above")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/); default: built-in defaults."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset directory (sets data.root)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<config name>-<time>)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set training.epochs=30 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
+    epochs: Optional[int] = typer.Option(None, help="Shortcut for --set training.epochs=N."),
+    labeled: Optional[int] = typer.Option(None, help="Train on the first N labeled images (nested subsets)."),
+    device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
+) -> None:
+    """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
+    import time as _time
+
+    from defectscan.training import load_config, train as run_training
+
+    overrides = list(set_)
+    for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
+                       ("training.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if resume is not None:
+        if config is not None or overrides:
+            raise DefectscanError("--resume continues a run with its saved config.yaml; give no config or overrides")
+        cfg, run_dir = load_config(resume / "config.yaml"), resume
+    else:
+        cfg = load_config(config, overrides)
+        run_dir = out or Path("runs") / f"{config.stem if config else 'train'}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def factory(description: str, total: int):
+            task = progress.add_task(description, total=total)
+            tasks[description] = task
+
+            def update(done: int, info: dict) -> None:
+                extra = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
+                progress.update(task, completed=done, description=f"{description}  {extra}".rstrip())
+            return update
+
+        result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=factory,
+                              log=lambda msg: progress.console.print(msg, highlight=False))
+    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a (no validation split)"
+    console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), best epoch {result.best_epoch} "
+                  f"(val {cfg.training.select} {best}); checkpoint {run_dir / 'best.safetensors'}")
+    if result.test:
+        t = result.test
+        console.print(f"test: mean IoU {t['mean_iou']}, mean Dice {t['mean_dice']}, defect pixel AP {t['defect_pixel_ap']}")
+
+
 @app.command()
 def models() -> None:
     """List the encoders and decoders the model factory can build."""

@@ -96,3 +96,70 @@ def _draw_legend(img: np.ndarray, class_names: dict[int, str], regions: list[Reg
         y = 8 + i * line
         cv2.rectangle(img, (10, y + 4), (10 + line - 8, y + line - 4), class_color(cid), -1)
         cv2.putText(img, text, (14 + line, y + line - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (235, 235, 235), 1, cv2.LINE_AA)
+
+
+def plot_training_curves(history: list[dict], path) -> None:
+    """PNG with the training loss and the validation metrics per epoch (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from defectscan.images import atomic_path
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_loss.grid(alpha=0.3)
+    for key, label in (("val_mean_iou", "mean IoU"), ("val_mean_dice", "mean Dice"), ("val_defect_ap", "pixel AP")):
+        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            ax_val.plot(*zip(*pts), marker="o", ms=3, label=label)
+    ax_val.set(xlabel="epoch", ylabel="validation", title="validation (tiled, full images)", ylim=(0, 1))
+    ax_val.grid(alpha=0.3)
+    if ax_val.lines:
+        ax_val.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def print_dataset_report(report, console) -> None:
+    """Rich tables for `defectscan data check` (a `defectscan.data.DatasetReport`)."""
+    from rich.table import Table
+
+    r = report
+    t = Table(title=f"dataset ({r.format})", show_header=False)
+    t.add_row("images", str(r.images))
+    t.add_row("labeled", f"{r.labeled}" + (f" (of which {r.good} defect-free by the format)" if r.good else ""))
+    t.add_row("unlabeled", f"{r.unlabeled}" + (f"  e.g. {', '.join(r.unlabeled_examples)}" if r.unlabeled else ""))
+    t.add_row("splits (labeled)", ", ".join(f"{k} {v}" for k, v in sorted(r.splits.items())) or "-")
+    sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in r.sizes.most_common(4))
+    more = len(r.sizes) - 4
+    t.add_row("image sizes", sizes + (f", and {more} other size(s)" if more > 0 else ""))
+    if r.defect_fractions:
+        f = np.asarray(r.defect_fractions) * 100
+        t.add_row("defect area per labeled image", f"median {np.median(f):.3f}%, max {f.max():.3f}%, "
+                  f"{int((f == 0).sum())} image(s) without defects")
+    console.print(t)
+    c = Table(title="classes")
+    for col in ("id", "class", "images", "pixels", "share of defect px", "regions", "region area px (min / median / max)"):
+        c.add_column(col, justify="left" if col == "class" else "right")
+    total = sum(s.pixels for s in r.classes_stats.values()) or 1
+    for i, (name, s) in enumerate(r.classes_stats.items(), start=1):
+        areas = np.asarray(s.region_areas) if s.region_areas else None
+        c.add_row(str(i), name, str(s.images), str(s.pixels), f"{100 * s.pixels / total:.1f}%", str(s.regions),
+                  f"{areas.min()} / {int(np.median(areas))} / {areas.max()}" if areas is not None else "-")
+    console.print(c)
+    if r.problems:
+        p = Table(title=f"problems ({sum(x.fatal for x in r.problems)} fatal)")
+        p.add_column("severity")
+        p.add_column("file")
+        p.add_column("problem")
+        for x in r.problems:
+            p.add_row("[red]error[/]" if x.fatal else "[yellow]warning[/]", x.path, x.message)
+        console.print(p)
+    else:
+        console.print("no problems found")

@@ -2,6 +2,7 @@
 
     python scripts/train_default_model.py --config configs/default_wafer_model.yaml   # ~20 min on 2 CPU cores
     python scripts/train_default_model.py --steps 50 --out /tmp/quick                  # smoke run
+    python scripts/train_default_model.py --revalidate defectscan/weights/wafer_unet_r10t.safetensors
 
 Data: `defectscan.synth` wafers (train seeds 1000.., validation seeds 2000..), random crops with defect-aware
 oversampling, flips/rotations and brightness/contrast jitter. Loss: cross-entropy + Dice. Validation runs the
@@ -24,7 +25,9 @@ import yaml
 from segmentation_models_pytorch.losses import DiceLoss
 
 from defectscan.metrics import confusion_matrix, iou_dice
-from defectscan.models import ModelSpec, build_model, save_checkpoint
+from defectscan.images import write_text
+from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from defectscan.models.checkpoint import checkpoint_paths
 from defectscan.postprocess import segment
 from defectscan.synth import CLASSES, generate_wafer
 from defectscan.tiling import tiled_inference
@@ -44,6 +47,38 @@ def sample_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, f
     return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
 
 
+def validate(model: torch.nn.Module, spec: ModelSpec, wafers: int, size: int) -> dict:
+    """Per-class IoU/Dice on full validation wafers through the tiling engine and the mask rule of `infer`."""
+    model.eval()
+    n = len(CLASSES)
+    conf = np.zeros((n, n), np.int64)
+    t0 = time.perf_counter()
+    for i in range(wafers):
+        img, msk = generate_wafer(size, 2000 + i)
+        probs = tiled_inference(model, img, tile=spec.tile, overlap=spec.overlap, head="softmax", device="cpu",
+                                mean=spec.mean, std=spec.std, align=spec.stride)
+        pred, _ = segment(probs, spec.head, spec.threshold, dict(enumerate(CLASSES)), min_area=4)  # infer's default
+        conf += confusion_matrix(pred, msk, n)
+    iou, dsc = iou_dice(conf)
+    tp = conf[1:, 1:].sum()
+    fp, fn = conf[0, 1:].sum(), conf[1:, 0].sum()
+    return {"wafers": wafers, "seeds": f"2000..{1999 + wafers}", "size": size, "tile": spec.tile,
+            "overlap": spec.overlap, "stitch": "center", "rule": "postprocess.segment, min_area 4",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "iou": {c: round(float(v), 4) for c, v in zip(CLASSES, iou)},
+            "dice": {c: round(float(v), 4) for c, v in zip(CLASSES, dsc)},
+            "mean_iou_defect_classes": round(float(np.nanmean(iou[1:])), 4),
+            "defect_vs_background_iou": round(float(tp / (tp + fp + fn)), 4)}
+
+
+def revalidate(path: str, wafers: int, size: int) -> None:
+    """Re-measure a saved model (e.g. after a change of the mask rule) and update its sidecar's numbers."""
+    model, spec, meta = load_checkpoint(path)
+    meta.setdefault("extra", {})["validation"] = validate(model, spec, wafers, size)
+    print(json.dumps(meta["extra"]["validation"], indent=2))
+    write_text(checkpoint_paths(path)[1], json.dumps(meta, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default_wafer_model.yaml")
@@ -52,6 +87,7 @@ def main() -> None:
                       ("val-wafers", int), ("size", int), ("seed", int)):
         ap.add_argument(f"--{name}", type=typ, default=None, help="overrides the config")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--revalidate", metavar="CKPT", help="only re-measure this checkpoint and update its sidecar")
     args = ap.parse_args()
     cfg = yaml.safe_load(args.config.read_text())
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
@@ -62,6 +98,8 @@ def main() -> None:
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.revalidate:
+        return revalidate(args.revalidate, args.val_wafers, args.size)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
@@ -114,31 +152,12 @@ def main() -> None:
                   f"{el:.0f}s elapsed, eta {el / step * (args.steps - step):.0f}s", flush=True)
     train_time = time.perf_counter() - t0
 
-    model.eval()
-    n = len(CLASSES)
-    conf = np.zeros((n, n), np.int64)
-    t0 = time.perf_counter()
-    for i in range(args.val_wafers):
-        img, msk = generate_wafer(args.size, 2000 + i)
-        probs = tiled_inference(model, img, tile=spec.tile, overlap=spec.overlap, head="softmax", device="cpu",
-                                mean=spec.mean, std=spec.std, align=spec.stride)
-        # the rule `defectscan infer` applies (its default --min-area 4)
-        pred, _ = segment(probs, spec.head, spec.threshold, dict(enumerate(CLASSES)), min_area=4)
-        conf += confusion_matrix(pred, msk, n)
-    iou, dsc = iou_dice(conf)
-    tp = conf[1:, 1:].sum()
-    fp, fn = conf[0, 1:].sum(), conf[1:, 0].sum()
     result = {
         "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
         "train": {"wafers": args.train_wafers, "size": args.size, "seeds": f"1000..{999 + args.train_wafers}",
                   "steps": args.steps, "batch": args.batch, "crop": args.crop, "lr": args.lr,
                   "seconds": round(train_time, 1), "torch_threads": torch.get_num_threads()},
-        "validation": {"wafers": args.val_wafers, "seeds": f"2000..{1999 + args.val_wafers}", "tile": spec.tile,
-                       "overlap": spec.overlap, "stitch": "center", "seconds": round(time.perf_counter() - t0, 1),
-                       "iou": {c: round(float(v), 4) for c, v in zip(CLASSES, iou)},
-                       "dice": {c: round(float(v), 4) for c, v in zip(CLASSES, dsc)},
-                       "mean_iou_defect_classes": round(float(np.nanmean(iou[1:])), 4),
-                       "defect_vs_background_iou": round(float(tp / (tp + fp + fn)), 4)},
+        "validation": validate(model, spec, args.val_wafers, args.size),
     }
     print(json.dumps(result, indent=2))
     path = save_checkpoint(model, spec, args.out, half=True, extra=result)

@@ -1,0 +1,11 @@
+"""Datasets: layouts (folder, LabelMe, COCO, MVTec AD), validation reports, splits and labeled subsets."""
+
+from defectscan.data.check import DatasetReport, check_dataset
+from defectscan.data.dataset import Problem, Sample, SegmentationDataset
+from defectscan.data.formats import FORMATS, load_dataset
+from defectscan.data.splits import Splits, labeled_subset, split_dataset
+
+__all__ = [
+    "FORMATS", "DatasetReport", "Problem", "Sample", "SegmentationDataset", "Splits", "check_dataset",
+    "labeled_subset", "load_dataset", "split_dataset",
+]

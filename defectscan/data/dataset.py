@@ -1,0 +1,140 @@
+"""A segmentation dataset in memory-light form: which images exist, how each is labeled, which split it is in.
+
+Pixels are loaded on demand (`load_image`, `load_mask`), so a dataset of huge images costs nothing to list.
+Class index 0 is always the background; `classes[1:]` are the defect classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from defectscan.data.annotations import Shape, rasterize
+from defectscan.errors import DefectscanError
+from defectscan.images import _quiet_stderr, read_image
+
+Label = Literal["mask", "shapes", "good", "none"]
+
+
+@dataclass
+class Problem:
+    """Something wrong with the dataset. Fatal problems stop `data check` (exit 1) and training."""
+
+    path: str
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"{'error' if self.fatal else 'warning'}: {self.path}: {self.message}"
+
+
+@dataclass
+class Sample:
+    """One image and its annotation.
+
+    `label` says how it is annotated: a mask file, vector shapes, `good` (known defect-free, e.g. MVTec's
+    train/good) or `none` (unlabeled: its defect status is unknown, so it is never used as a negative).
+    """
+
+    image: Path
+    stem: str
+    label: Label = "none"
+    mask_path: Path | None = None
+    shapes: list[Shape] = field(default_factory=list)
+    annotation: Path | None = None  # the file the annotation came from (LabelMe/COCO JSON, mask)
+    size: tuple[int, int] | None = None  # (H, W) declared by the annotation, checked against the image
+    split: str | None = None  # from the dataset's own split file: train, val or test
+    group: str | None = None  # sub-type, e.g. MVTec defect type; used for reporting
+    has_defect: bool | None = None  # known without decoding pixels for shapes/good; filled by a mask scan
+
+    @property
+    def labeled(self) -> bool:
+        return self.label != "none"
+
+
+@dataclass
+class SegmentationDataset:
+    root: Path
+    format: str
+    classes: tuple[str, ...]  # classes[0] is the background
+    samples: list[Sample]
+    problems: list[Problem] = field(default_factory=list)
+    binary_masks: bool = False  # mask files store defects as 255 (or any non-zero value) rather than class indices
+
+    @property
+    def labeled(self) -> list[Sample]:
+        return [s for s in self.samples if s.labeled]
+
+    @property
+    def unlabeled(self) -> list[Sample]:
+        return [s for s in self.samples if not s.labeled]
+
+    @property
+    def fatal_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def require_usable(self) -> None:
+        """Raise a one-line error when the dataset cannot be trained on."""
+        fatal = self.fatal_problems
+        if fatal:
+            more = f" (and {len(fatal) - 1} more; run `defectscan data check {self.root}`)" if len(fatal) > 1 else ""
+            raise DefectscanError(f"{fatal[0].path}: {fatal[0].message}{more}")
+        if not self.labeled:
+            raise DefectscanError(f"{self.root}: no labeled images found (format {self.format})")
+
+    def load_image(self, sample: Sample) -> np.ndarray:
+        """uint8 RGB (H, W, 3)."""
+        return read_image(sample.image)
+
+    def load_mask(self, sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Class-index mask (H, W) uint8. `shape` is the image's (H, W) when the caller already knows it."""
+        if sample.label == "none":
+            raise DefectscanError(f"{sample.image}: image is unlabeled")
+        if sample.label == "good":
+            if shape is None:
+                shape = self.load_image(sample).shape[:2]
+            return np.zeros(shape, np.uint8)
+        if sample.label == "shapes":
+            size = sample.size or shape
+            if size is None:
+                size = self.load_image(sample).shape[:2]
+            return rasterize(sample.shapes, size, self.class_index)
+        mask = read_mask_file(sample.mask_path)
+        if self.binary_masks:
+            mask = (mask > 0).astype(np.uint8)
+        elif mask.max(initial=0) >= len(self.classes):
+            raise DefectscanError(f"{sample.mask_path}: label value {int(mask.max())} but only "
+                                  f"{len(self.classes)} classes ({', '.join(self.classes)})")
+        if shape is not None and mask.shape != tuple(shape):
+            raise DefectscanError(f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                                  f"image is {shape[1]}x{shape[0]}")
+        return mask
+
+
+def read_mask_file(path: Path | None) -> np.ndarray:
+    """A mask image as (H, W) uint8; colour masks must be grey (all channels equal)."""
+    if path is None or not Path(path).is_file():
+        raise DefectscanError(f"{path}: mask file not found")
+    with _quiet_stderr():
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DefectscanError(f"{path}: cannot decode mask")
+    if mask.ndim == 3:
+        if mask.shape[2] == 4:
+            mask = mask[:, :, :3]
+        if not (np.array_equal(mask[:, :, 0], mask[:, :, 1]) and np.array_equal(mask[:, :, 0], mask[:, :, 2])):
+            raise DefectscanError(f"{path}: colour mask; expected a single-channel class-index or 0/255 mask")
+        mask = mask[:, :, 0]
+    if mask.dtype != np.uint8:
+        if mask.max(initial=0) > 255 or mask.min(initial=0) < 0:
+            raise DefectscanError(f"{path}: mask values outside 0..255")
+        mask = mask.astype(np.uint8)
+    return mask

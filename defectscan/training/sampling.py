@@ -1,0 +1,122 @@
+"""Training crops from large images: defect-aware oversampling plus background crops, deterministic by index.
+
+Sample `i` depends only on (seed, i), never on the order or process in which samples are drawn, so DataLoader
+workers, a resumed run and an uninterrupted run all see the same crops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from defectscan.errors import DefectscanError
+
+MAX_POINTS_PER_CLASS = 50_000  # defect pixel coordinates kept per image and class to pick crop centres from
+
+
+def build_augment(spec: Sequence[dict[str, Any]]) -> A.Compose | None:
+    """`[{"HorizontalFlip": {"p": 0.5}}, ...]` -> an albumentations pipeline applied to image and mask alike."""
+    transforms = []
+    for i, entry in enumerate(spec):
+        ((name, params),) = entry.items()
+        cls = getattr(A, str(name), None)
+        if cls is None or not isinstance(cls, type):
+            raise DefectscanError(f"config 'augment[{i}]': albumentations has no transform '{name}'")
+        try:
+            transforms.append(cls(**(params or {})))
+        except Exception as exc:  # albumentations validates parameters with pydantic
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DefectscanError(f"config 'augment[{i}]' ({name}): {msg}") from None
+    return A.Compose(transforms) if transforms else None
+
+
+def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h >= size and w >= size:
+        return arr
+    bottom, right = max(0, size - h), max(0, size - w)
+    if bottom >= h or right >= w:  # reflection needs the image to be larger than the pad
+        return np.pad(arr, ((0, bottom), (0, right)) + ((0, 0),) * (arr.ndim - 2), mode="wrap")
+    return cv2.copyMakeBorder(arr, 0, bottom, 0, right, cv2.BORDER_REFLECT_101)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Map-style dataset over an unbounded index space: item i is a (3, crop, crop) uint8 image and its
+    (crop, crop) class-index mask.
+
+    With probability `defect_share` the crop is centred (with jitter of a quarter crop) on a defect pixel: first
+    a defect class uniformly among those present, then an image containing it, then one of its pixels, so rare
+    classes are not drowned by common ones. Otherwise the crop is uniform over the training pixels.
+    """
+
+    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray], num_classes: int, crop: int,
+                 defect_share: float, seed: int, augment: A.Compose | None = None) -> None:
+        if not images:
+            raise DefectscanError("no training images")
+        self.images = [_pad_to(im, crop) for im in images]
+        self.masks = [_pad_to(m, crop) for m in masks]
+        self.crop, self.defect_share, self.seed, self.augment = crop, defect_share, seed, augment
+        rng = np.random.default_rng(seed)
+        self.points: dict[int, list[tuple[int, np.ndarray]]] = {}  # class -> [(image index, flat indices)]
+        for k, m in enumerate(self.masks):
+            flat = m.ravel()
+            for c in range(1, num_classes):
+                idx = np.flatnonzero(flat == c)
+                if idx.size:
+                    if idx.size > MAX_POINTS_PER_CLASS:
+                        idx = np.sort(rng.choice(idx, MAX_POINTS_PER_CLASS, replace=False))
+                    self.points.setdefault(c, []).append((k, idx))
+        self.classes_present = sorted(self.points)
+        areas = np.array([m.size for m in self.masks], dtype=np.float64)
+        self.area_p = areas / areas.sum()
+
+    def __len__(self) -> int:
+        return 2**62  # indices are drawn by the trainer's sampler, not enumerated
+
+    def _window(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        c = self.crop
+        if self.classes_present and rng.random() < self.defect_share:
+            cls = self.classes_present[rng.integers(len(self.classes_present))]
+            k, idx = self.points[cls][rng.integers(len(self.points[cls]))]
+            w = self.masks[k].shape[1]
+            p = int(idx[rng.integers(idx.size)])
+            cy, cx = divmod(p, w)
+            cy += int(rng.integers(-c // 4, c // 4 + 1))
+            cx += int(rng.integers(-c // 4, c // 4 + 1))
+            h, w = self.masks[k].shape
+            return k, int(np.clip(cy - c // 2, 0, h - c)), int(np.clip(cx - c // 2, 0, w - c))
+        k = int(rng.choice(len(self.masks), p=self.area_p))
+        h, w = self.masks[k].shape
+        return k, int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(i)])
+        k, y, x = self._window(rng)
+        image = self.images[k][y : y + self.crop, x : x + self.crop]
+        mask = self.masks[k][y : y + self.crop, x : x + self.crop]
+        if self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31)))
+            out = self.augment(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        if image.shape[:2] != (self.crop, self.crop):
+            raise DefectscanError(f"augmentation changed the crop size to {image.shape[:2]}; "
+                                  f"use size-preserving transforms")
+        return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                torch.from_numpy(np.ascontiguousarray(mask)))
+
+
+class IndexRange(torch.utils.data.Sampler):
+    """Sample indices first..last-1: a run's crops are numbered globally, so a resumed epoch continues the list."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+
+    def __iter__(self):
+        return iter(range(self.first, self.last))
+
+    def __len__(self) -> int:
+        return self.last - self.first

@@ -1,0 +1,249 @@
+"""Training: config validation, crop sampling, losses, overfitting one image, resume after a kill, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from defectscan.data import load_dataset
+from defectscan.errors import DefectscanError
+from defectscan.evaluation import evaluate_pixels
+from defectscan.images import write_image
+from defectscan.models import load_checkpoint
+from defectscan.training import load_config, train
+from defectscan.training.losses import build_loss
+from defectscan.training.config import LossTerm
+from defectscan.training.sampling import CropDataset, build_augment
+from defectscan.training.trainer import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [  # a small, fast network and short epochs
+    "model.encoder=resnet10t", "model.tile=128", "model.overlap=32", "model.arch_kwargs={decoder_channels: [32, 16, 16, 8, 8]}",
+    "sampling.crop=64", "sampling.batch_size=4", "sampling.steps_per_epoch=3", "training.epochs=3",
+    "training.device=cpu", "augment=[{HorizontalFlip: {p: 0.5}}, {RandomRotate90: {p: 0.5}}]",
+]
+
+
+def defect_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Textured grey surface with dark pits and bright scratches; binary 0/255 mask."""
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.normal(128, 25, (size, size)).astype(np.float32), (0, 0), 1.5)
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(4):
+        cv2.circle(mask, tuple(int(v) for v in rng.integers(8, size - 8, 2)), int(rng.integers(2, 6)), 255, -1)
+    pits = mask > 0
+    for _ in range(2):
+        p = rng.integers(0, size, 4)
+        cv2.line(mask, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), 255, 2)
+    base[pits] -= 70
+    base[(mask > 0) & ~pits] += 70
+    image = np.repeat(np.clip(base, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    return image, mask
+
+
+def folder_dataset(root: Path, count: int, size: int = 128, seed: int = 0) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        image, mask = defect_image(size, seed + i)
+        write_image(root / "images" / f"s{i:02d}.png", image)
+        cv2.imwrite(str(root / "masks" / f"s{i:02d}.png"), mask)
+    return root
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(DefectscanError, match="unknown config key 'training.epoch'"):
+        load_config(None, ["training.epoch=3"])
+    with pytest.raises(DefectscanError, match="unknown config key 'trainin'"):
+        load_config(None, ["trainin.epochs=3"])
+    with pytest.raises(DefectscanError, match="'training.epochs': expected int"):
+        load_config(None, ["training.epochs=many"])
+    with pytest.raises(DefectscanError, match="'sampling.defect_share': must be in"):
+        load_config(None, ["sampling.defect_share=1.5"])
+    with pytest.raises(DefectscanError, match="loss\\[0\\]"):
+        load_config(None, ["loss=[{name: dice, wieght: 1}]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1\n")
+    with pytest.raises(DefectscanError, match="invalid YAML"):
+        load_config(bad)
+    cfg = load_config(None, ["optim.lr=3e-4", "data.classes=[a, b]", "training.epochs=7"])
+    assert cfg.optim.lr == 3e-4 and cfg.data.classes == ["a", "b"] and cfg.training.epochs == 7
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_presets_are_valid(preset):
+    cfg = load_config(preset)
+    build_augment(cfg.augment)
+
+
+def test_bad_augment_and_loss_are_clear_errors():
+    with pytest.raises(DefectscanError, match="no transform 'Flipp'"):
+        build_augment([{"Flipp": {}}])
+    with pytest.raises(DefectscanError, match="augment\\[0\\]"):
+        build_augment([{"HorizontalFlip": {"p": 7}}])
+    with pytest.raises(DefectscanError, match="unknown loss"):
+        build_loss([LossTerm("hinge")], "sigmoid", 1)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+# --- sampling and losses ------------------------------------------------------------------------------------------
+
+def test_crops_are_deterministic_and_oversample_defects():
+    image, mask = defect_image(256, 3)
+    m = (mask > 0).astype(np.uint8)
+    ds = CropDataset([image], [m], 2, crop=32, defect_share=1.0, seed=5)
+    a, b = ds[17], ds[17]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (3, 32, 32)
+    hit = np.mean([ds[i][1].any().item() for i in range(100)])
+    ds0 = CropDataset([image], [m], 2, crop=32, defect_share=0.0, seed=5)
+    base = np.mean([ds0[i][1].any().item() for i in range(100)])
+    assert hit == 1.0 and base < 0.8
+    small = CropDataset([image[:20, :24]], [m[:20, :24]], 2, crop=32, defect_share=0.5, seed=0)
+    assert small[0][0].shape == (3, 32, 32)  # images smaller than the crop are mirrored out
+
+
+@pytest.mark.parametrize("head,outputs", [("sigmoid", 1), ("sigmoid", 3), ("softmax", 4)])
+def test_losses_fit_each_head(head, outputs):
+    target = torch.randint(0, 4 if head == "softmax" else outputs + 1, (2, 16, 16))
+    good = torch.zeros(2, outputs, 16, 16)
+    for c in range(outputs):
+        cls = c if head == "softmax" else c + 1
+        good[:, c] = (target == cls).float() * 20 - 10
+    fn = build_loss([LossTerm("dice"), LossTerm("bce"), LossTerm("focal", 0.5)], head, outputs)
+    assert fn(good, target) < fn(torch.zeros_like(good), target)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def test_training_overfits_one_image(tmp_path):
+    data = folder_dataset(tmp_path / "data", 1, size=128)
+    cfg = load_config(None, TINY + [
+        f"data.root={data}", "sampling.crop=128", "sampling.steps_per_epoch=50", "training.epochs=4",
+        "optim.lr=0.01", "optim.warmup_epochs=0.2", "sampling.defect_share=0"])
+    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    losses = [float(r.split(",")[3]) for r in rows[1:]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    ds = load_dataset(data)
+    model, spec, _ = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    m = evaluate_pixels(model, spec, ds, ds.labeled, device="cpu", min_area=1).summary()
+    assert m["iou"]["defect"] > 0.9, m
+    assert result.best_epoch == 4 and result.test is None
+    for name in ("config.yaml", "splits.json", "best.json", "last.safetensors", "last_state.pt", "metrics.csv",
+                 "curves.png", "train.log"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_training_with_validation_and_test_split(tmp_path):
+    data = folder_dataset(tmp_path / "data", 6, size=96, seed=10)
+    cfg = load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    result = train(cfg, tmp_path / "run", log=lambda m: None)
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert len(splits["train"]) == 4 and len(splits["val"]) == 1 and len(splits["test"]) == 1
+    assert not set(splits["test"]) & set(splits["train"])
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "val_mean_iou" in header and "val_defect_ap" in header
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert test["images"] == 1 and 0 <= test["defect_pixel_ap"] <= 1 and result.test["mean_iou"] == test["mean_iou"]
+    # the run's checkpoint works with `infer` unchanged
+    model, spec, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert spec.head == "sigmoid" and spec.classes == ("defect",) and meta["extra"]["epoch"] == result.best_epoch
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from defectscan.training import load_config, train
+    calls = 0
+    original = torch.optim.AdamW.step
+    def step(self, *a, **k):  # a hard kill (no cleanup, no finally) in the middle of epoch 2
+        global calls
+        calls += 1
+        if calls == int(sys.argv[3]):
+            os._exit(137)
+        return original(self, *a, **k)
+    torch.optim.AdamW.step = step
+    train(load_config(None, sys.argv[4:]), sys.argv[1], log=lambda m: None, resume=sys.argv[2] == "resume")
+""")
+
+
+def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
+    data = folder_dataset(tmp_path / "data", 3, size=96, seed=20)
+    overrides = TINY + [f"data.root={data}", "data.val_fraction=0", "training.epochs=3"]
+    train(load_config(None, overrides), tmp_path / "straight", log=lambda m: None)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "killed"), "new", "5", *overrides], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    state = torch.load(tmp_path / "killed" / "last_state.pt", weights_only=True)
+    assert json.loads(state["progress"])["epoch"] == 1  # killed during epoch 2
+    train(load_config(tmp_path / "killed" / "config.yaml"), tmp_path / "killed", resume=True, log=lambda m: None)
+    a = load_file(tmp_path / "straight" / "last.safetensors")
+    b = load_file(tmp_path / "killed" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_training_refuses_bad_runs(tmp_path):
+    data = folder_dataset(tmp_path / "data", 2, size=64)
+    with pytest.raises(DefectscanError, match="no dataset"):
+        train(load_config(None, TINY), tmp_path / "r0", log=lambda m: None)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    with pytest.raises(DefectscanError, match="not empty"):
+        train(load_config(None, TINY + [f"data.root={data}"]), tmp_path / "busy", log=lambda m: None)
+    with pytest.raises(DefectscanError, match="nothing to resume"):
+        train(load_config(None, TINY + [f"data.root={data}"]), tmp_path / "r1", resume=True, log=lambda m: None)
+    with pytest.raises(DefectscanError, match="multiple of the model's stride"):
+        train(load_config(None, TINY + [f"data.root={data}", "sampling.crop=100"]), tmp_path / "r2", log=lambda m: None)
+    assert not (tmp_path / "r2").exists(), "a run that fails its set-up writes nothing"
+    unlabeled = tmp_path / "unlabeled"
+    (unlabeled / "images").mkdir(parents=True)
+    (unlabeled / "masks").mkdir()
+    write_image(unlabeled / "images" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DefectscanError, match="no labeled images"):
+        train(load_config(None, TINY + [f"data.root={unlabeled}"]), tmp_path / "r3", log=lambda m: None)
+
+
+def test_cli_train_and_data_check(tmp_path, monkeypatch, capsys):
+    from test_cli import error_lines, run_cli
+
+    data = folder_dataset(tmp_path / "data", 3, size=96, seed=30)
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", data)
+    assert code == 0 and "no problems found" in out + err
+    cv2.imwrite(str(data / "masks" / "s00.png"), np.zeros((10, 10), np.uint8))
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", data)
+    assert code == 1 and len(error_lines(err)) == 1 and "fatal problem" in err
+    cv2.imwrite(str(data / "masks" / "s00.png"), defect_image(96, 30)[1])
+    args = ["train", "--data", data, "--out", tmp_path / "run", "--epochs", "1"]
+    for item in TINY + ["data.val_fraction=0"]:
+        args += ["--set", item]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "best epoch 1" in err and (tmp_path / "run" / "best.safetensors").is_file()
+    code, out, err = run_cli(monkeypatch, capsys, "infer", data / "images" / "s01.png", "--model",
+                             tmp_path / "run" / "best.safetensors", "--out", tmp_path / "res")
+    assert code == 0, err and (tmp_path / "res" / "s01" / "mask.png").is_file()
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--data", data, "--set", "training.epoch=2")
+    assert code == 1 and error_lines(err) == [error_lines(err)[0]] and "training.epoch" in err
