@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectscan.images import write_image
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,7 +39,7 @@ def main(overlay_path: str, side: int = 760, crop: int = 380) -> None:
     cv2.rectangle(left, (int(x * f), int(y * f)), (int((x + crop) * f), int((y + crop) * f)), (255, 255, 255), 2)
     right = cv2.resize(overlay[y : y + crop, x : x + crop], (side, side), interpolation=cv2.INTER_NEAREST)
     out = np.concatenate([left, np.full((side, 8, 3), 255, np.uint8), right], axis=1)
-    cv2.imwrite(str(ROOT / "docs" / "sample_result.jpg"), out, [cv2.IMWRITE_JPEG_QUALITY, 88])
+    write_image(ROOT / "docs" / "sample_result.jpg", out, rgb=False, params=[cv2.IMWRITE_JPEG_QUALITY, 88])
     print(f"wrote docs/sample_result.jpg (crop at x={x}, y={y}, {best} regions)")
 
 
