@@ -175,11 +175,14 @@ def models() -> None:
     """List the encoders and decoders the model factory can build."""
     from defectscan.models.factory import DECODERS, ENCODERS
 
-    table = Table(title="encoders (every decoder works with every encoder)")
-    for col in ("encoder", "family", "stride"):
+    table = Table(title="encoders (each works under every decoder unless noted)")
+    for col in ("encoder", "family", "stride", "notes"):
         table.add_column(col)
     for name, info in ENCODERS.items():
-        table.add_row(name, info.family, str(info.stride))
+        notes = [] if info.output_stride_16 else ["no deeplabv3plus"]
+        if info.offline_package:
+            notes.append(f"imagenet offline via {info.offline_package}")
+        table.add_row(name, info.family, str(info.stride), "; ".join(notes))
     Console().print(table)
     Console().print("decoders: " + ", ".join(DECODERS))
 

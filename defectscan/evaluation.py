@@ -88,7 +88,7 @@ def evaluate_pixels(
         pred, regions = segment(probs, spec.head, spec.threshold, names, min_area=min_area)
         conf = confusion_matrix(pred, target, k)
         metrics.conf += conf
-        for j, c in enumerate(defect_channels(spec.head, probs.shape[0])):
+        for c in defect_channels(spec.head, probs.shape[0]):
             class_id = c if spec.head == "softmax" else c + 1
             metrics.hist[classes[class_id]].add(probs[c], target == class_id)
         score = defect_score(probs, spec.head)

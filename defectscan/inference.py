@@ -19,7 +19,7 @@ import numpy as np
 from defectscan.errors import DefectscanError
 from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, open_image
 from defectscan.models import default_checkpoint, load_checkpoint
-from defectscan.models.factory import GLOBAL_CONTEXT_DECODERS, describe
+from defectscan.models.factory import center_stitch_caveat, describe
 from defectscan.postprocess import REGION_FIELDS, Region, segment
 from defectscan.reporting import render_overlay
 from defectscan.tiling import plan_tiles, tiled_inference, validate_tile
@@ -71,8 +71,9 @@ class Predictor:
 
     @property
     def notes(self) -> list[str]:
-        if self.options.stitch == "center" and self.spec.arch in GLOBAL_CONTEXT_DECODERS:
-            return [f"{self.spec.arch} pools over the whole tile: center stitching is not exact; consider --stitch gaussian"]
+        caveat = center_stitch_caveat(self.spec)
+        if self.options.stitch == "center" and caveat:
+            return [f"{caveat}: center stitching is not exact; consider --stitch gaussian"]
         return []
 
     def predict(self, source: ImageSource, progress: Callable[[int, int], None] | None = None) -> Prediction:

