@@ -219,8 +219,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
         progress_state = saved["progress"]
         say(f"resuming after epoch {progress_state['epoch']}")
 
-    load_cb = progress_factory("loading images", len(train_samples)) if progress_factory else None
-    images, masks = _load_pairs(ds, train_samples, (lambda d, n: load_cb(d, {})) if load_cb else None)
+    def counter(description: str, total: int) -> Callable[[int, int], None] | None:
+        """A (done, total) progress callback for the loops that report no extra values."""
+        if progress_factory is None:
+            return None
+        update = progress_factory(description, total)
+        return lambda done, _total: update(done, {})
+
+    def evaluate(net: torch.nn.Module, net_spec: ModelSpec, samples: list, description: str) -> PixelMetrics:
+        return evaluate_pixels(net, net_spec, ds, samples, stitch=cfg.validation.stitch,
+                               batch_size=cfg.validation.batch_size, device=str(device), amp=tc.amp,
+                               min_area=cfg.validation.min_area, progress=counter(description, len(samples)))
+
+    images, masks = _load_pairs(ds, train_samples, counter("loading images", len(train_samples)))
     crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
@@ -268,11 +279,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}
         improved = False
         if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
-            val_cb = progress_factory("validation", len(splits.val)) if progress_factory else None
-            m = evaluate_pixels(model, spec, ds, splits.val, stitch=cfg.validation.stitch,
-                                batch_size=cfg.validation.batch_size, device=str(device), amp=tc.amp,
-                                min_area=cfg.validation.min_area,
-                                progress=(lambda d, n: val_cb(d, {})) if val_cb else None)
+            m = evaluate(model, spec, splits.val, "validation")
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
             row["val_seconds"] = round(m.seconds, 1)
@@ -308,10 +315,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
         from defectscan.models import load_checkpoint
 
         best_model, best_spec, _ = load_checkpoint(run_dir / "best.safetensors")
-        test_cb = progress_factory("test", len(splits.test)) if progress_factory else None
-        m = evaluate_pixels(best_model, best_spec, ds, splits.test, stitch=cfg.validation.stitch,
-                            batch_size=cfg.validation.batch_size, device=str(device), amp=tc.amp,
-                            min_area=cfg.validation.min_area, progress=(lambda d, n: test_cb(d, {})) if test_cb else None)
+        m = evaluate(best_model, best_spec, splits.test, "test")
         test = {"epoch": progress_state["best_epoch"], **m.summary(), "per_image": m.per_image}
         write_text(run_dir / "test_metrics.json", json.dumps(test, indent=2) + "\n")
         say(f"test ({len(splits.test)} images, best epoch {progress_state['best_epoch']}): mIoU {test['mean_iou']} "
