@@ -23,6 +23,18 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
+def _task_factory(progress: Progress):
+    """progress_factory for the training loop: (description, total) -> update(done, {name: value})."""
+    def factory(description: str, total: int):
+        task = progress.add_task(description, total=total or None)
+
+        def update(done: int, info: dict) -> None:
+            extra = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
+            progress.update(task, completed=done, description=f"{description}  {extra}".rstrip())
+        return update
+    return factory
+
+
 @app.command()
 def infer(
     images: List[Path] = typer.Argument(..., help="Image files and/or directories of images."),
@@ -149,18 +161,7 @@ def train(
         cfg = load_config(config, overrides)
         run_dir = out or Path("runs") / f"{config.stem if config else 'train'}-{_time.strftime('%Y%m%d-%H%M%S')}"
     with _progress() as progress:
-        tasks: dict[str, int] = {}
-
-        def factory(description: str, total: int):
-            task = progress.add_task(description, total=total)
-            tasks[description] = task
-
-            def update(done: int, info: dict) -> None:
-                extra = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
-                progress.update(task, completed=done, description=f"{description}  {extra}".rstrip())
-            return update
-
-        result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=factory,
+        result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=_task_factory(progress),
                               log=lambda msg: progress.console.print(msg, highlight=False))
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a (no validation split)"
     console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), best epoch {result.best_epoch} "
@@ -168,6 +169,112 @@ def train(
     if result.test:
         t = result.test
         console.print(f"test: mean IoU {t['mean_iou']}, mean Dice {t['mean_dice']}, defect pixel AP {t['defect_pixel_ap']}")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors with its .json)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Labeled dataset directory."),
+    split: str = typer.Option("test", help="test, val, train or all (a training run's checkpoint uses that run's split)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <checkpoint dir>/evaluation)."),
+    format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
+    tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
+    overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
+    stitch: str = typer.Option("center", help="center or gaussian."),
+    batch: int = typer.Option(4, help="Tiles per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
+    threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
+    min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),
+    region_criterion: str = typer.Option("coverage", help="A true region is found when its coverage or iou reaches --region-threshold."),
+    region_threshold: float = typer.Option(0.5, help="Coverage or IoU needed to count a true region as found."),
+    pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
+    seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
+) -> None:
+    """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
+    per_image.csv and a self-contained report.html."""
+    from defectscan.evaluation import EvalOptions
+    from defectscan.evaluation_output import run_evaluation
+
+    if stitch not in ("center", "gaussian"):
+        raise DefectscanError(f"unknown stitch mode '{stitch}' (choose center or gaussian)")
+    if region_criterion not in ("coverage", "iou"):
+        raise DefectscanError(f"unknown region criterion '{region_criterion}' (choose coverage or iou)")
+    for name, value in (("threshold", threshold), ("region-threshold", region_threshold), ("pro-fpr", pro_fpr)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise DefectscanError(f"--{name} must be within [0, 1], got {value}")
+    opts = EvalOptions(tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device, amp=amp,
+                       threshold=threshold, min_area=min_area, region_criterion=region_criterion,
+                       region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
+    out_dir = out or model.parent / "evaluation"
+    with _progress() as progress:
+        task = progress.add_task(f"evaluating {model.name}", total=None)
+        result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
+                                progress=lambda d, n: progress.update(task, completed=d, total=n),
+                                command=" ".join(["defectscan", *sys.argv[1:]]))
+    m = result["metrics"]
+    r, im, cost = m["region"], m["image_level"], m.get("cost", {})
+    table = Table(title=f"defectscan evaluate — {result['model']}, {m['images']} images ({result['split_source']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in (
+        ("pixel defect IoU / Dice", f"{m['defect_iou']} / {m['defect_dice']}"),
+        ("pixel defect AP / AUROC", f"{m['defect_pixel_ap']} / {m['defect_pixel_auroc']}"),
+        ("pixel best F1 (threshold)", f"{m['defect_best_f1']} ({m['defect_best_f1_threshold']})"),
+        (f"region recall ({r['criterion']})", f"{r['recall']} ({r['found']}/{r['gt_regions']})"),
+        ("FP regions / image, / MP", f"{r['fp_regions_per_image']}, {r['fp_regions_per_megapixel']}"),
+        (f"PRO (FPR <= {r['pro_fpr_limit']})", str(r["pro"])),
+        ("image AUROC / AP / F1", f"{im['auroc']} / {im['ap']} / {im['f1']}"),
+        ("speed", f"{cost.get('megapixels_per_second')} MP/s, {cost.get('latency_mean_s')} s/image"),
+    ):
+        table.add_row(name, value)
+    Console(width=max(120, Console().width)).print(table)
+    console.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
+def compare(
+    dirs: List[Path] = typer.Argument(..., help="Evaluation directories, or run / benchmark-cell directories holding one."),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="Output directory."),
+) -> None:
+    """Compare evaluations across backbones: one table, accuracy-vs-cost plots and the same crops per model."""
+    from defectscan.comparison import compare as run_compare
+
+    result = run_compare(dirs, out)
+    table = Table(title=f"defectscan compare — {len(result['models'])} models")
+    cols = ("model", "defect_dice", "pixel_ap", "region_recall", "pro", "mp_per_s", "parameters")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in result["models"]:
+        table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in cols))
+    Console(width=max(120, Console().width)).print(table)
+    if result["warning"]:
+        console.print(f"[yellow]warning:[/] {result['warning']}")
+    console.print(f"report: {out / 'compare.html'}")
+
+
+@app.command()
+def benchmark(
+    study: Path = typer.Argument(..., help="Study YAML (see configs/benchmark/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (default: runs/benchmark/<study name>)."),
+    cell: Optional[str] = typer.Option(None, help="Run only this cell, e.g. resnet18__n20__s1."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished cells."),
+    device: Optional[str] = typer.Option(None, help="Device for every cell (default: the training config's)."),
+) -> None:
+    """Limited-label study: backbones x labeled counts x seeds; resumable; learning curves with bootstrap CIs."""
+    from defectscan.benchmark import load_study, run_study, write_report
+
+    st = load_study(study)
+    out_dir = out or Path("runs") / "benchmark" / st.name
+    command = " ".join(["defectscan", *sys.argv[1:]])
+    if report_only:
+        write_report(st, out_dir, command=command)
+    else:
+        with _progress() as progress:
+            run_study(st, out_dir, only=cell, device=device, command=command, progress_factory=_task_factory(progress),
+                      log=lambda msg: progress.console.print(msg, highlight=False))
+    console.print(f"report: {out_dir / 'report.html'}; curve: {out_dir / 'learning_curve.png'}")
 
 
 @app.command()

@@ -1,105 +1,327 @@
-"""Pixel metrics of a model over labeled images, through the same tiled inference and mask rule as `infer`.
+"""A model over labeled images, through the same tiled inference and mask rule as `infer`: every metric in one pass.
 
-Streaming: per image a confusion matrix and uint8 score histograms are accumulated, so memory does not grow with
-the number of images.
+Streaming: per image a confusion matrix, uint8 score histograms and region statistics are accumulated, so memory
+does not grow with the number of pixels (only per-image rows and a few example previews are kept).
+
+Levels of the metrics:
+- pixel: IoU/Dice at the model's threshold (class mask as `infer` makes it), best-F1 threshold, AP and AUROC per
+  defect class from the score histograms;
+- region (every defect class counts as "defect"): recall of 8-connected ground-truth regions, false-positive
+  regions per image and per megapixel, PRO up to an FPR limit;
+- image (defect present?): score = the image's highest defect score; a prediction is "defective" when `infer`
+  would report at least one region.
 """
 
 from __future__ import annotations
 
+import math
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
 from defectscan.data.dataset import Sample, SegmentationDataset
-from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice
+from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice, pro_auc, region_stats
 from defectscan.models.factory import ModelSpec
-from defectscan.postprocess import defect_channels, defect_score, segment
+from defectscan.postprocess import defect_channels, defect_score, score_to_u8, segment
+from defectscan.reporting import _any_pool, downscale, preview_factor
+from defectscan.images import ImageSource
 from defectscan.tiling import tiled_inference
+
+TP_COLOR, FP_COLOR, FN_COLOR = (40, 220, 60), (255, 40, 40), (40, 140, 255)
 
 
 @dataclass
-class PixelMetrics:
+class EvalOptions:
+    tile: int | None = None  # None: the checkpoint's
+    overlap: int | None = None
+    stitch: str = "center"
+    batch_size: int = 4
+    device: str = "auto"
+    amp: str = "auto"
+    threshold: float | None = None
+    min_area: int = 4
+    region_criterion: str = "coverage"  # or "iou"
+    region_threshold: float = 0.5
+    pro_fpr_limit: float = 0.3
+    seam_images: int = 2  # images also run whole (untiled) to measure the stitching difference; 0 = skip
+    seam_max_pixels: int = 4_000_000
+    examples: int = 3  # best and worst images kept as previews
+    preview_side: int = 900
+    cost: bool = True  # FLOPs per tile and peak memory
+
+
+@dataclass
+class Example:
+    image: str
+    dice: float
+    errors: int
+    preview: np.ndarray  # RGB
+
+
+@dataclass
+class Evaluation:
     classes: tuple[str, ...]  # background first
-    conf: np.ndarray  # (K, K) rows ground truth, columns prediction, K = len(classes)
+    threshold: float
+    options: EvalOptions
+    conf: np.ndarray  # (K, K) rows ground truth, columns prediction
     hist: dict[str, ScoreHistogram]  # per defect class, plus "any" (defect vs background)
     images: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole pass
+    inference_seconds: float = 0.0  # tiled inference + mask rule only
+    pixels: int = 0
+    gt_regions: int = 0
+    found_regions: int = 0
+    fp_regions: int = 0
+    overlap_sum: np.ndarray = field(default_factory=lambda: np.zeros(256))
+    image_scores: list[float] = field(default_factory=list)
+    image_labels: list[bool] = field(default_factory=list)
+    image_flagged: list[bool] = field(default_factory=list)
     per_image: list[dict] = field(default_factory=list)
+    best: list[Example] = field(default_factory=list)
+    worst: list[Example] = field(default_factory=list)
+    seam: list[dict] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
 
+    # ---- summaries -------------------------------------------------------------------------------------------
     def summary(self) -> dict:
         iou, dice = iou_dice(self.conf)
         tp = self.conf[1:, 1:].sum()
         fp, fn = self.conf[0, 1:].sum(), self.conf[1:, 0].sum()
         defect = list(self.classes[1:])
+        best = {c: self.hist[c].best_f1() for c in (*defect, "any")}
         out = {
             "images": self.images,
+            "threshold": self.threshold,
             "iou": {c: _r(v) for c, v in zip(self.classes, iou)},
             "dice": {c: _r(v) for c, v in zip(self.classes, dice)},
-            "mean_iou": _r(np.nanmean(iou[1:])) if len(iou) > 1 else None,
-            "mean_dice": _r(np.nanmean(dice[1:])) if len(dice) > 1 else None,
+            "mean_iou": _r(np.nanmean(iou[1:])) if len(iou) > 1 and not np.isnan(iou[1:]).all() else None,
+            "mean_dice": _r(np.nanmean(dice[1:])) if len(dice) > 1 and not np.isnan(dice[1:]).all() else None,
             "defect_iou": _r(tp / max(tp + fp + fn, 1)),  # any defect vs background, class ignored
             "defect_dice": _r(2 * tp / max(2 * tp + fp + fn, 1)),
+            "best_f1": {c: _r(best[c][0]) for c in defect},
+            "best_f1_threshold": {c: _r(best[c][1]) for c in defect},
             "pixel_ap": {c: _r(self.hist[c].average_precision()) for c in defect},
             "pixel_auroc": {c: _r(self.hist[c].auroc()) for c in defect},
+            "macro_pixel_ap": _nanmean(self.hist[c].average_precision() for c in defect),
             "defect_pixel_ap": _r(self.hist["any"].average_precision()),
+            "defect_pixel_auroc": _r(self.hist["any"].auroc()),
+            "defect_best_f1": _r(best["any"][0]),
+            "defect_best_f1_threshold": _r(best["any"][1]),
+            "confusion": {"classes": list(self.classes), "rows_truth_cols_prediction": self.conf.tolist()},
+            "region": self.region_summary(),
+            "image_level": self.image_summary(),
             "seconds": round(self.seconds, 2),
         }
+        if self.cost or self.seam:
+            out["cost"] = {**self.cost, **self.speed(), "seam_check": self.seam}
         return out
+
+    def region_summary(self) -> dict:
+        mp = self.pixels / 1e6
+        return {
+            "criterion": f"{self.options.region_criterion} >= {self.options.region_threshold}",
+            "gt_regions": self.gt_regions, "found": self.found_regions,
+            "recall": _r(self.found_regions / self.gt_regions) if self.gt_regions else None,
+            "false_positive_regions": self.fp_regions,
+            "fp_regions_per_image": _r(self.fp_regions / self.images) if self.images else None,
+            "fp_regions_per_megapixel": _r(self.fp_regions / mp) if mp else None,
+            "pro_fpr_limit": self.options.pro_fpr_limit,
+            "pro": _r(pro_auc(self.overlap_sum, self.gt_regions, self.hist["any"], self.options.pro_fpr_limit)),
+        }
+
+    def image_summary(self) -> dict:
+        from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+        y = np.asarray(self.image_labels, bool)
+        both = 0 < y.sum() < len(y)
+        return {
+            "defective": int(y.sum()), "clean": int((~y).sum()),
+            "auroc": _r(roc_auc_score(y, self.image_scores)) if both else None,
+            "ap": _r(average_precision_score(y, self.image_scores)) if y.any() else None,
+            "f1": _r(f1_score(y, self.image_flagged, zero_division=0.0)) if y.any() else None,
+            "flagged": int(np.sum(self.image_flagged)),
+        }
+
+    def speed(self) -> dict:
+        lat = np.array([r["seconds"] for r in self.per_image]) if self.per_image else np.zeros(1)
+        return {"megapixels_per_second": _r(self.pixels / 1e6 / max(self.inference_seconds, 1e-9)),
+                "latency_mean_s": _r(lat.mean()), "latency_median_s": _r(np.median(lat)),
+                "latency_max_s": _r(lat.max())}
 
 
 def _r(v: float) -> float | None:
     v = float(v)
-    return None if np.isnan(v) else round(v, 4)
+    return None if math.isnan(v) else round(v, 4)
+
+
+def _nanmean(values) -> float | None:
+    vals = [v for v in values if not math.isnan(v)]
+    return _r(sum(vals) / len(vals)) if vals else None
+
+
+def outcome_preview(image: np.ndarray | ImageSource, gt: np.ndarray, pred: np.ndarray, max_side: int = 900,
+                    alpha: float = 0.55) -> np.ndarray:
+    """RGB preview with true positives, false positives and misses in distinct colours, outlined so that
+    defects a few pixels wide stay visible after downscaling."""
+    source = image if isinstance(image, ImageSource) else ImageSource(image)
+    factor = preview_factor(*source.shape, max_side)
+    base = downscale(source, factor)
+    shape = base.shape[:2]
+    tint = base.copy()
+    layers = [(gt & pred, TP_COLOR), (pred & ~gt, FP_COLOR), (gt & ~pred, FN_COLOR)]
+    outlines = []
+    for m, color in layers:
+        small = _any_pool(m, factor, shape)
+        tint[small] = color
+        cs, _ = cv2.findContours(cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)), cv2.RETR_EXTERNAL,
+                                 cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append((cs, color))
+    out = cv2.addWeighted(tint, alpha, base, 1 - alpha, 0)
+    for cs, color in outlines:
+        cv2.drawContours(out, cs, -1, color, 1, lineType=cv2.LINE_AA)
+    return out
+
+
+def _keep_example(pool: list[Example], k: int, ex_key: tuple, key: Callable[[Example], tuple]) -> bool:
+    return k > 0 and (len(pool) < k or ex_key < max(key(e) for e in pool))
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 @torch.inference_mode()
-def evaluate_pixels(
+def evaluate(
     model: torch.nn.Module,
     spec: ModelSpec,
     ds: SegmentationDataset,
     samples: Sequence[Sample],
+    options: EvalOptions | None = None,
     *,
-    tile: int | None = None,
-    overlap: int | None = None,
-    stitch: str = "center",
-    batch_size: int = 4,
-    device: str = "auto",
-    amp: str = "auto",
-    min_area: int = 4,
     progress: Callable[[int, int], None] | None = None,
-) -> PixelMetrics:
-    """IoU/Dice (at the spec's threshold, regions under `min_area` dropped as `infer` does) and pixel AP/AUROC."""
+    on_image: Callable[[Sample, np.ndarray], None] | None = None,
+) -> Evaluation:
+    """Run the tiled model over `samples` and accumulate every metric; `on_image(sample, class_mask)` sees each
+    prediction (e.g. to save it) before it is dropped."""
+    from defectscan.cost import count_flops, count_parameters
+    from defectscan.runtime import resolve_device
+
+    opts = options or EvalOptions()
     classes = ds.classes
     k = len(classes)
-    metrics = PixelMetrics(classes, np.zeros((k, k), np.int64), {c: ScoreHistogram() for c in (*classes[1:], "any")})
+    threshold = spec.threshold if opts.threshold is None else opts.threshold
+    ev = Evaluation(classes, threshold, opts, np.zeros((k, k), np.int64),
+                    {c: ScoreHistogram() for c in (*classes[1:], "any")})
     names = dict(enumerate(classes))
+    tile = opts.tile or spec.tile
+    overlap = spec.overlap if opts.overlap is None else opts.overlap
+    device = resolve_device(opts.device)
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = dict(stitch=opts.stitch, batch_size=opts.batch_size, device=device, head=spec.head, mean=spec.mean,
+               std=spec.std, amp=opts.amp, align=spec.stride)
+    t_start = time.perf_counter()
     for i, sample in enumerate(samples):
         image = ds.load_image(sample)
         target = ds.load_mask(sample, image.shape[:2])
-        probs = tiled_inference(model, image, tile=tile or spec.tile, overlap=spec.overlap if overlap is None else overlap,
-                                stitch=stitch, batch_size=batch_size, device=device, head=spec.head, mean=spec.mean,
-                                std=spec.std, amp=amp, align=spec.stride)
-        pred, regions = segment(probs, spec.head, spec.threshold, names, min_area=min_area)
+        t0 = time.perf_counter()
+        probs = tiled_inference(model, image, tile=tile, overlap=overlap, **run)
+        pred, regions = segment(probs, spec.head, threshold, names, min_area=opts.min_area)
+        seconds = time.perf_counter() - t0
+        ev.inference_seconds += seconds
         conf = confusion_matrix(pred, target, k)
-        metrics.conf += conf
+        ev.conf += conf
         for c in defect_channels(spec.head, probs.shape[0]):
             class_id = c if spec.head == "softmax" else c + 1
-            metrics.hist[classes[class_id]].add(probs[c], target == class_id)
+            ev.hist[classes[class_id]].add(probs[c], target == class_id)
         score = defect_score(probs, spec.head)
-        metrics.hist["any"].add(score, target > 0)
+        gt, hit = target > 0, pred > 0
+        ev.hist["any"].add(score, gt)
+        rs = region_stats(gt, hit, score, criterion=opts.region_criterion, threshold=opts.region_threshold)
+        ev.gt_regions += rs.gt_regions
+        ev.found_regions += rs.found
+        ev.fp_regions += rs.false_positive_regions
+        ev.overlap_sum += rs.overlap_curve
+        ev.pixels += target.size
+        max_score = int(score.max()) / 255
+        ev.image_scores.append(max_score)
+        ev.image_labels.append(bool(gt.any()))
+        ev.image_flagged.append(bool(regions))
         tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
-        metrics.per_image.append({"image": sample.image.name, "defect_px": tp + fn, "predicted_px": tp + fp,
-                                  "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
-                                  "regions": len(regions), "max_score": round(int(score.max()) / 255, 4)})
-        metrics.images += 1
+        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+        ev.per_image.append({
+            "image": sample.image.name, "width": image.shape[1], "height": image.shape[0],
+            "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
+            "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None, "defect_dice": _r(dice) if dice is not None else None,
+            "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
+            "fp_regions": rs.false_positive_regions, "max_score": round(max_score, 4),
+            "defective": bool(gt.any()), "flagged": bool(regions), "seconds": round(seconds, 3)})
+        if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
+            _offer_example(ev, opts, sample, image, gt, hit, dice, fp + fn)
+        if opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels:
+            ev.seam.append(_seam_check(model, image, probs, spec, threshold, run, sample.image.name))
+        if on_image:
+            on_image(sample, pred)
+        ev.images += 1
         if progress:
             progress(i + 1, len(samples))
-    metrics.seconds = time.perf_counter() - t0
+    ev.seconds = time.perf_counter() - t_start
+    if opts.cost:
+        th, tw = (tile, tile) if isinstance(tile, int) else tile
+        x = torch.zeros(1, spec.in_channels, th, tw, device=next(model.parameters()).device)
+        ev.cost = {"device": str(device), "parameters": count_parameters(model), "tile": [th, tw],
+                   "gflops_per_tile": float(f"{count_flops(model, x) / 1e9:.4g}"), **_peak_memory_mb(device)}
     model.train(was_training)
-    return metrics
+    return ev
+
+
+def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, image: np.ndarray, gt: np.ndarray,
+                   hit: np.ndarray, dice: float, errors: int) -> None:
+    """Keep previews of the `opts.examples` best and worst images (bounded memory, rendered only when kept)."""
+    best_key = lambda e: (-e.dice, e.errors)  # noqa: E731 - smaller is better
+    worst_key = lambda e: (e.dice, -e.errors)  # noqa: E731 - smaller is worse
+    keep_best = _keep_example(ev.best, opts.examples, (-dice, errors), best_key)
+    keep_worst = _keep_example(ev.worst, opts.examples, (dice, -errors), worst_key)
+    if not (keep_best or keep_worst):
+        return
+    ex = Example(sample.image.name, dice, errors, outcome_preview(image, gt, hit, opts.preview_side))
+    for keep, pool, key in ((keep_best, ev.best, best_key), (keep_worst, ev.worst, worst_key)):
+        if keep:
+            pool.append(ex)
+            pool.sort(key=key)
+            del pool[opts.examples:]
+
+
+def _seam_check(model, image: np.ndarray, tiled: np.ndarray, spec: ModelSpec, threshold: float, run: dict,
+                name: str) -> dict:
+    """The same image as one whole tile (padded to the stride): how far tiled output is from untiled output."""
+    h, w = image.shape[:2]
+    whole_tile = (math.ceil(h / spec.stride) * spec.stride, math.ceil(w / spec.stride) * spec.stride)
+    whole = tiled_inference(model, image, tile=whole_tile, overlap=0, **run)
+    a = defect_score(tiled, spec.head).astype(np.int16)
+    b = defect_score(whole, spec.head).astype(np.int16)
+    diff = np.abs(a - b)
+    level = score_to_u8(threshold)
+    return {"image": name, "max_abs_diff": round(int(diff.max()) / 255, 4), "mean_abs_diff": round(float(diff.mean()) / 255, 6),
+            "mask_disagreement": round(float(np.mean((a >= level) != (b >= level))), 8)}
+
+
+@torch.inference_mode()
+def evaluate_pixels(model: torch.nn.Module, spec: ModelSpec, ds: SegmentationDataset, samples: Sequence[Sample], *,
+                    stitch: str = "center", batch_size: int = 4, device: str = "auto", amp: str = "auto",
+                    min_area: int = 4, progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """The metrics of `evaluate` without previews, seam check or cost: what validation during training needs."""
+    opts = EvalOptions(stitch=stitch, batch_size=batch_size, device=device, amp=amp, min_area=min_area,
+                       seam_images=0, examples=0, cost=False)
+    return evaluate(model, spec, ds, samples, opts, progress=progress)
+

@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +14,7 @@ import cv2
 import numpy as np
 
 from defectscan.errors import DefectscanError
-from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, open_image
+from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, atomic_dir, open_image
 from defectscan.models import default_checkpoint, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat, describe
 from defectscan.postprocess import REGION_FIELDS, Region, segment
@@ -100,9 +97,7 @@ class Predictor:
 
     def write(self, image_path: Path, source: ImageSource, pred: Prediction, out_dir: Path) -> Path:
         """Write all outputs for one image into `out_dir` as one atomic directory swap."""
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             for cid, name in self.class_names.items():
                 channel = cid if self.spec.head == "softmax" else cid - 1
                 _imwrite(tmp / f"prob_{_safe(name)}.png", pred.probs[channel])
@@ -122,11 +117,6 @@ class Predictor:
             }
             (tmp / "defects.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
             (tmp / "defects.csv").write_text(_regions_csv(pred.regions), encoding="utf-8")
-            os.chmod(tmp, 0o755)
-            _swap_into_place(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
 
@@ -146,17 +136,6 @@ def _regions_csv(regions: Iterable[Region]) -> str:
     for r in regions:
         writer.writerow(r.to_dict())
     return buf.getvalue()
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Replace `final` (a directory of an earlier run, if any) by `new` with renames only."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:

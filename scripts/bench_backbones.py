@@ -38,8 +38,7 @@ def run_case(encoder: str, decoder: str, tile: int, repeats: int, threads: int) 
     torch.set_num_threads(threads)
     model = build_model(ModelSpec(arch=decoder, encoder=encoder, classes=("defect",))).eval()
     x = torch.randn(1, 3, tile, tile)
-    flops = count_flops(model, x)
-    with torch.inference_mode():
+    with torch.inference_mode():  # timed before FLOP counting, whose own forward would set the peak first
         base = _rss_mb()
         times = []
         for i in range(repeats + 1):
@@ -47,11 +46,13 @@ def run_case(encoder: str, decoder: str, tile: int, repeats: int, threads: int) 
             model(x)
             if i:
                 times.append(time.perf_counter() - t0)
+        peak = _rss_mb() - base
     times.sort()
+    flops = count_flops(model, x)
     return {"encoder": encoder, "family": encoder_info(encoder).family, "decoder": decoder, "tile": tile,
             "params_m": count_parameters(model) / 1e6, "encoder_params_m": count_parameters(model.encoder) / 1e6,
             "gflops": flops / 1e9, "seconds": times[len(times) // 2],
-            "peak_mem_mb": max(0.0, _rss_mb() - base)}
+            "peak_mem_mb": max(0.0, peak)}
 
 
 def main() -> None:

@@ -16,18 +16,9 @@ from defectscan.images import write_image
 from defectscan.models import ModelSpec, build_model, default_checkpoint, save_checkpoint
 from defectscan.synth import generate_wafer
 
+from _helpers import run_cli  # noqa: E402 - tests/ is on sys.path under pytest
+
 OUTPUT_FILES = {"defects.csv", "defects.json", "mask.png", "overlay.jpg"}
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["defectscan", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err: str) -> list[str]:

@@ -26,39 +26,14 @@ from defectscan.training.config import LossTerm
 from defectscan.training.sampling import CropDataset, build_augment
 from defectscan.training.trainer import lr_at
 
+from _helpers import defect_image, folder_dataset  # noqa: E402 - tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a small, fast network and short epochs
     "model.encoder=resnet10t", "model.tile=128", "model.overlap=32", "model.arch_kwargs={decoder_channels: [32, 16, 16, 8, 8]}",
     "sampling.crop=64", "sampling.batch_size=4", "sampling.steps_per_epoch=3", "training.epochs=3",
     "training.device=cpu", "augment=[{HorizontalFlip: {p: 0.5}}, {RandomRotate90: {p: 0.5}}]",
 ]
-
-
-def defect_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Textured grey surface with dark pits and bright scratches; binary 0/255 mask."""
-    rng = np.random.default_rng(seed)
-    base = cv2.GaussianBlur(rng.normal(128, 25, (size, size)).astype(np.float32), (0, 0), 1.5)
-    mask = np.zeros((size, size), np.uint8)
-    for _ in range(4):
-        cv2.circle(mask, tuple(int(v) for v in rng.integers(8, size - 8, 2)), int(rng.integers(2, 6)), 255, -1)
-    pits = mask > 0
-    for _ in range(2):
-        p = rng.integers(0, size, 4)
-        cv2.line(mask, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), 255, 2)
-    base[pits] -= 70
-    base[(mask > 0) & ~pits] += 70
-    image = np.repeat(np.clip(base, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
-    return image, mask
-
-
-def folder_dataset(root: Path, count: int, size: int = 128, seed: int = 0) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(count):
-        image, mask = defect_image(size, seed + i)
-        write_image(root / "images" / f"s{i:02d}.png", image)
-        cv2.imwrite(str(root / "masks" / f"s{i:02d}.png"), mask)
-    return root
 
 
 # --- config -------------------------------------------------------------------------------------------------------

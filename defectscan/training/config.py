@@ -85,6 +85,7 @@ class ValidationConfig:
     stitch: str = "center"
     batch_size: int = 4
     min_area: int = 4
+    test: bool = True  # evaluate the best checkpoint on the test split at the end (benchmarks run `evaluate` instead)
 
 
 DEFAULT_AUGMENT: list = [

@@ -32,7 +32,7 @@ import yaml
 from defectscan.data import Splits, labeled_subset, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.errors import DefectscanError
-from defectscan.evaluation import PixelMetrics, evaluate_pixels
+from defectscan.evaluation import Evaluation, evaluate_pixels
 from defectscan.images import atomic_path, write_text
 from defectscan.models import ModelSpec, build_model, save_checkpoint
 from defectscan.runtime import autocast, resolve_amp, resolve_device
@@ -137,7 +137,7 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     plot_training_curves(history, run_dir / "curves.png")
 
 
-def _metric_row(m: PixelMetrics, select: str) -> tuple[float | None, dict[str, Any]]:
+def _metric_row(m: Evaluation, select: str) -> tuple[float | None, dict[str, Any]]:
     s = m.summary()
     row = {"val_mean_iou": s["mean_iou"], "val_mean_dice": s["mean_dice"], "val_defect_ap": s["defect_pixel_ap"]}
     row.update({f"val_iou_{c}": v for c, v in s["iou"].items() if c != m.classes[0]})
@@ -226,7 +226,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
         update = progress_factory(description, total)
         return lambda done, _total: update(done, {})
 
-    def evaluate(net: torch.nn.Module, net_spec: ModelSpec, samples: list, description: str) -> PixelMetrics:
+    def evaluate(net: torch.nn.Module, net_spec: ModelSpec, samples: list, description: str) -> Evaluation:
         return evaluate_pixels(net, net_spec, ds, samples, stitch=cfg.validation.stitch,
                                batch_size=cfg.validation.batch_size, device=str(device), amp=tc.amp,
                                min_area=cfg.validation.min_area, progress=counter(description, len(samples)))
@@ -311,7 +311,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, say: Log, open_log: Callabl
             break
 
     test = None
-    if splits.test:
+    if splits.test and cfg.validation.test:
         from defectscan.models import load_checkpoint
 
         best_model, best_spec, _ = load_checkpoint(run_dir / "best.safetensors")

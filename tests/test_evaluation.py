@@ -1,0 +1,351 @@
+"""`evaluate`, `compare` and `benchmark`: metrics against scikit-learn and brute force, reports, resumable studies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_auc_score
+from torch import nn
+
+from _helpers import folder_dataset, run_cli  # tests/ is on sys.path under pytest
+from defectscan.benchmark import aggregate, bootstrap_ci, load_study, run_study
+from defectscan.comparison import compare
+from defectscan.data import load_dataset
+from defectscan.errors import DefectscanError
+from defectscan.evaluation import EvalOptions, evaluate
+from defectscan.evaluation_output import run_evaluation
+from defectscan.images import write_image
+from defectscan.metrics import ScoreHistogram, pro_auc, region_stats
+from defectscan.models import ModelSpec, build_model, save_checkpoint
+from defectscan.tiling import tiled_inference
+
+TINY_UNET = {"decoder_channels": [32, 16, 16, 8, 8]}
+
+
+# --- metric functions -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_best_f1_and_curve_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(5000) < 0.1
+    s = np.clip(rng.normal(90 + 70 * y, 40), 0, 255).astype(np.uint8)
+    h = ScoreHistogram()
+    h.add(s[:2000], y[:2000])
+    h.add(s[2000:], y[2000:])
+    p, r, t = precision_recall_curve(y, s)
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0)[:-1]
+    best, thr = h.best_f1()
+    assert best == pytest.approx(f1.max(), abs=1e-12)
+    assert round(thr * 255) == t[np.argmax(f1)]
+    c = h.curve()
+    level = int(t[len(t) // 2])
+    pred = s >= level
+    assert c["precision"][level] == pytest.approx((pred & y).sum() / pred.sum())
+    assert c["recall"][level] == pytest.approx((pred & y).sum() / y.sum())
+    assert c["fpr"][level] == pytest.approx((pred & ~y).sum() / (~y).sum())
+
+
+def test_region_stats_by_hand():
+    gt = np.zeros((40, 60), bool)
+    gt[2:12, 2:12] = True  # region A, 100 px
+    gt[20:30, 30:40] = True  # region B, 100 px
+    pred = np.zeros_like(gt)
+    pred[2:8, 2:12] = True  # covers 60 px of A, nothing outside
+    pred[20:22, 30:40] = True  # covers 20 px of B...
+    pred[20:22, 40:50] = True  # ...as part of a region that extends 20 px outside it
+    pred[35:38, 5:8] = True  # a false positive
+    score = np.where(gt, 200, 10).astype(np.uint8)
+    cov = region_stats(gt, pred, score, criterion="coverage", threshold=0.5)
+    assert (cov.gt_regions, cov.found, cov.pred_regions, cov.false_positive_regions) == (2, 1, 3, 1)
+    assert region_stats(gt, pred, score, criterion="coverage", threshold=0.2).found == 2
+    # IoU of B with its touching prediction: 20 / (100 + 40 - 20); of A: 60 / 100
+    assert region_stats(gt, pred, score, criterion="iou", threshold=0.6).found == 1
+    assert region_stats(gt, pred, score, criterion="iou", threshold=20 / 120).found == 2
+    assert region_stats(gt, pred, score, criterion="iou", threshold=20 / 120 + 1e-3).found == 1
+    # every region scores 200: fully covered for levels <= 200, not at all above
+    assert cov.overlap_curve[200] == 2 and cov.overlap_curve[201] == 0
+    empty = region_stats(np.zeros_like(gt), pred, score)
+    assert (empty.gt_regions, empty.false_positive_regions) == (0, 3)
+
+
+def _pro_brute_force(gts, scores, limit):
+    """PRO as MVTec AD defines it, by looping over every threshold: reference for the streaming version."""
+    regions = []
+    for gt in gts:
+        n, lab = cv2.connectedComponents(gt.astype(np.uint8), connectivity=8)
+        regions += [(len(regions), lab, k, i) for k, i in zip(range(1, n), [len(regions)] * (n - 1))]
+    points = [(0.0, 0.0)]
+    for t in range(255, -1, -1):
+        fp = sum(((s >= t) & ~g).sum() for s, g in zip(scores, gts))
+        neg = sum((~g).sum() for g in gts)
+        overlaps = []
+        for img, (gt, s) in enumerate(zip(gts, scores)):
+            n, lab = cv2.connectedComponents(gt.astype(np.uint8), connectivity=8)
+            overlaps += [((s >= t) & (lab == k)).sum() / (lab == k).sum() for k in range(1, n)]
+        points.append((fp / neg, float(np.mean(overlaps))))
+    x, y = map(np.array, zip(*points))
+    keep = x <= limit
+    xs, ys = list(x[keep]), list(y[keep])
+    j = keep.sum()
+    if j < len(x) and xs[-1] < limit:
+        xs.append(limit)
+        ys.append(y[j - 1] + (limit - x[j - 1]) / (x[j] - x[j - 1]) * (y[j] - y[j - 1]))
+    return float(np.trapezoid(ys, xs) / limit)
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.05])
+def test_pro_equals_brute_force(limit):
+    rng = np.random.default_rng(4)
+    gts, scores = [], []
+    hist = ScoreHistogram()
+    overlap = np.zeros(256)
+    regions = 0
+    for _ in range(3):
+        gt = np.zeros((48, 48), bool)
+        for _ in range(3):
+            y, x = rng.integers(2, 40, 2)
+            gt[y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = True
+        s = np.clip(rng.normal(80 + 80 * gt, 50), 0, 255).astype(np.uint8)
+        rs = region_stats(gt, s >= 128, s)
+        overlap += rs.overlap_curve
+        regions += rs.gt_regions
+        hist.add(s, gt)
+        gts.append(gt)
+        scores.append(s)
+    assert pro_auc(overlap, regions, hist, limit) == pytest.approx(_pro_brute_force(gts, scores, limit), abs=1e-9)
+
+
+def test_bootstrap_interval():
+    mean, lo, hi = bootstrap_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and 0.5 <= lo < mean < hi <= 0.7
+    assert bootstrap_ci([0.4]) == (0.4, 0.4, 0.4)
+    assert bootstrap_ci([0.5, 0.6, 0.7]) == (mean, lo, hi)  # deterministic
+    rows = [{"backbone": "a", "family": "cnn", "labeled_setting": 5, "labeled": 5, "train_seconds": 1.0, "m": v}
+            for v in (0.1, 0.3)]
+    (agg,) = aggregate(rows, ["m"])
+    assert agg["m"] == pytest.approx(0.2) and agg["seeds"] == 2 and agg["m_ci"][0] <= 0.2 <= agg["m_ci"][1]
+
+
+# --- the evaluation pass --------------------------------------------------------------------------------------
+
+class DarkIsDefect(nn.Module):
+    """A fixed 'network': darker pixels get higher defect logits, so scores are known without training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(-1.5)
+            self.conv.bias.fill_(-2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def dataset_with_clean_images(root: Path, defective: int = 3, clean: int = 2) -> Path:
+    folder_dataset(root, defective, size=96)
+    rng = np.random.default_rng(9)
+    for i in range(clean):
+        image = np.repeat(cv2.GaussianBlur(rng.normal(128, 25, (96, 96)).astype(np.float32), (0, 0), 1.5)
+                          .clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+        write_image(root / "images" / f"c{i}.png", image)
+        cv2.imwrite(str(root / "masks" / f"c{i}.png"), np.zeros((96, 96), np.uint8))
+    return root
+
+
+def test_evaluate_equals_sklearn_on_the_pixels_it_scored(tmp_path):
+    ds = load_dataset(dataset_with_clean_images(tmp_path / "d"))
+    spec = ModelSpec(arch="unet", encoder="resnet10t", classes=("defect",), tile=64, overlap=16)
+    model = DarkIsDefect()
+    ev = evaluate(model, spec, ds, ds.labeled, EvalOptions(device="cpu", seam_images=1, examples=2, min_area=1))
+    scores, truth, img_scores, img_truth = [], [], [], []
+    for s in ds.labeled:
+        image = ds.load_image(s)
+        p = tiled_inference(model, image, tile=64, overlap=16, device="cpu", head="sigmoid", mean=spec.mean,
+                            std=spec.std, align=32)[0]
+        gt = ds.load_mask(s, image.shape[:2]) > 0
+        scores.append(p.ravel())
+        truth.append(gt.ravel())
+        img_scores.append(p.max() / 255)
+        img_truth.append(gt.any())
+    scores, truth = np.concatenate(scores), np.concatenate(truth)
+    summary = ev.summary()
+    assert summary["pixel_ap"]["defect"] == pytest.approx(average_precision_score(truth, scores), abs=1e-4)
+    assert summary["pixel_auroc"]["defect"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-4)
+    pred = scores >= 128
+    assert summary["dice"]["defect"] == pytest.approx(f1_score(truth, pred), abs=1e-4)
+    im = summary["image_level"]
+    assert (im["defective"], im["clean"]) == (3, 2)
+    assert im["auroc"] == pytest.approx(roc_auc_score(img_truth, img_scores), abs=1e-4)
+    assert im["ap"] == pytest.approx(average_precision_score(img_truth, img_scores), abs=1e-4)
+    assert summary["region"]["gt_regions"] == sum(r["gt_regions"] for r in ev.per_image) > 0
+    assert 0 <= summary["region"]["pro"] <= 1
+    assert len(ev.best) == 2 and len(ev.worst) == 2 and ev.best[0].dice >= ev.worst[0].dice
+    # a 1x1-conv network has no tile context: tiled and whole-image outputs are identical
+    assert ev.seam[0]["max_abs_diff"] == 0
+    assert summary["cost"]["parameters"] == 4
+    assert summary["cost"]["gflops_per_tile"] == pytest.approx(2 * 3 * 64 * 64 / 1e9, rel=1e-3)  # 3 multiply-adds per pixel
+
+
+def _checkpoint(path: Path, encoder: str = "resnet10t", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    spec = ModelSpec(arch="unet", encoder=encoder, classes=("defect",), tile=64, overlap=16, arch_kwargs=TINY_UNET)
+    save_checkpoint(build_model(spec), spec, path)
+    return path.with_suffix(".safetensors")
+
+
+def test_evaluation_report_has_every_section(tmp_path):
+    data = dataset_with_clean_images(tmp_path / "d")
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    result = run_evaluation(ckpt, data, tmp_path / "ev", split="all", options=EvalOptions(device="cpu", threshold=0.3))
+    out = tmp_path / "ev"
+    html = (out / "report.html").read_text()
+    for section in ("Summary", "Per class", "Confusion matrix", "Curves", "Per-image scores", "Worst images",
+                    "Seam check", "Per image"):
+        assert f">{section}" in html, section
+    assert html.count("data:image/png;base64,") >= 4 and "data:image/jpeg;base64," in html
+    assert "src=\"http" not in html  # self-contained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["images"] == 5 and metrics["split"] == "all"
+    assert {"region", "image_level", "cost", "pixel_ap", "best_f1"} <= set(metrics["metrics"])
+    assert len((out / "per_image.csv").read_text().strip().splitlines()) == 6
+    assert len(list((out / "predictions").glob("*.png"))) == 5
+    assert not list(tmp_path.glob(".ev*"))  # no temporary directory left behind
+    assert result["metrics"] == metrics["metrics"]
+
+
+def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    data = dataset_with_clean_images(tmp_path / "d")
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    cases = [
+        (["--model", tmp_path / "none.safetensors", "--data", data], "none"),
+        (["--model", ckpt, "--data", tmp_path / "nodata"], "no such dataset"),
+        (["--model", ckpt, "--data", data, "--region-criterion", "area"], "unknown region criterion"),
+        (["--model", ckpt, "--data", data, "--tile", "100"], "multiple of 32"),
+        (["--model", ckpt, "--data", data, "--split", "dev"], "unknown split"),
+    ]
+    for args, expected in cases:
+        code, _, err = run_cli(monkeypatch, capsys, "evaluate", *args, "-o", tmp_path / "o")
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 1 and len(lines) == 1 and expected in lines[0], (args, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", "-m", ckpt, "-d", data, "--split", "all",
+                             "--seam-images", "0", "-o", tmp_path / "o")
+    assert code == 0 and "region recall" in out and (tmp_path / "o" / "report.html").is_file()
+
+
+def test_compare_two_evaluations(tmp_path):
+    data = dataset_with_clean_images(tmp_path / "d")
+    for name, seed in (("a", 0), ("b", 1)):
+        run_evaluation(_checkpoint(tmp_path / name / "model", seed=seed), data, tmp_path / name / "evaluation",
+                       split="all", options=EvalOptions(device="cpu", seam_images=0, threshold=0.3))
+    result = compare([tmp_path / "a", tmp_path / "b" / "evaluation"], tmp_path / "cmp")
+    assert [r["model"] for r in result["models"]] == ["resnet10t (a)", "resnet10t (b)"]
+    assert result["warning"] is None
+    html = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "Same crops" in html and html.count("data:image/jpeg;base64,") >= 3
+    assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3
+    with pytest.raises(DefectscanError, match="no metrics.json"):
+        compare([tmp_path / "d"], tmp_path / "cmp2")
+
+
+def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):
+    data = dataset_with_clean_images(tmp_path / "d", defective=2, clean=1)
+    run_evaluation(_checkpoint(tmp_path / "a" / "model"), data, tmp_path / "a" / "evaluation", split="all",
+                   options=EvalOptions(device="cpu", seam_images=0))
+    code, out, _ = run_cli(monkeypatch, capsys, "compare", tmp_path / "a", "-o", tmp_path / "cmp")
+    assert code == 0 and "resnet10t" in out and (tmp_path / "cmp" / "compare.html").is_file()
+    code, _, err = run_cli(monkeypatch, capsys, "compare", tmp_path / "d", "-o", tmp_path / "cmp")
+    assert code == 1 and "no metrics.json" in err
+    code, _, err = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "missing.yaml")
+    assert code == 1 and "no such study file" in err
+
+
+# --- benchmark study ------------------------------------------------------------------------------------------
+
+def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys):
+    import defectscan.training as training
+
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    (tmp_path / "train.yaml").write_text(
+        "model: {encoder: resnet10t, tile: 64, overlap: 16, arch_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}\n"
+        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
+        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\n"
+        "augment: []\ntraining: {epochs: 1, device: cpu}\n")
+    (tmp_path / "study.yaml").write_text(
+        "name: tiny\ntrain_config: train.yaml\nset: [optim.lr=0.001]\n"
+        "backbones:\n  - {name: r10t}\nlabeled: [2, all]\nseeds: [0, 1, 2]\n"
+        "evaluate: {seam_images: 0, examples: 1}\n")
+    study = load_study(tmp_path / "study.yaml")
+    out = tmp_path / "out"
+    calls = []
+    real_train = training.train
+
+    def counting_train(*args, **kwargs):
+        calls.append(args[1])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", counting_train)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third(msg: str) -> None:
+        if msg.startswith("[3/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_study(study, out, log=stop_at_third)
+    assert len(calls) == 2 and (out / "results.csv").read_text().count("\n") == 3
+    rows = run_study(study, out, log=lambda m: None)
+    assert len(calls) == 6 and len(rows) == 6  # the two finished cells were not trained again
+    assert sorted({r["labeled"] for r in rows}) == [2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells_done"] == 6 and len(summary["summary"]) == 2
+    assert all(s["seeds"] == 3 and s["defect_dice_ci"] is not None for s in summary["summary"])
+    html = (out / "report.html").read_text()
+    assert "Learning curves" in html and "Every cell" in html and html.count("data:image/png;base64,") >= 2
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    # a single cell on its own, and a clear error for a name that is not in the study
+    run_study(study, out, only="r10t__n2__s1", log=lambda m: None)
+    assert len(calls) == 6
+    with pytest.raises(DefectscanError, match="no cell 'r10t__n3__s0'"):
+        run_study(study, out, only="r10t__n3__s0")
+    (out / "report.html").unlink()
+    code, _, _ = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "study.yaml", "--out", out, "--report-only")
+    assert code == 0 and (out / "report.html").is_file() and len(calls) == 6
+
+
+def test_study_file_errors(tmp_path):
+    (tmp_path / "t.yaml").write_text("model: {encoder: resnet10t}\n")
+    bad = {
+        "labeled: [0]": "positive integers",
+        "seeds: [1, 1]": "distinct",
+        "metric: speed": "unknown metric",
+        "extra: 1": "unknown key",
+    }
+    for line, message in bad.items():
+        base = {"train_config": "train_config: t.yaml", "backbones": "backbones: [{name: a}]",
+                "labeled": "labeled: [2]", "seeds": "seeds: [0, 1, 2]"}
+        key = line.split(":")[0]
+        base[key] = line
+        (tmp_path / "s.yaml").write_text("\n".join(base.values()) + "\n")
+        with pytest.raises(DefectscanError, match=message):
+            load_study(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("study", sorted((Path(__file__).resolve().parents[1] / "configs" / "benchmark").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_benchmark_presets_load(study):
+    from defectscan.training import load_config
+
+    st = load_study(study)
+    assert len(st.seeds) >= 3
+    for cell in st.cells()[:: len(st.seeds)]:
+        load_config(st.train_config, cell.overrides(st))
