@@ -136,16 +136,17 @@ def _get(metrics: dict, keys: tuple[str, ...]) -> Any:
 def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] = print,
              progress_factory=None, device: str | None = None) -> dict:
     """Train and evaluate one cell unless it is done; returns its result row."""
-    from defectscan.evaluation import EvalOptions
     from defectscan.evaluation_output import run_evaluation
     from defectscan.training import load_config, train
 
     cell_dir = out / "cells" / cell.name
     row_file = cell_dir / "cell.json"
-    if row_file.is_file():
-        return json.loads(row_file.read_text())
     overrides = cell.overrides(study) + ([f"training.device={device}"] if device else [])
     cfg = load_config(study.train_config, overrides)
+    opts = eval_options(study, cfg, device)
+    if row_file.is_file():
+        check_finished_cell(cell_dir, cfg, opts, study.evaluate.get("split", "test"))
+        return json.loads(row_file.read_text())
     run_dir = cell_dir / "run"
     resume = (run_dir / "config.yaml").is_file()
     if run_dir.exists() and not resume:
@@ -153,12 +154,6 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     log(f"cell {cell.name}: {'resuming' if resume else 'training'}")
     train(cfg, run_dir, resume=resume, log=log, progress_factory=progress_factory)
     ev = study.evaluate
-    opts = EvalOptions(device=device or cfg.training.device, stitch=cfg.validation.stitch,
-                       batch_size=cfg.validation.batch_size, min_area=cfg.validation.min_area,
-                       seam_images=int(ev.get("seam_images", 1)), examples=int(ev.get("examples", 3)),
-                       region_criterion=ev.get("region_criterion", "coverage"),
-                       region_threshold=float(ev.get("region_threshold", 0.5)),
-                       pro_fpr_limit=float(ev.get("pro_fpr_limit", 0.3)))
     update = progress_factory(f"evaluating {cell.name}", 0) if progress_factory else None
     result = run_evaluation(run_dir / "best.safetensors", cfg.data.root, cell_dir / "evaluation",
                             split=ev.get("split", "test"), data_format=cfg.data.format, options=opts,
@@ -179,6 +174,38 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     return row
 
 
+def eval_options(study: Study, cfg, device: str | None):
+    from defectscan.evaluation import EvalOptions
+
+    ev = study.evaluate
+    unknown = set(ev) - {"split", "limit", "seam_images", "examples", "region_criterion", "region_threshold",
+                         "pro_fpr_limit"}
+    if unknown:
+        raise DefectscanError(f"{study.path}: unknown evaluate key(s) {', '.join(sorted(unknown))}")
+    return EvalOptions(device=device or cfg.training.device, stitch=cfg.validation.stitch,
+                       batch_size=cfg.validation.batch_size, min_area=cfg.validation.min_area,
+                       seam_images=int(ev.get("seam_images", 1)), examples=int(ev.get("examples", 3)),
+                       region_criterion=ev.get("region_criterion", "coverage"),
+                       region_threshold=float(ev.get("region_threshold", 0.5)),
+                       pro_fpr_limit=float(ev.get("pro_fpr_limit", 0.3)))
+
+
+def check_finished_cell(cell_dir: Path, cfg, opts, split: str) -> None:
+    """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
+    would silently mix results of two configurations."""
+    saved_cfg = yaml.safe_load((cell_dir / "run" / "config.yaml").read_text())
+    saved_cfg.get("training", {}).pop("device", None)
+    current = json.loads(json.dumps(cfg.to_dict()))
+    current["training"].pop("device", None)  # where it ran does not change what it measured
+    metrics = json.loads((cell_dir / "evaluation" / "metrics.json").read_text())
+    same_eval = metrics.get("split") == split and all(
+        metrics.get("options", {}).get(k) == getattr(opts, k)
+        for k in ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch"))
+    if saved_cfg != current or not same_eval:
+        raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
+                              f"run the changed study into a new --out directory")
+
+
 def run_study(study: Study, out: str | Path, *, only: str | None = None, log: Callable[[str], None] = print,
               progress_factory=None, device: str | None = None, command: str = "") -> list[dict]:
     out = Path(out)
@@ -191,6 +218,8 @@ def run_study(study: Study, out: str | Path, *, only: str | None = None, log: Ca
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "study.yaml").exists():  # the study as first run, next to its results
         shutil.copyfile(study.path, out / "study.yaml")
+    with open(out / "commands.log", "a", encoding="utf-8") as fh:  # every invocation that computed cells
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command or '(library call)'}\n")
     for i, cell in enumerate(cells):
         log(f"[{i + 1}/{len(cells)}] {cell.name}")
         run_cell(study, cell, out, log=log, progress_factory=progress_factory, device=device)
@@ -274,9 +303,13 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
     w.writeheader()
     w.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
-    shown = [study.metric] + [m for m in ("defect_iou", "pixel_ap", "region_recall", "pro", "image_auroc") if m != study.metric]
     summary = aggregate(rows, list(METRICS))
-    info = {"study": study.name, "study_file": str(study.path), "command": command, "hardware": hardware(),
+    shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
+                                       "pro", "image_auroc"])
+             if any(s[m] is not None for s in summary)]  # e.g. no image AUROC when every test image has defects
+    log = out / "commands.log"
+    ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
+    info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
             "platform": platform.platform(), "versions": library_versions(),
             "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
@@ -304,7 +337,7 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
     scatter = fig_uri(fig)
     body = [f"<p class='meta'>{esc(info['hardware'])} · {esc(info['platform'])} · "
             + " · ".join(f"{esc(k)} {esc(v)}" for k, v in info["versions"].items())
-            + f"<br>command: <code>{esc(command)}</code> · study file {esc(study.path)} · "
+            + f"<br>commands that ran cells: <code>{esc(ran)}</code> · study file {esc(study.path)} · "
               f"{len(rows)} of {len(study.cells())} cells done · updated {info['updated']}</p>",
             "<h2>Learning curves (mean over seeds, shaded: 95% bootstrap interval)</h2><div class='grid'>" + curves + "</div>",
             "<h2>Accuracy by labeled images</h2>",
@@ -322,6 +355,18 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
                   [[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"], r["eval_seconds"]]
                    for r in rows])]
     write_text(out / "report.html", page(f"defectscan benchmark — {study.name}", "\n".join(body)))
+    write_text(out / "summary.md", markdown_table(summary, shown))
+
+
+def markdown_table(summary: list[dict], metrics: list[str]) -> str:
+    """The accuracy table as Markdown (mean [95% bootstrap interval] over seeds), for READMEs and tickets."""
+    head = ["backbone", "family", "labeled", "seeds", *metrics, "train s / cell", "MP/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in sorted(summary, key=lambda s: (s["backbone"], s["labeled"])):
+        lines.append("| " + " | ".join([s["backbone"], s["family"], str(s["labeled"]), str(s["seeds"]),
+                                        *[_with_ci(s, m) for m in metrics], f"{s['train_seconds']:.0f}",
+                                        f"{s['mp_per_s']:.3f}" if s["mp_per_s"] else "-"]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _with_ci(s: dict, m: str) -> str:

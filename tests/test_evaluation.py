@@ -312,6 +312,7 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
     html = (out / "report.html").read_text()
     assert "Learning curves" in html and "Every cell" in html and html.count("data:image/png;base64,") >= 2
     assert (out / "learning_curve.png").stat().st_size > 1000
+    assert (out / "summary.md").read_text().count("\n") == 4  # header, rule, two rows
     # a single cell on its own, and a clear error for a name that is not in the study
     run_study(study, out, only="r10t__n2__s1", log=lambda m: None)
     assert len(calls) == 6
@@ -320,6 +321,11 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
     (out / "report.html").unlink()
     code, _, _ = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "study.yaml", "--out", out, "--report-only")
     assert code == 0 and (out / "report.html").is_file() and len(calls) == 6
+    # the same directory with an edited study: finished cells are not silently reused
+    edited = tmp_path / "study.yaml"
+    edited.write_text(edited.read_text().replace("optim.lr=0.001", "optim.lr=0.002"))
+    with pytest.raises(DefectscanError, match="other settings"):
+        run_study(load_study(edited), out, log=lambda m: None)
 
 
 def test_study_file_errors(tmp_path):
