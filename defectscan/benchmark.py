@@ -125,7 +125,7 @@ def load_study(path: str | Path) -> Study:
                  backbones, labeled, list(seeds), metric, dict(raw.get("evaluate", {})))
 
 
-def _get(metrics: dict, keys: tuple[str, ...]) -> Any:
+def metric_value(metrics: dict, keys: tuple[str, ...]) -> Any:
     for k in keys:
         if not isinstance(metrics, dict) or k not in metrics:
             return None
@@ -169,7 +169,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "train_seconds": round(sum(float(h.get("train_seconds") or 0) + float(h.get("val_seconds") or 0)
                                       for h in history), 1),
            "eval_seconds": result["metrics"]["seconds"], "test_images": result["metrics"]["images"],
-           **{k: _get(result["metrics"], path) for k, path in METRICS.items()}}
+           **{k: metric_value(result["metrics"], path) for k, path in METRICS.items()}}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     return row
 
@@ -268,9 +268,9 @@ def aggregate(rows: list[dict], metrics: list[str]) -> list[dict]:
 
 def learning_curve_figure(summary: list[dict], metric: str, title: str):
     """Mean metric against labeled images per backbone (log x), the bootstrap interval shaded."""
-    from defectscan.report_html import _plt
+    from defectscan.report_html import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for backbone in dict.fromkeys(s["backbone"] for s in summary):
         pts = sorted((s for s in summary if s["backbone"] == backbone and s[metric] is not None), key=lambda s: s["labeled"])
@@ -313,9 +313,9 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
             "platform": platform.platform(), "versions": library_versions(),
             "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
-    from defectscan.report_html import _plt
+    from defectscan.report_html import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig = learning_curve_figure(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
     with atomic_path(out / "learning_curve.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

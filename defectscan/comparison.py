@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectscan.benchmark import METRICS, _get
+from defectscan.benchmark import METRICS, metric_value
 from defectscan.errors import DefectscanError
-from defectscan.evaluation import outcome_preview
+from defectscan.reporting import outcome_preview
 from defectscan.evaluation_output import load_metrics
 from defectscan.images import atomic_dir
 
@@ -85,7 +85,7 @@ def pick_crops(evals: list[dict], ds, count: int = 4, window: int = 320) -> list
 def compare(dirs: list[str | Path], out: str | Path) -> dict:
     """Write compare.html, compare.json and compare.csv into `out` (atomically); returns the JSON content."""
     from defectscan.data import load_dataset
-    from defectscan.report_html import _plt, esc, fig_uri, figure, outcome_key, page, png_uri, table
+    from defectscan.report_html import pyplot, esc, fig_uri, figure, outcome_key, page, png_uri, table
 
     if len(dirs) < 1:
         raise DefectscanError("compare needs at least one evaluation directory")
@@ -96,11 +96,11 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
         m = e["metrics"]
         rows.append({"model": label, "description": e.get("model"), "dir": e["_dir"], "images": m.get("images"),
                      "split": e.get("split"), "data": e.get("data"),
-                     **{k: _get(m, METRICS[k]) for k in TABLE_METRICS}})
+                     **{k: metric_value(m, METRICS[k]) for k in TABLE_METRICS}})
     datasets = {(e.get("data"), e.get("split"), tuple(e.get("images", []))) for e in evals}
     warning = "" if len(datasets) == 1 else ("the evaluations did not all use the same images: the numbers are not "
                                              "directly comparable")
-    plt = _plt()
+    plt = pyplot()
     scatters = []
     for x_key, x_label in (("mp_per_s", "inference speed (MP/s)"), ("parameters", "parameters")):
         fig, ax = plt.subplots(figsize=(5.2, 4.0))

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -28,12 +27,8 @@ from defectscan.data.dataset import Sample, SegmentationDataset
 from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice, pro_auc, region_stats
 from defectscan.models.factory import ModelSpec
 from defectscan.postprocess import defect_channels, defect_score, score_to_u8, segment
-from defectscan.reporting import _any_pool, downscale, preview_factor
-from defectscan.images import ImageSource
+from defectscan.reporting import outcome_preview
 from defectscan.tiling import tiled_inference
-
-TP_COLOR, FP_COLOR, FN_COLOR = (40, 220, 60), (255, 40, 40), (40, 140, 255)
-
 
 @dataclass
 class EvalOptions:
@@ -164,29 +159,6 @@ def _nanmean(values) -> float | None:
     return _r(sum(vals) / len(vals)) if vals else None
 
 
-def outcome_preview(image: np.ndarray | ImageSource, gt: np.ndarray, pred: np.ndarray, max_side: int = 900,
-                    alpha: float = 0.55) -> np.ndarray:
-    """RGB preview with true positives, false positives and misses in distinct colours, outlined so that
-    defects a few pixels wide stay visible after downscaling."""
-    source = image if isinstance(image, ImageSource) else ImageSource(image)
-    factor = preview_factor(*source.shape, max_side)
-    base = downscale(source, factor)
-    shape = base.shape[:2]
-    tint = base.copy()
-    layers = [(gt & pred, TP_COLOR), (pred & ~gt, FP_COLOR), (gt & ~pred, FN_COLOR)]
-    outlines = []
-    for m, color in layers:
-        small = _any_pool(m, factor, shape)
-        tint[small] = color
-        cs, _ = cv2.findContours(cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)), cv2.RETR_EXTERNAL,
-                                 cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((cs, color))
-    out = cv2.addWeighted(tint, alpha, base, 1 - alpha, 0)
-    for cs, color in outlines:
-        cv2.drawContours(out, cs, -1, color, 1, lineType=cv2.LINE_AA)
-    return out
-
-
 def _keep_example(pool: list[Example], k: int, ex_key: tuple, key: Callable[[Example], tuple]) -> bool:
     return k > 0 and (len(pool) < k or ex_key < max(key(e) for e in pool))
 
@@ -307,7 +279,12 @@ def _seam_check(model, image: np.ndarray, tiled: np.ndarray, spec: ModelSpec, th
     """The same image as one whole tile (padded to the stride): how far tiled output is from untiled output."""
     h, w = image.shape[:2]
     whole_tile = (math.ceil(h / spec.stride) * spec.stride, math.ceil(w / spec.stride) * spec.stride)
-    whole = tiled_inference(model, image, tile=whole_tile, overlap=0, **run)
+    try:
+        whole = tiled_inference(model, image, tile=whole_tile, overlap=0, **run)
+    except (torch.OutOfMemoryError, MemoryError):  # a check, not the evaluation: skip it rather than fail
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"image": name, "skipped": "out of memory for the whole image in one pass"}
     a = defect_score(tiled, spec.head).astype(np.int16)
     b = defect_score(whole, spec.head).astype(np.int16)
     diff = np.abs(a - b)

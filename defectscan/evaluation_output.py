@@ -107,7 +107,7 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             "data": str(ds.root), "format": ds.format, "split": split, "split_source": how,
             "images": [s.stem for s in samples], "hardware": hardware(), "versions": library_versions(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
-            "options": {k: v for k, v in vars(opts).items()}, "trained_on_images": meta.get("train_images"),
+            "options": {k: v for k, v in vars(opts).items()}, "trained_on_images": meta.get("extra", {}).get("train_images"),
         }
         result = {**info, "metrics": summary}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

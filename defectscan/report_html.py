@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
-from defectscan.evaluation import FN_COLOR, FP_COLOR, TP_COLOR, Evaluation
+from defectscan.evaluation import Evaluation
+from defectscan.reporting import FN_COLOR, FP_COLOR, TP_COLOR
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -83,7 +84,7 @@ def outcome_key() -> str:
             + swatch(FN_COLOR, "missed (false negative)") + "</p>")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +95,7 @@ def _plt():
 
 # ---- evaluation report ---------------------------------------------------------------------------------------
 def evaluation_plots(ev: Evaluation) -> dict[str, str]:
-    plt = _plt()
+    plt = pyplot()
     plots = {}
     names = [c for c in ev.classes[1:]] + (["any defect"] if len(ev.classes) > 2 else [])
     keys = list(ev.classes[1:]) + (["any"] if len(ev.classes) > 2 else [])
@@ -207,7 +208,8 @@ def evaluation_html(ev: Evaluation, meta: dict) -> str:
     if ev.seam:
         body.append("<h2>Seam check (tiled vs whole image)</h2>")
         body.append(table(["image", "max |diff|", "mean |diff|", "mask disagreement"],
-                          [[x["image"], x["max_abs_diff"], x["mean_abs_diff"], x["mask_disagreement"]] for x in ev.seam]))
+                          [[x["image"], x.get("max_abs_diff", x.get("skipped")), x.get("mean_abs_diff"), x.get("mask_disagreement")]
+                           for x in ev.seam]))
     rows = sorted(ev.per_image, key=lambda r: (r["defect_dice"] if r["defect_dice"] is not None else 2.0))
     shown = rows[:200]
     body.append(f"<h2>Per image ({'all' if len(shown) == len(rows) else f'the {len(shown)} worst of {len(rows)}'})</h2>")

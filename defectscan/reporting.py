@@ -39,7 +39,7 @@ def downscale(source: ImageSource, factor: int, strip_rows: int = 2048) -> np.nd
     return out
 
 
-def _any_pool(binary: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+def any_pool(binary: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     """Downscale a mask so that a block is set if any of its pixels is (tiny defects must not vanish)."""
     if factor == 1:
         return binary
@@ -63,7 +63,7 @@ def render_overlay(
     tint = base.copy()
     contours = []
     for cid in sorted({r.class_id for r in regions}):
-        m = _any_pool(mask == cid, factor, shape)
+        m = any_pool(mask == cid, factor, shape)
         color = class_color(cid)
         tint[m] = color
         cs, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -80,6 +80,32 @@ def render_overlay(
                       class_color(r.class_id), 1, lineType=cv2.LINE_AA)
     if class_names:
         _draw_legend(out, class_names, regions)
+    return out
+
+
+TP_COLOR, FP_COLOR, FN_COLOR = (40, 220, 60), (255, 40, 40), (40, 140, 255)  # outcome colours, RGB
+
+
+def outcome_preview(image: np.ndarray | ImageSource, gt: np.ndarray, pred: np.ndarray, max_side: int = 900,
+                    alpha: float = 0.55) -> np.ndarray:
+    """RGB preview with true positives, false positives and misses in distinct colours, outlined so that
+    defects a few pixels wide stay visible after downscaling."""
+    source = image if isinstance(image, ImageSource) else ImageSource(image)
+    factor = preview_factor(*source.shape, max_side)
+    base = downscale(source, factor)
+    shape = base.shape[:2]
+    tint = base.copy()
+    layers = [(gt & pred, TP_COLOR), (pred & ~gt, FP_COLOR), (gt & ~pred, FN_COLOR)]
+    outlines = []
+    for m, color in layers:
+        small = any_pool(m, factor, shape)
+        tint[small] = color
+        cs, _ = cv2.findContours(cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)), cv2.RETR_EXTERNAL,
+                                 cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append((cs, color))
+    out = cv2.addWeighted(tint, alpha, base, 1 - alpha, 0)
+    for cs, color in outlines:
+        cv2.drawContours(out, cs, -1, color, 1, lineType=cv2.LINE_AA)
     return out
 
 

@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from defectscan.cli import main
 from defectscan.images import write_image
 from defectscan.models import ModelSpec, build_model, default_checkpoint, save_checkpoint
 from defectscan.synth import generate_wafer
