@@ -163,8 +163,29 @@ def _keep_example(pool: list[Example], k: int, ex_key: tuple, key: Callable[[Exa
     return k > 0 and (len(pool) < k or ex_key < max(key(e) for e in pool))
 
 
+def _reset_peak_rss() -> None:
+    """Start the process's peak-RSS count afresh (Linux), so a benchmark cell's evaluation does not report the
+    peak of the training that ran before it in the same process. Elsewhere the peak is the process's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mb": round(_peak_rss_mb(), 1)}
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
@@ -200,6 +221,8 @@ def evaluate(
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if opts.cost:
+        _reset_peak_rss()
     run = dict(stitch=opts.stitch, batch_size=opts.batch_size, device=device, head=spec.head, mean=spec.mean,
                std=spec.std, amp=opts.amp, align=spec.stride)
     t_start = time.perf_counter()

@@ -188,7 +188,7 @@ def test_evaluate_equals_sklearn_on_the_pixels_it_scored(tmp_path):
     assert len(ev.best) == 2 and len(ev.worst) == 2 and ev.best[0].dice >= ev.worst[0].dice
     # a 1x1-conv network has no tile context: tiled and whole-image outputs are identical
     assert ev.seam[0]["max_abs_diff"] == 0
-    assert summary["cost"]["parameters"] == 4
+    assert summary["cost"]["parameters"] == 4 and summary["cost"]["peak_rss_mb"] > 0
     assert summary["cost"]["gflops_per_tile"] == pytest.approx(2 * 3 * 64 * 64 / 1e9, rel=1e-3)  # 3 multiply-adds per pixel
 
 
