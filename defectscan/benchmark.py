@@ -30,6 +30,7 @@ import yaml
 
 from defectscan.errors import DefectscanError
 from defectscan.images import atomic_path, write_text
+from defectscan.models.factory import encoder_info
 
 # metric name in results -> path in metrics.json's "metrics"
 METRICS: dict[str, tuple[str, ...]] = {
@@ -160,8 +161,6 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
                             limit=ev.get("limit"), progress=(lambda d, n: update(d, {})) if update else None)
     history = list(csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text())))
     train_images = len(json.loads((run_dir / "splits.json").read_text())["train"])
-    from defectscan.models.factory import encoder_info
-
     row = {"cell": cell.name, "backbone": cell.backbone.name, "encoder": cfg.model.encoder,
            "family": encoder_info(cfg.model.encoder).family, "arch": cfg.model.arch,
            "pretrained": cfg.model.encoder_weights or "none", "labeled": train_images,
@@ -193,6 +192,10 @@ def eval_options(study: Study, cfg, device: str | None):
 def check_finished_cell(cell_dir: Path, cfg, opts, split: str) -> None:
     """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
     would silently mix results of two configurations."""
+    for f in (cell_dir / "run" / "config.yaml", cell_dir / "evaluation" / "metrics.json"):
+        if not f.is_file():
+            raise DefectscanError(f"{cell_dir}: cell.json exists but {f.name} is missing; delete the cell directory "
+                                  f"to recompute it")
     saved_cfg = yaml.safe_load((cell_dir / "run" / "config.yaml").read_text())
     saved_cfg.get("training", {}).pop("device", None)
     current = json.loads(json.dumps(cfg.to_dict()))

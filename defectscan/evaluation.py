@@ -96,8 +96,9 @@ class Evaluation:
             "dice": {c: _r(v) for c, v in zip(self.classes, dice)},
             "mean_iou": _r(np.nanmean(iou[1:])) if len(iou) > 1 and not np.isnan(iou[1:]).all() else None,
             "mean_dice": _r(np.nanmean(dice[1:])) if len(dice) > 1 and not np.isnan(dice[1:]).all() else None,
-            "defect_iou": _r(tp / max(tp + fp + fn, 1)),  # any defect vs background, class ignored
-            "defect_dice": _r(2 * tp / max(2 * tp + fp + fn, 1)),
+            # any defect vs background, class ignored; undefined when neither truth nor prediction has a defect
+            "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
+            "defect_dice": _r(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None,
             "best_f1": {c: _r(best[c][0]) for c in defect},
             "best_f1_threshold": {c: _r(best[c][1]) for c in defect},
             "pixel_ap": {c: _r(self.hist[c].average_precision()) for c in defect},
