@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from defectscan.errors import DefectscanError
-from defectscan.images import atomic_path, write_text
+from defectscan.images import atomic_path, csv_text, write_text
 from defectscan.models.factory import encoder_info
 
 # metric name in results -> path in metrics.json's "metrics"
@@ -135,8 +135,8 @@ def metric_value(metrics: dict, keys: tuple[str, ...]) -> Any:
 
 
 def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] = print,
-             progress_factory=None, device: str | None = None) -> dict:
-    """Train and evaluate one cell unless it is done; returns its result row."""
+             progress_factory=None, device: str | None = None) -> tuple[dict, bool]:
+    """Train and evaluate one cell unless it is done; returns its result row and whether it was computed now."""
     from defectscan.evaluation_output import run_evaluation
     from defectscan.training import load_config, train
 
@@ -147,7 +147,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     opts = eval_options(study, cfg, device)
     if row_file.is_file():
         check_finished_cell(cell_dir, cfg, opts, study.evaluate.get("split", "test"))
-        return json.loads(row_file.read_text())
+        return json.loads(row_file.read_text()), False
     run_dir = cell_dir / "run"
     resume = (run_dir / "config.yaml").is_file()
     if run_dir.exists() and not resume:
@@ -170,7 +170,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "eval_seconds": result["metrics"]["seconds"], "test_images": result["metrics"]["images"],
            **{k: metric_value(result["metrics"], path) for k, path in METRICS.items()}}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
-    return row
+    return row, True
 
 
 def eval_options(study: Study, cfg, device: str | None):
@@ -190,21 +190,21 @@ def eval_options(study: Study, cfg, device: str | None):
 
 
 def check_finished_cell(cell_dir: Path, cfg, opts, split: str) -> None:
+    from defectscan.training.config import same_as_saved
+
     """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
     would silently mix results of two configurations."""
     for f in (cell_dir / "run" / "config.yaml", cell_dir / "evaluation" / "metrics.json"):
         if not f.is_file():
             raise DefectscanError(f"{cell_dir}: cell.json exists but {f.name} is missing; delete the cell directory "
                                   f"to recompute it")
-    saved_cfg = yaml.safe_load((cell_dir / "run" / "config.yaml").read_text())
-    saved_cfg.get("training", {}).pop("device", None)
-    current = json.loads(json.dumps(cfg.to_dict()))
-    current["training"].pop("device", None)  # where it ran does not change what it measured
+    # where it ran does not change what it measured
+    same_cfg = same_as_saved(cfg, cell_dir / "run" / "config.yaml", ignore=("training.device",))
     metrics = json.loads((cell_dir / "evaluation" / "metrics.json").read_text())
     same_eval = metrics.get("split") == split and all(
         metrics.get("options", {}).get(k) == getattr(opts, k)
         for k in ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch"))
-    if saved_cfg != current or not same_eval:
+    if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
                               f"run the changed study into a new --out directory")
 
@@ -225,8 +225,10 @@ def run_study(study: Study, out: str | Path, *, only: str | None = None, log: Ca
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command or '(library call)'}\n")
     for i, cell in enumerate(cells):
         log(f"[{i + 1}/{len(cells)}] {cell.name}")
-        run_cell(study, cell, out, log=log, progress_factory=progress_factory, device=device)
-        write_report(study, out, command=command)
+        _, computed = run_cell(study, cell, out, log=log, progress_factory=progress_factory, device=device)
+        if computed:  # the report follows the study as it runs; reused cells change nothing in it
+            write_report(study, out, command=command)
+    write_report(study, out, command=command)
     return collect_rows(study, out)
 
 
@@ -296,16 +298,12 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
     """results.csv, summary.json, learning_curve.png and report.html from the finished cells."""
     from defectscan.evaluation_output import hardware
     from defectscan.models.checkpoint import library_versions
-    from defectscan.report_html import esc, fig_uri, figure, page, table
+    from defectscan.report_html import esc, fig_uri, figure, page, png_bytes_uri, table
 
     rows = collect_rows(study, out)
     if not rows:
         return
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "results.csv", buf.getvalue())
+    write_text(out / "results.csv", csv_text(rows))
     summary = aggregate(rows, list(METRICS))
     shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
                                        "pro", "image_auroc"])
@@ -316,14 +314,15 @@ def write_report(study: Study, out: Path, *, command: str = "") -> None:
             "platform": platform.platform(), "versions": library_versions(),
             "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
-    from defectscan.report_html import pyplot
+    from defectscan.report_html import fig_png, pyplot
 
     plt = pyplot()
-    fig = learning_curve_figure(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
+    main_curve = fig_png(learning_curve_figure(summary, study.metric,
+                                               f"{study.name}: mean and 95% bootstrap CI over seeds"), dpi=110)
     with atomic_path(out / "learning_curve.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    curves = "".join(figure(fig_uri(learning_curve_figure(summary, m, f"{study.name}: {m}")), m) for m in shown[:4])
+        tmp.write_bytes(main_curve)
+    curves = "".join(figure(png_bytes_uri(main_curve) if m == study.metric else
+                            fig_uri(learning_curve_figure(summary, m, f"{study.name}: {m}")), m) for m in shown[:4])
     largest = {}
     for s in summary:
         if s["backbone"] not in largest or s["labeled"] > largest[s["backbone"]]["labeled"]:

@@ -53,12 +53,12 @@ def infer(
 ) -> None:
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import InferenceOptions, Predictor, collect_images, open_image, output_names
+    from defectscan.tiling import check_stitch
 
     paths = collect_images(images)
     opts = InferenceOptions(tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device,
                             threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
-    if stitch not in ("center", "gaussian"):
-        raise DefectscanError(f"unknown stitch mode '{stitch}' (choose center or gaussian)")
+    check_stitch(stitch)  # before any model or data is loaded
     predictor = Predictor(model, opts)
     for note in predictor.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -196,9 +196,9 @@ def evaluate(
     per_image.csv and a self-contained report.html."""
     from defectscan.evaluation import EvalOptions
     from defectscan.evaluation_output import run_evaluation
+    from defectscan.tiling import check_stitch
 
-    if stitch not in ("center", "gaussian"):
-        raise DefectscanError(f"unknown stitch mode '{stitch}' (choose center or gaussian)")
+    check_stitch(stitch)  # before any model or data is loaded
     if region_criterion not in ("coverage", "iou"):
         raise DefectscanError(f"unknown region criterion '{region_criterion}' (choose coverage or iou)")
     for name, value in (("threshold", threshold), ("region-threshold", region_threshold), ("pro-fpr", pro_fpr)):

@@ -19,7 +19,7 @@ from defectscan.benchmark import METRICS, metric_value
 from defectscan.errors import DefectscanError
 from defectscan.reporting import outcome_preview
 from defectscan.evaluation_output import load_metrics
-from defectscan.images import atomic_dir
+from defectscan.images import atomic_dir, csv_text
 
 TABLE_METRICS = ["defect_iou", "defect_dice", "pixel_ap", "pixel_auroc", "best_f1", "region_recall",
                  "fp_regions_per_mp", "pro", "image_auroc", "image_ap", "image_f1", "parameters", "gflops_per_tile",
@@ -47,38 +47,40 @@ def _per_image(ev: dict) -> dict[str, dict]:
     return {Path(r["image"]).stem: r for r in csv.DictReader(io.StringIO(path.read_text()))}
 
 
-def pick_crops(evals: list[dict], ds, count: int = 4, window: int = 320) -> list[tuple[str, int, int, int, int]]:
-    """(stem, y0, x0, h, w) windows on images every evaluation saw, where per-image Dice varies most."""
+def pick_crops(evals: list[dict], ds, count: int = 4, window: int = 320) -> list[dict]:
+    """Windows on images every evaluation saw, where per-image Dice varies most across the models: per window
+    the image name and position, the RGB crop, the true defect mask and each evaluation's predicted mask."""
     per = [_per_image(e) for e in evals]
     common = [s for s in evals[0].get("images", []) if all(s in p for p in per)
               and all((Path(e["_dir"]) / "predictions" / f"{s}.png").is_file() for e in evals)]
-    if not common:
-        return []
 
     def spread(stem: str) -> tuple[float, int]:
         dice = [float(p[stem]["defect_dice"]) if p[stem]["defect_dice"] not in ("", "None") else 1.0 for p in per]
         return float(np.std(dice)), int(per[0][stem]["gt_defect_px"])
 
-    chosen = sorted(common, key=spread, reverse=True)[:count]
     by_stem = {s.stem: s for s in ds.labeled}
     crops = []
-    for stem in chosen:
+    for stem in sorted(common, key=spread, reverse=True)[:count]:
         sample = by_stem.get(stem)
         if sample is None:
             continue
         image = ds.load_image(sample)
         gt = ds.load_mask(sample, image.shape[:2]) > 0
+        preds = [cv2.imread(str(Path(e["_dir"]) / "predictions" / f"{stem}.png"), cv2.IMREAD_UNCHANGED) for e in evals]
+        if any(p is None or p.shape != gt.shape for p in preds):
+            continue
+        preds = [p > 0 for p in preds]
         union = gt.copy()
-        for e in evals:
-            pred = cv2.imread(str(Path(e["_dir"]) / "predictions" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
-            if pred is not None and pred.shape == gt.shape:
-                union |= (pred > 0) & ~gt
+        for p in preds:
+            union |= p
         h, w = gt.shape
         ch, cw = min(window, h), min(window, w)
         ys, xs = np.nonzero(gt if gt.any() else union)
         cy, cx = (int(np.median(ys)), int(np.median(xs))) if len(ys) else (h // 2, w // 2)
         y0, x0 = min(max(0, cy - ch // 2), h - ch), min(max(0, cx - cw // 2), w - cw)
-        crops.append((stem, y0, x0, ch, cw))
+        win = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+        crops.append({"name": f"{stem} [{y0}:{y0 + ch}, {x0}:{x0 + cw}]", "image": np.ascontiguousarray(image[win]),
+                      "gt": gt[win], "preds": [p[win] for p in preds]})
     return crops
 
 
@@ -122,18 +124,12 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
             crops = pick_crops(evals, ds)
         except DefectscanError:
             crops = []
-        by_stem = {s.stem: s for s in ds.labeled} if crops else {}
         cells = []
-        for stem, y0, x0, h, w in crops:
-            sample = by_stem[stem]
-            image = ds.load_image(sample)
-            gt = ds.load_mask(sample, image.shape[:2])[y0:y0 + h, x0:x0 + w] > 0
-            crop = np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w])
-            row = [figure(png_uri(crop, quality=88), f"{stem} [{y0}:{y0 + h}, {x0}:{x0 + w}]")]
-            for label, e in zip(labels, evals):
-                pred = cv2.imread(str(Path(e["_dir"]) / "predictions" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
-                pred = pred[y0:y0 + h, x0:x0 + w] > 0
-                row.append(figure(png_uri(outcome_preview(crop, gt, pred, max_side=max(h, w)), quality=88), label))
+        for c in crops:
+            row = [figure(png_uri(c["image"], quality=88), c["name"])]
+            for label, pred in zip(labels, c["preds"]):
+                preview = outcome_preview(c["image"], c["gt"], pred, max_side=max(c["image"].shape[:2]))
+                row.append(figure(png_uri(preview, quality=88), label))
             cells.append("<div class='grid'>" + "".join(row) + "</div>")
         if cells:
             crops_html = ("<h2>Same crops, every model (where they disagree most)</h2>" + outcome_key() + "".join(cells))
@@ -146,10 +142,6 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
     result = {"models": rows, "warning": warning or None}
     with atomic_dir(out) as tmp:
         (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        (tmp / "compare.csv").write_text(buf.getvalue(), encoding="utf-8")
+        (tmp / "compare.csv").write_text(csv_text(rows), encoding="utf-8")
         (tmp / "compare.html").write_text(page("defectscan compare", "\n".join(body)), encoding="utf-8")
     return result

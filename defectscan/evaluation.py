@@ -65,7 +65,6 @@ class Evaluation:
     options: EvalOptions
     conf: np.ndarray  # (K, K) rows ground truth, columns prediction
     hist: dict[str, ScoreHistogram]  # per defect class, plus "any" (defect vs background)
-    images: int = 0
     seconds: float = 0.0  # wall time of the whole pass
     inference_seconds: float = 0.0  # tiled inference + mask rule only
     pixels: int = 0
@@ -73,14 +72,20 @@ class Evaluation:
     found_regions: int = 0
     fp_regions: int = 0
     overlap_sum: np.ndarray = field(default_factory=lambda: np.zeros(256))
-    image_scores: list[float] = field(default_factory=list)
-    image_labels: list[bool] = field(default_factory=list)
-    image_flagged: list[bool] = field(default_factory=list)
-    per_image: list[dict] = field(default_factory=list)
+    per_image: list[dict] = field(default_factory=list)  # one row per image; image-level metrics come from it
     best: list[Example] = field(default_factory=list)
     worst: list[Example] = field(default_factory=list)
     seam: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return len(self.per_image)
+
+    @property
+    def image_scores(self) -> list[float]:
+        """Each image's highest defect score (uint8 levels / 255, so rounding to 4 decimals keeps their order)."""
+        return [r["max_score"] for r in self.per_image]
 
     # ---- summaries -------------------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -133,14 +138,15 @@ class Evaluation:
     def image_summary(self) -> dict:
         from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-        y = np.asarray(self.image_labels, bool)
+        y = np.array([r["defective"] for r in self.per_image], bool)
+        flagged = [r["flagged"] for r in self.per_image]
         both = 0 < y.sum() < len(y)
         return {
             "defective": int(y.sum()), "clean": int((~y).sum()),
             "auroc": _r(roc_auc_score(y, self.image_scores)) if both else None,
             "ap": _r(average_precision_score(y, self.image_scores)) if y.any() else None,
-            "f1": _r(f1_score(y, self.image_flagged, zero_division=0.0)) if y.any() else None,
-            "flagged": int(np.sum(self.image_flagged)),
+            "f1": _r(f1_score(y, flagged, zero_division=0.0)) if y.any() else None,
+            "flagged": int(np.sum(flagged)),
         }
 
     def speed(self) -> dict:
@@ -250,9 +256,6 @@ def evaluate(
         ev.overlap_sum += rs.overlap_curve
         ev.pixels += target.size
         max_score = int(score.max()) / 255
-        ev.image_scores.append(max_score)
-        ev.image_labels.append(bool(gt.any()))
-        ev.image_flagged.append(bool(regions))
         tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
         dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         ev.per_image.append({
@@ -265,10 +268,9 @@ def evaluate(
         if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
             _offer_example(ev, opts, sample, image, gt, hit, dice, fp + fn)
         if opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels:
-            ev.seam.append(_seam_check(model, image, probs, spec, threshold, run, sample.image.name))
+            ev.seam.append(_seam_check(model, image, score, spec, threshold, run, sample.image.name))
         if on_image:
             on_image(sample, pred)
-        ev.images += 1
         if progress:
             progress(i + 1, len(samples))
     ev.seconds = time.perf_counter() - t_start
@@ -298,7 +300,7 @@ def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, image: np.
             del pool[opts.examples:]
 
 
-def _seam_check(model, image: np.ndarray, tiled: np.ndarray, spec: ModelSpec, threshold: float, run: dict,
+def _seam_check(model, image: np.ndarray, tiled_score: np.ndarray, spec: ModelSpec, threshold: float, run: dict,
                 name: str) -> dict:
     """The same image as one whole tile (padded to the stride): how far tiled output is from untiled output."""
     h, w = image.shape[:2]
@@ -309,7 +311,7 @@ def _seam_check(model, image: np.ndarray, tiled: np.ndarray, spec: ModelSpec, th
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {"image": name, "skipped": "out of memory for the whole image in one pass"}
-    a = defect_score(tiled, spec.head).astype(np.int16)
+    a = tiled_score.astype(np.int16)
     b = defect_score(whole, spec.head).astype(np.int16)
     diff = np.abs(a - b)
     level = score_to_u8(threshold)

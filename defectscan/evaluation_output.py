@@ -8,8 +8,6 @@ backbone.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import platform
 import time
@@ -22,8 +20,8 @@ import numpy as np
 from defectscan.data import load_dataset, split_dataset
 from defectscan.data.dataset import Sample, SegmentationDataset
 from defectscan.errors import DefectscanError
-from defectscan.evaluation import EvalOptions, Evaluation, evaluate
-from defectscan.images import atomic_dir
+from defectscan.evaluation import EvalOptions, evaluate
+from defectscan.images import atomic_dir, csv_text
 from defectscan.models import load_checkpoint
 from defectscan.models.checkpoint import library_versions
 from defectscan.models.factory import describe
@@ -107,30 +105,21 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             "data": str(ds.root), "format": ds.format, "split": split, "split_source": how,
             "images": [s.stem for s in samples], "hardware": hardware(), "versions": library_versions(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
-            "options": {k: v for k, v in vars(opts).items()}, "trained_on_images": meta.get("extra", {}).get("train_images"),
+            "options": dict(vars(opts)), "trained_on_images": meta.get("extra", {}).get("train_images"),
         }
         result = {**info, "metrics": summary}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (tmp / "per_image.csv").write_text(per_image_csv(ev), encoding="utf-8")
+        (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")
         from defectscan.report_html import evaluation_html
 
         (tmp / "report.html").write_text(evaluation_html(ev, info), encoding="utf-8")
     return result
 
 
-def per_image_csv(ev: Evaluation) -> str:
-    buf = io.StringIO()
-    if ev.per_image:
-        w = csv.DictWriter(buf, fieldnames=list(ev.per_image[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(ev.per_image)
-    return buf.getvalue()
-
-
 def load_metrics(path: str | Path) -> dict:
     """metrics.json of an evaluation directory (or of `<run dir>/evaluation`)."""
     p = Path(path)
-    for candidate in (p, p / "metrics.json", p / "evaluation" / "metrics.json", p / "eval" / "metrics.json"):
+    for candidate in (p, p / "metrics.json", p / "evaluation" / "metrics.json"):
         if candidate.is_file():
             try:
                 return {**json.loads(candidate.read_text()), "_dir": str(candidate.parent)}

@@ -8,6 +8,8 @@ are memory-mapped, so only the regions being tiled are ever read from disk.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -204,6 +206,16 @@ def write_image(path: str | Path, image: np.ndarray, *, rgb: bool = True, params
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), image, params or []):
             raise DefectscanError(f"{path}: could not write image")
+
+
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    """Rows as CSV text with a header (the first row's keys unless given), one row per line."""
+    buf = io.StringIO()
+    if rows or fieldnames:
+        w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,7 +12,7 @@ import cv2
 import numpy as np
 
 from defectscan.errors import DefectscanError
-from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, atomic_dir, open_image
+from defectscan.images import SUPPORTED_SUFFIXES, ImageSource, atomic_dir, csv_text, open_image
 from defectscan.models import default_checkpoint, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat, describe
 from defectscan.postprocess import REGION_FIELDS, Region, segment
@@ -130,12 +128,7 @@ def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> No
 
 
 def _regions_csv(regions: Iterable[Region]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=REGION_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in regions:
-        writer.writerow(r.to_dict())
-    return buf.getvalue()
+    return csv_text([r.to_dict() for r in regions], fieldnames=list(REGION_FIELDS))
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:

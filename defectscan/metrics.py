@@ -145,20 +145,20 @@ def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray, *, criteri
                         false_positive_regions=int(n_pred - 1 - touched[1:].sum()), overlap_curve=overlap)
 
 
-def pro_auc(overlap_sum: np.ndarray, regions: int, negatives: ScoreHistogram, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the per-region-overlap curve for FPR in [0, fpr_limit] (MVTec AD's PRO score).
-
-    `overlap_sum` is the sum of `ImageRegions.overlap_curve` over images, `regions` the number of ground-truth
-    regions, `negatives` the histogram whose negative counts give the false-positive rate per score level.
-    """
-    neg = negatives.neg.astype(np.float64)
-    if regions == 0 or neg.sum() == 0:
-        return float("nan")
-    fpr = np.cumsum(neg[::-1])[::-1] / neg.sum()  # predicting defect at score >= level
+def pro_curve(overlap_sum: np.ndarray, regions: int, negatives: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel FPR, mean per-region overlap) from the strictest score level to the loosest, starting at (0, 0)
+    above the highest score. `overlap_sum` is the sum of `ImageRegions.overlap_curve` over images, `regions` the
+    number of ground-truth regions, `negatives` the histogram whose negative counts give the FPR per level."""
+    fpr = negatives.curve()["fpr"]
     pro = overlap_sum / regions
-    # from the strictest level to the loosest; the curve starts at (0, 0) above the highest score
-    x = np.concatenate([[0.0], fpr[::-1]])
-    y = np.concatenate([[0.0], pro[::-1]])
+    return np.concatenate([[0.0], fpr[::-1]]), np.concatenate([[0.0], pro[::-1]])
+
+
+def pro_auc(overlap_sum: np.ndarray, regions: int, negatives: ScoreHistogram, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit] (MVTec AD's PRO score)."""
+    if regions == 0 or negatives.neg.sum() == 0:
+        return float("nan")
+    x, y = pro_curve(overlap_sum, regions, negatives)
     keep = x <= fpr_limit
     xs, ys = x[keep], y[keep]
     if xs[-1] < fpr_limit and keep.sum() < len(x):  # close the area at the limit by linear interpolation

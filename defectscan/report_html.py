@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from defectscan.evaluation import Evaluation
+from defectscan.metrics import pro_curve
 from defectscan.reporting import FN_COLOR, FP_COLOR, TP_COLOR
 
 CSS = """
@@ -45,13 +46,22 @@ def png_uri(image_rgb: np.ndarray, quality: int | None = None) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(buf.tobytes()).decode()
 
 
-def fig_uri(fig) -> str:
+def fig_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def png_bytes_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def fig_uri(fig) -> str:
+    return png_bytes_uri(fig_png(fig))
 
 
 def figure(uri: str, caption: str = "", width: int | None = None) -> str:
@@ -130,12 +140,9 @@ def evaluation_plots(ev: Evaluation) -> dict[str, str]:
     ax.legend(fontsize=8)
     plots["sweep"] = fig_uri(fig)
 
-    if ev.gt_regions:
-        neg = ev.hist["any"].neg.astype(float)
-        fpr = np.cumsum(neg[::-1])[::-1] / max(neg.sum(), 1)
-        pro = ev.overlap_sum / ev.gt_regions
+    if ev.gt_regions and ev.hist["any"].neg.sum():
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
-        ax.plot(np.r_[0, fpr[::-1]], np.r_[0, pro[::-1]])
+        ax.plot(*pro_curve(ev.overlap_sum, ev.gt_regions, ev.hist["any"]))
         limit = ev.options.pro_fpr_limit
         ax.axvline(limit, color="k", ls="--", lw=1, label=f"FPR limit {limit}")
         ax.set(xscale="symlog", xlim=(0, 1), ylim=(0, 1.02), xlabel="pixel false-positive rate (symlog)",
@@ -146,7 +153,7 @@ def evaluation_plots(ev: Evaluation) -> dict[str, str]:
         plots["pro"] = fig_uri(fig)
 
     scores = np.asarray(ev.image_scores)
-    labels = np.asarray(ev.image_labels, bool)
+    labels = np.array([r["defective"] for r in ev.per_image], bool)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(0, 1, 26)
     axes[0].hist([scores[labels], scores[~labels]], bins=bins, label=["defective images", "clean images"],

@@ -324,6 +324,11 @@ def predict_batch(
     return total / len(flips)
 
 
+def check_stitch(stitch: str) -> None:
+    if stitch not in ("center", "gaussian"):
+        raise DefectscanError(f"unknown stitch mode '{stitch}' (choose center or gaussian)")
+
+
 def tiled_inference(
     model: nn.Module,
     image: ImageSource | np.ndarray,
@@ -365,8 +370,7 @@ def tiled_inference(
         channels_last: memory format of the input; default: on for CUDA, off on CPU.
         progress: called as progress(done_tiles, total_tiles) after every batch.
     """
-    if stitch not in ("center", "gaussian"):
-        raise DefectscanError(f"unknown stitch mode '{stitch}' (choose center or gaussian)")
+    check_stitch(stitch)
     if batch_size < 1:
         raise DefectscanError(f"batch size must be >= 1, got {batch_size}")
     source = image if isinstance(image, ImageSource) else ImageSource(np.asarray(image))

@@ -262,3 +262,15 @@ def validate(cfg: Config) -> None:
     need(cfg.data.labeled is None or cfg.data.labeled >= 1, "data.labeled", "must be >= 1")
     for i, t in enumerate(cfg.augment):
         need(isinstance(t, dict) and len(t) == 1, f"augment[{i}]", "each entry is {TransformName: {params}}")
+
+
+def same_as_saved(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether `cfg` equals the config.yaml a run saved, leaving out the `section.key` entries in `ignore`."""
+    def plain(data: dict) -> dict:
+        for key in ignore:
+            section, name = key.split(".")
+            data.get(section, {}).pop(name, None)
+        return data
+
+    current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # through YAML, as the trainer saved it
+    return plain(yaml.safe_load(Path(saved).read_text()) or {}) == plain(current)

@@ -37,7 +37,7 @@ from defectscan.images import atomic_path, write_text
 from defectscan.models import ModelSpec, build_model, save_checkpoint
 from defectscan.runtime import autocast, resolve_amp, resolve_device
 from defectscan.tiling import validate_tile
-from defectscan.training.config import Config
+from defectscan.training.config import Config, same_as_saved
 from defectscan.training.losses import build_loss
 from defectscan.training.sampling import CropDataset, IndexRange, build_augment
 
@@ -151,8 +151,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise DefectscanError(f"{run_dir}: nothing to resume (no config.yaml; not a run directory)")
-        saved_cfg = (run_dir / "config.yaml").read_text()
-        if yaml.safe_load(saved_cfg) != json.loads(json.dumps(cfg.to_dict())):
+        if not same_as_saved(cfg, run_dir / "config.yaml"):
             raise DefectscanError(f"{run_dir}: the configuration differs from the run's config.yaml; resume with "
                                   f"the same settings (or start a new run)")
     elif run_dir.exists() and any(run_dir.iterdir()):
