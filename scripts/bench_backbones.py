@@ -31,9 +31,8 @@ def _rss_mb() -> float:
 def run_case(encoder: str, decoder: str, tile: int, repeats: int, threads: int) -> dict:
     import torch
 
-    from defectscan.cost import count_flops, count_parameters
-    from defectscan.models import ModelSpec, build_model
-    from defectscan.models.factory import encoder_info
+    from defectscan.evaluation.cost import count_flops, count_parameters
+    from defectscan.models import ModelSpec, build_model, encoder_info
 
     torch.set_num_threads(threads)
     model = build_model(ModelSpec(arch=decoder, encoder=encoder, classes=("defect",))).eval()

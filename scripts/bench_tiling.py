@@ -39,8 +39,10 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
     import torch
     import segmentation_models_pytorch as smp
 
-    from defectscan.tiling import IMAGENET_MEAN, IMAGENET_STD, plan_tiles, read_tile, tiled_inference
-    from defectscan.images import ImageSource
+    from defectscan.inference import TorchTiles
+    from defectscan.models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from defectscan.tiling import plan_tiles, read_tile, tiled_inference
+    from defectscan.io.images import ImageSource
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -69,8 +71,9 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
         result["seconds"] = spent
     elif case.startswith("ours"):
         t0 = time.perf_counter()
-        out = tiled_inference(model, image, tile=tile, overlap=overlap, batch_size=batch, device="cpu",
-                              stitch="gaussian" if case == "ours-gaussian" else "center", head="sigmoid")
+        predict = TorchTiles(model, head="sigmoid", mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu")
+        out = tiled_inference(predict, image, tile=tile, overlap=overlap, batch_size=batch,
+                              stitch="gaussian" if case == "ours-gaussian" else "center")
         result["seconds"] = time.perf_counter() - t0
         result["output"] = f"{out.dtype} {out.shape}"
     else:
@@ -119,7 +122,7 @@ def main() -> None:
 
     import torch
 
-    from defectscan.synth import generate_wafer
+    from defectscan.data.synth import generate_wafer
 
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; Unet-resnet18, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")

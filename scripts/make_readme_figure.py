@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectscan.images import write_image
+from defectscan.io.images import write_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

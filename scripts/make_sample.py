@@ -9,8 +9,8 @@ from pathlib import Path
 
 import cv2
 
-from defectscan.images import write_image
-from defectscan.synth import generate_wafer
+from defectscan.io.images import write_image
+from defectscan.data.synth import generate_wafer
 
 OUT = Path(__file__).resolve().parent.parent / "datasets" / "sample"
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from defectscan.cli import main
-from defectscan.images import write_image
+from defectscan.io.images import write_image
 
 
 def defect_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

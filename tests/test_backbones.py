@@ -8,8 +8,9 @@ import torch
 
 from defectscan.errors import DefectscanError
 from defectscan.models import ModelSpec, build_model
-from defectscan.models.factory import DECODERS, ENCODERS, encoder_info
-from defectscan.models.vitae import VARIANTS, create_vitae, official_state_dict
+from defectscan.models import DECODERS, ENCODERS, encoder_info
+from defectscan.models.encoders.vitae import VARIANTS, create_vitae, official_state_dict
+from defectscan.inference import TorchTiles
 from defectscan.tiling import tiled_inference
 
 TILES = [(256, 256), (512, 512), (320, 480)]
@@ -148,8 +149,8 @@ def test_tiled_inference_with_new_backbones(encoder):
     spec = ModelSpec(arch="unet", encoder=encoder, classes=("d",), tile=128, overlap=32)
     model = build_model(spec).eval()
     image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
-    probs = tiled_inference(model, image, tile=128, overlap=32, head="sigmoid", device="cpu",
-                            align=encoder_info(encoder).stride, stitch="gaussian")
+    probs = tiled_inference(TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std), image, tile=128,
+                            overlap=32, align=encoder_info(encoder).stride, stitch="gaussian")
     assert probs.shape == (1, 200, 300) and probs.dtype == np.uint8
 
 
@@ -192,8 +193,8 @@ def test_efficientnet_lite0_real_package_if_installed():
 
 
 def test_flop_count_includes_cpu_attention():
-    from defectscan.cost import count_flops
-    from defectscan.models.vitae import Attention
+    from defectscan.evaluation.cost import count_flops
+    from defectscan.models.encoders.vitae import Attention
 
     attn = Attention(32, 64, heads=2).eval()
     n = 49

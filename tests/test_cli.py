@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from defectscan.images import write_image
+from defectscan.io.images import write_image
 from defectscan.models import ModelSpec, build_model, default_checkpoint, save_checkpoint
-from defectscan.synth import generate_wafer
+from defectscan.data.synth import generate_wafer
 
 from _helpers import run_cli  # noqa: E402 - tests/ is on sys.path under pytest
 
@@ -146,8 +146,20 @@ def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
 def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "synth", tmp_path / "s", "--size", "256", "--count", "2", "--seed", "4")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == ["wafer_000.png", "wafer_001.png"]
-    assert cv2.imread(str(tmp_path / "s" / "masks" / "wafer_001.png"), cv2.IMREAD_UNCHANGED).shape == (256, 256)
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == ["wafer_256px_s4.png", "wafer_256px_s5.png"]
+    assert cv2.imread(str(tmp_path / "s" / "masks" / "wafer_256px_s5.png"), cv2.IMREAD_UNCHANGED).shape == (256, 256)
+    # a second call adds to the same dataset (other size and seed) and records its wafers as validation images
+    code, _, err = run_cli(monkeypatch, capsys, "synth", tmp_path / "s", "--size", "128", "--count", "1", "--seed",
+                           "9", "--split", "val")
+    assert code == 0, err
+    assert len(list((tmp_path / "s" / "images").iterdir())) == 3
+    assert json.loads((tmp_path / "s" / "split.json").read_text()) == {"val": ["wafer_128px_s9"]}
+    from defectscan.data import load_dataset, split_dataset
+
+    splits = split_dataset(load_dataset(tmp_path / "s"))
+    assert [s.stem for s in splits.val] == ["wafer_128px_s9"] and len(splits.train) == 2 and splits.source == "dataset"
+    code, _, err = run_cli(monkeypatch, capsys, "synth", tmp_path / "s", "--size", "128", "--split", "dev")
+    assert code == 1 and "unknown split 'dev'" in err
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):

@@ -13,7 +13,7 @@ from matplotlib.path import Path as MplPath
 from defectscan.data import check_dataset, labeled_subset, load_dataset, split_dataset
 from defectscan.data.annotations import Shape, decode_rle, encode_rle, rasterize
 from defectscan.errors import DefectscanError
-from defectscan.images import write_image
+from defectscan.io.images import write_image
 
 BSDATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bsdata"
 

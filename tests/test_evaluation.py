@@ -13,15 +13,16 @@ from sklearn.metrics import average_precision_score, f1_score, precision_recall_
 from torch import nn
 
 from _helpers import folder_dataset, run_cli  # tests/ is on sys.path under pytest
-from defectscan.benchmark import aggregate, bootstrap_ci, load_study, run_study
-from defectscan.comparison import compare
+from defectscan.studies import aggregate, bootstrap_ci, load_study, run_study
+from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
-from defectscan.evaluation import EvalOptions, evaluate
-from defectscan.evaluation_output import run_evaluation
-from defectscan.images import write_image
+from defectscan.evaluation import evaluate, run_evaluation
+from defectscan.inference import Predictor, TorchTiles
+from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram, pro_auc, region_stats
 from defectscan.models import ModelSpec, build_model, save_checkpoint
+from defectscan.schemas import EvalOptions, EvalSummary, InferOptions
 from defectscan.tiling import tiled_inference
 
 TINY_UNET = {"decoder_channels": [32, 16, 16, 8, 8]}
@@ -162,19 +163,20 @@ def test_evaluate_equals_sklearn_on_the_pixels_it_scored(tmp_path):
     ds = load_dataset(dataset_with_clean_images(tmp_path / "d"))
     spec = ModelSpec(arch="unet", encoder="resnet10t", classes=("defect",), tile=64, overlap=16)
     model = DarkIsDefect()
-    ev = evaluate(model, spec, ds, ds.labeled, EvalOptions(device="cpu", seam_images=1, examples=2, min_area=1))
+    predictor = Predictor(model, spec, InferOptions(min_area=1))
+    ev = evaluate(predictor, ds, ds.labeled, EvalOptions(device="cpu", seam_images=1, examples=2, min_area=1))
     scores, truth, img_scores, img_truth = [], [], [], []
     for s in ds.labeled:
         image = ds.load_image(s)
-        p = tiled_inference(model, image, tile=64, overlap=16, device="cpu", head="sigmoid", mean=spec.mean,
-                            std=spec.std, align=32)[0]
+        p = tiled_inference(TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std), image, tile=64,
+                            overlap=16, align=32)[0]
         gt = ds.load_mask(s, image.shape[:2]) > 0
         scores.append(p.ravel())
         truth.append(gt.ravel())
         img_scores.append(p.max() / 255)
         img_truth.append(gt.any())
     scores, truth = np.concatenate(scores), np.concatenate(truth)
-    summary = ev.summary()
+    summary = ev.metrics().model_dump()
     assert summary["pixel_ap"]["defect"] == pytest.approx(average_precision_score(truth, scores), abs=1e-4)
     assert summary["pixel_auroc"]["defect"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-4)
     pred = scores >= 128
@@ -211,12 +213,13 @@ def test_evaluation_report_has_every_section(tmp_path):
     assert html.count("data:image/png;base64,") >= 4 and "data:image/jpeg;base64," in html
     assert "src=\"http" not in html  # self-contained
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["metrics"]["images"] == 5 and metrics["split"] == "all"
+    assert metrics["schema_version"] == 1 and metrics["metrics"]["images"] == 5 and metrics["split"] == "all"
     assert {"region", "image_level", "cost", "pixel_ap", "best_f1"} <= set(metrics["metrics"])
     assert len((out / "per_image.csv").read_text().strip().splitlines()) == 6
     assert len(list((out / "predictions").glob("*.png"))) == 5
     assert not list(tmp_path.glob(".ev*"))  # no temporary directory left behind
-    assert result["metrics"] == metrics["metrics"]
+    assert result == EvalSummary.read(out / "metrics.json")  # the file is the typed summary, read back exactly
+    assert result.headline()["defect_dice"] == metrics["metrics"]["defect_dice"]
 
 
 def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
@@ -225,7 +228,9 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     cases = [
         (["--model", tmp_path / "none.safetensors", "--data", data], "none"),
         (["--model", ckpt, "--data", tmp_path / "nodata"], "no such dataset"),
-        (["--model", ckpt, "--data", data, "--region-criterion", "area"], "unknown region criterion"),
+        (["--model", ckpt, "--data", data, "--region-criterion", "area"], "region_criterion"),
+        (["--model", ckpt, "--data", data, "--tile", "0"], "'tile'"),
+        (["--model", ckpt, "--data", data, "--min-area", "-1"], "'min_area'"),
         (["--model", ckpt, "--data", data, "--tile", "100"], "multiple of 32"),
         (["--model", ckpt, "--data", data, "--split", "dev"], "unknown split"),
     ]
@@ -270,7 +275,7 @@ def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):
 # --- benchmark study ------------------------------------------------------------------------------------------
 
 def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys):
-    import defectscan.training as training
+    import defectscan.studies.benchmark as benchmark
 
     data = folder_dataset(tmp_path / "d", 6, size=96)
     (tmp_path / "train.yaml").write_text(
@@ -285,13 +290,13 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
     study = load_study(tmp_path / "study.yaml")
     out = tmp_path / "out"
     calls = []
-    real_train = training.train
+    real_train = benchmark.train
 
     def counting_train(*args, **kwargs):
         calls.append(args[1])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train", counting_train)
+    monkeypatch.setattr(benchmark, "train", counting_train)
 
     class Stop(Exception):
         pass
@@ -334,7 +339,9 @@ def test_study_file_errors(tmp_path):
         "labeled: [0]": "positive integers",
         "seeds: [1, 1]": "distinct",
         "metric: speed": "unknown metric",
-        "extra: 1": "unknown key",
+        "extra: 1": "unknown study key .extra.",
+        "backbones: [{name: a__b}]": "may not contain",
+        "evaluate: {split: dev}": "evaluate.split",
     }
     for line, message in bad.items():
         base = {"train_config": "train_config: t.yaml", "backbones": "backbones: [{name: a}]",

@@ -8,7 +8,8 @@ import pytest
 import tifffile
 
 from defectscan.errors import DefectscanError
-from defectscan.images import atomic_path, open_image, read_image, write_image
+from defectscan.io.files import atomic_path
+from defectscan.io.images import open_image, read_image, write_image
 
 
 def rgb(h=40, w=60, seed=0):

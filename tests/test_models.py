@@ -9,7 +9,8 @@ import torch
 
 from defectscan.errors import DefectscanError
 from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
-from defectscan.models.checkpoint import checkpoint_paths, load_state_file
+from defectscan.models.checkpoint import checkpoint_paths
+from defectscan.models.weights import load_state_file
 
 
 @pytest.mark.parametrize("arch", ["unet", "fpn", "upernet", "deeplabv3plus"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from defectscan.postprocess import defect_score, segment
+from defectscan.inference.postprocess import ClassMap, defect_score, segment
 
-NAMES = {1: "scratch", 2: "particle"}
+SOFTMAX = ClassMap("softmax", ("background", "scratch", "particle"))
+BINARY = ClassMap("sigmoid", ("defect",))
 
 
 def test_defect_score_per_head():
@@ -23,7 +24,7 @@ def test_defect_score_per_head():
 
 def test_sigmoid_binary_threshold():
     probs = np.array([[[0, 127, 128, 255, 255]]], np.uint8)
-    mask, regions = segment(probs, "sigmoid", 0.5, {1: "defect"})
+    mask, regions, _ = segment(probs, BINARY, 0.5)
     assert mask.tolist() == [[0, 0, 1, 1, 1]]
     assert [(r.x, r.width, r.area_px) for r in regions] == [(2, 3, 3)]
 
@@ -40,7 +41,7 @@ def test_region_takes_class_with_most_probability_mass():
     for x in range(2, 18):
         a, b = (150, 80) if x % 2 == 0 else (70, 140)
         probs[:, 5, x] = (255 - a - b, a, b)
-    mask, regions = segment(probs, "softmax", 0.5, NAMES)
+    mask, regions = segment(probs, SOFTMAX, 0.5)[:2]
     assert len(regions) == 1 and regions[0].class_name == "scratch"
     assert (mask[5, 2:18] == 1).all() and mask.sum() == 16
 
@@ -56,7 +57,7 @@ def test_regions_have_correct_stats_and_small_ones_are_removed():
     put(3, 4, 1, 250)
     put(slice(10, 12), slice(20, 21), 2, 220)  # 2 px particle: below min_area
     put(slice(15, 18), slice(25, 27), 2, 130)  # 6 px particle
-    mask, regions = segment(probs, "softmax", 0.5, NAMES, min_area=4)
+    mask, regions = segment(probs, SOFTMAX, 0.5, min_area=4)[:2]
     assert [(r.class_name, r.x, r.y, r.width, r.height, r.area_px) for r in regions] == [
         ("scratch", 3, 2, 6, 3, 18), ("particle", 25, 15, 2, 3, 6)]
     r = regions[0]
@@ -69,5 +70,17 @@ def test_regions_have_correct_stats_and_small_ones_are_removed():
 
 
 def test_no_defects():
-    mask, regions = segment(softmax_probs(8, 8), "softmax", 0.5, NAMES)
+    mask, regions = segment(softmax_probs(8, 8), SOFTMAX, 0.5)[:2]
     assert regions == [] and not mask.any()
+
+
+def test_class_map_is_the_one_channel_rule():
+    assert SOFTMAX.defect_channels == [1, 2] and SOFTMAX.defect_names == {1: "scratch", 2: "particle"}
+    assert [SOFTMAX.class_id(c) for c in (1, 2)] == [1, 2] and SOFTMAX.channel(2) == 2
+    multi = ClassMap("sigmoid", ("scratch", "particle"))
+    assert multi.defect_channels == [0, 1] and multi.defect_names == {1: "scratch", 2: "particle"}
+    assert multi.channel(1) == 0 and multi.class_id(1) == 2
+    # a new model for dataset classes (background first): one defect class -> sigmoid without background
+    assert ClassMap.for_classes(("background", "pit")) == ClassMap("sigmoid", ("pit",))
+    assert ClassMap.for_classes(("background", "a", "b")) == ClassMap("softmax", ("background", "a", "b"))
+    assert ClassMap.for_classes(("background", "a", "b"), "sigmoid") == ClassMap("sigmoid", ("a", "b"))

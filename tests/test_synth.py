@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from defectscan.synth import CLASSES, generate_wafer, write_dataset
+from defectscan.data.synth import CLASSES, generate_wafer, write_dataset
 
 
 @pytest.fixture(scope="module")

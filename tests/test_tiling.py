@@ -1,6 +1,9 @@
-"""Tiling engine: layout coverage, exactness against whole-image inference, stitch modes, heads, errors."""
+"""Tiling engine: layout coverage, exactness against an independent whole-image reference, stitch modes, heads,
+any predict callable, bounded memory, errors."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,16 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from defectscan.errors import DefectscanError
-from defectscan.images import ImageSource
-from defectscan.tiling import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    _reflect,
-    plan_tiles,
-    predict_batch,
-    read_tile,
-    tiled_inference,
-)
+from defectscan.inference import TorchTiles
+from defectscan.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from defectscan.tiling import plan_tiles, tiled_inference
+from defectscan.tiling.readers import _reflect
 
 
 class SmallFCN(nn.Module):
@@ -41,18 +38,29 @@ class SmallFCN(nn.Module):
         return self.net(x)
 
 
+def tiles(model: nn.Module, head: str = "sigmoid", **kwargs) -> TorchTiles:
+    return TorchTiles(model, head=head, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", **kwargs)
+
+
 def whole_image_reference(model: nn.Module, image: np.ndarray, layout, head: str = "sigmoid") -> np.ndarray:
-    """One forward pass over the reflection-padded region all tiles span, cropped back to the image."""
+    """One forward pass over the image padded by numpy's own reflection (independent of the engine's reader) to
+    the span all tiles cover, cropped back to the image."""
     th, tw = layout.tile_shape
     span_h = (layout.rows.count - 1) * layout.rows.step + th
     span_w = (layout.cols.count - 1) * layout.cols.step + tw
-    region = read_tile(ImageSource(image), -layout.rows.pad, -layout.cols.pad, span_h, span_w)
-    x = torch.from_numpy(region).permute(2, 0, 1)[None].float() / 255
+    h, w = image.shape[:2]
+    pads = []
+    for pad, span, n in ((layout.rows.pad, span_h, h), (layout.cols.pad, span_w, w)):
+        pads.append((pad, span - n - pad))
+    if h == 1 or w == 1:  # numpy cannot reflect a single row/column: it is its own mirror
+        region = np.pad(image, (*pads, (0, 0)), mode="edge")
+    else:
+        region = np.pad(image, (*pads, (0, 0)), mode="reflect")
+    x = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None].float() / 255
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         logits = model(x)
     p = torch.sigmoid(logits) if head == "sigmoid" else torch.softmax(logits, 1)
-    h, w = image.shape[:2]
     return p[0, :, layout.rows.pad : layout.rows.pad + h, layout.cols.pad : layout.cols.pad + w].numpy()
 
 
@@ -100,7 +108,7 @@ def test_center_stitching_equals_whole_image_inference(shape):
     image = random_image(*shape)
     layout = plan_tiles(*shape, 64, 32, 4)
     ref = whole_image_reference(model, image, layout)
-    out = tiled_inference(model, image, tile=64, overlap=32, align=4, out_dtype=np.float32, batch_size=3, device="cpu")
+    out = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, out_dtype=np.float32, batch_size=3)
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() < 1e-5
 
@@ -110,7 +118,7 @@ def test_gaussian_stitching_difference_is_measured_and_small():
     image = random_image(301, 457)
     layout = plan_tiles(301, 457, 64, 32, 4)
     ref = whole_image_reference(model, image, layout)
-    out = tiled_inference(model, image, tile=64, overlap=32, align=4, stitch="gaussian", out_dtype=np.float32, device="cpu")
+    out = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, stitch="gaussian", out_dtype=np.float32)
     diff = np.abs(out - ref)
     print(f"gaussian vs whole image: max {diff.max():.2e}, mean {diff.mean():.2e}")
     # with the receptive field inside the margin both modes are near-exact; gaussian blends float round-off only
@@ -119,7 +127,7 @@ def test_gaussian_stitching_difference_is_measured_and_small():
     layout = plan_tiles(301, 457, 32, 4, 4)
     ref = whole_image_reference(model, image, layout)
     for mode in ("center", "gaussian"):
-        out = tiled_inference(model, image, tile=32, overlap=4, align=4, stitch=mode, out_dtype=np.float32, device="cpu")
+        out = tiled_inference(tiles(model), image, tile=32, overlap=4, align=4, stitch=mode, out_dtype=np.float32)
         d = np.abs(out - ref)
         print(f"{mode}, margin 2 px: max {d.max():.2e}, mean {d.mean():.2e}")
         assert 1e-6 < d.mean() < 0.05
@@ -128,11 +136,11 @@ def test_gaussian_stitching_difference_is_measured_and_small():
 def test_uint8_output_is_rounded_probability():
     model = SmallFCN().eval()
     image = random_image(200, 150)
-    f = tiled_inference(model, image, tile=64, overlap=32, align=4, out_dtype=np.float32, device="cpu")
-    u = tiled_inference(model, image, tile=64, overlap=32, align=4, device="cpu")
+    f = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, out_dtype=np.float32)
+    u = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4)
     assert u.dtype == np.uint8
     assert np.abs(u.astype(np.float32) / 255 - f).max() <= 0.5 / 255 + 1e-6
-    g = tiled_inference(model, image, tile=64, overlap=32, align=4, stitch="gaussian", device="cpu")
+    g = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, stitch="gaussian")
     assert np.abs(g.astype(np.int16) - u.astype(np.int16)).max() <= 1
 
 
@@ -140,7 +148,7 @@ def test_softmax_head_and_multiclass_output():
     model = SmallFCN(classes=4).eval()
     image = random_image(150, 170)
     layout = plan_tiles(150, 170, 64, 32, 4)
-    out = tiled_inference(model, image, tile=64, overlap=32, align=4, head="softmax", out_dtype=np.float32, device="cpu")
+    out = tiled_inference(tiles(model, "softmax"), image, tile=64, overlap=32, align=4, out_dtype=np.float32)
     assert out.shape == (4, 150, 170)
     assert np.allclose(out.sum(0), 1.0, atol=1e-5)
     assert np.abs(out - whole_image_reference(model, image, layout, head="softmax")).max() < 1e-5
@@ -148,29 +156,31 @@ def test_softmax_head_and_multiclass_output():
 
 def test_tta_averages_flipped_predictions():
     model = SmallFCN().eval()
-    x = torch.randn(2, 3, 32, 32)
-    manual = sum(torch.flip(torch.sigmoid(model(torch.flip(x, d) if d else x)), d) if d else torch.sigmoid(model(x))
-                 for d in ((), (3,), (2,), (2, 3))) / 4
-    got = predict_batch(model, x, "sigmoid", None, tta=True)
-    assert torch.allclose(got, manual.detach(), atol=1e-6)
+    u8 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = (u8.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        manual = sum(torch.flip(torch.sigmoid(model(torch.flip(x, d))), d) if d else torch.sigmoid(model(x))
+                     for d in ((), (3,), (2,), (2, 3))) / 4
+    got = tiles(model, tta=True)(u8)
+    assert torch.allclose(got, manual, atol=1e-5)
 
 
 def test_preallocated_output_such_as_memmap(tmp_path):
     model = SmallFCN().eval()
     image = random_image(120, 90)
     out = np.lib.format.open_memmap(tmp_path / "probs.npy", mode="w+", dtype=np.uint8, shape=(1, 120, 90))
-    res = tiled_inference(model, image, tile=64, overlap=32, align=4, out=out, device="cpu")
+    res = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, out=out)
     assert res is out
-    ref = tiled_inference(model, image, tile=64, overlap=32, align=4, device="cpu")
+    ref = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4)
     assert (np.asarray(out) == ref).all()
     with pytest.raises(DefectscanError, match="output array has shape"):
-        tiled_inference(model, image, tile=64, overlap=32, align=4, out=np.zeros((2, 120, 90), np.uint8), device="cpu")
+        tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, out=np.zeros((2, 120, 90), np.uint8))
 
 
 def test_progress_reports_every_tile():
     calls = []
-    tiled_inference(SmallFCN().eval(), random_image(200, 200), tile=64, overlap=32, align=4, batch_size=3,
-                    device="cpu", progress=lambda d, n: calls.append((d, n)))
+    tiled_inference(tiles(SmallFCN().eval()), random_image(200, 200), tile=64, overlap=32, align=4, batch_size=3,
+                    progress=lambda d, n: calls.append((d, n)))
     assert calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
@@ -182,18 +192,65 @@ def test_progress_reports_every_tile():
         (dict(tile=64, overlap=40), "tile - overlap must be at least 32"),
         (dict(stitch="median"), "unknown stitch mode"),
         (dict(batch_size=0), "batch size"),
-        (dict(amp="fp8"), "unknown amp mode"),
-        (dict(device="cuda:7"), "not available"),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, message):
+    with pytest.raises(DefectscanError, match=message):
+        tiled_inference(tiles(SmallFCN().eval()), random_image(64, 64), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(amp="fp8"), "unknown amp mode"), (dict(device="cuda:7"), "not available")])
+def test_bad_backend_options_are_clear_errors(kwargs, message):
     if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a CUDA device exists here")
     with pytest.raises(DefectscanError, match=message):
-        tiled_inference(SmallFCN().eval(), random_image(64, 64), **{"device": "cpu", **kwargs})
+        TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, **{"device": "cpu", **kwargs})
 
 
 def test_wrong_output_size_model_is_an_error():
     model = nn.Conv2d(3, 1, 3, stride=2, padding=1)
-    with pytest.raises(DefectscanError, match="full-resolution output"):
-        tiled_inference(model, random_image(64, 64), tile=64, overlap=32, device="cpu")
+    with pytest.raises(DefectscanError, match="full resolution"):
+        tiled_inference(tiles(model), random_image(64, 64), tile=64, overlap=32)
+
+
+def _gray_probability(batch: torch.Tensor) -> np.ndarray:
+    """A model-free predict callable returning numpy (as an ONNX session would): mean intensity as probability."""
+    return (batch.numpy().mean(axis=-1, dtype=np.float32) / 255)[:, None]
+
+
+def test_any_callable_returning_numpy_is_a_predictor():
+    image = random_image(150, 170)
+    out = tiled_inference(_gray_probability, image, tile=64, overlap=32, align=4, out_dtype=np.float32)
+    assert np.abs(out[0] - image.mean(-1) / 255).max() < 1e-5  # a per-pixel function is stitched exactly
+
+
+def test_engine_never_moves_or_changes_the_callers_model():
+    model = SmallFCN().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tiled_inference(tiles(model), random_image(100, 100), tile=64, overlap=32, align=4)
+    assert model.training, "mode changed"
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("stitch", ["center", "gaussian"])
+def test_peak_memory_of_a_large_image_is_output_plus_a_constant(stitch):
+    """8192 x 8192 RGB (192 MB in) -> one uint8 map (64 MB out): traced allocations during tiling stay within the
+    output plus a constant that does not grow with the image height: three float32 strips of tile x width
+    (gaussian: the accumulator, its normaliser and the normalised block; 16 MB each here) and 16 MB for tiles and
+    the predictor's outputs. A float copy of the image alone would be 768 MB. The input exists before tracing."""
+    side = 8192
+    image = np.full((side, side, 3), 100, np.uint8)
+    image[::97] = 200
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out = tiled_inference(_gray_probability, image, tile=512, overlap=64, stitch=stitch, batch_size=4, align=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (1, side, side) and out.dtype == np.uint8
+    assert int(out[0, 97, 5]) == round(200 / 255 * 255) and int(out[0, 98, 5]) == 100
+    constant = 3 * 512 * side * 4 + 16 * 2**20
+    print(f"{stitch}: peak {peak / 2**20:.0f} MB = output {out.nbytes / 2**20:.0f} MB + {(peak - out.nbytes) / 2**20:.0f} MB")
+    assert peak <= out.nbytes + constant, f"peak {peak / 2**20:.0f} MB for a {out.nbytes / 2**20:.0f} MB output"

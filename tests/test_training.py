@@ -17,14 +17,16 @@ from safetensors.torch import load_file
 
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
-from defectscan.evaluation import evaluate_pixels
-from defectscan.images import write_image
+from defectscan.evaluation import evaluate
+from defectscan.inference import Predictor
+from defectscan.schemas import EvalOptions, InferOptions
+from defectscan.io.images import write_image
 from defectscan.models import load_checkpoint
 from defectscan.training import load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
-from defectscan.training.sampling import CropDataset, build_augment
-from defectscan.training.trainer import lr_at
+from defectscan.data.sampling import CropDataset, build_augment
+from defectscan.training.loop import lr_at
 
 from _helpers import defect_image, folder_dataset  # noqa: E402 - tests/ is on sys.path under pytest
 
@@ -43,10 +45,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["training.epoch=3"])
     with pytest.raises(DefectscanError, match="unknown config key 'trainin'"):
         load_config(None, ["trainin.epochs=3"])
-    with pytest.raises(DefectscanError, match="'training.epochs': expected int"):
+    with pytest.raises(DefectscanError, match=r"'training.epochs': .*valid integer.*\(got 'many'\)"):
         load_config(None, ["training.epochs=many"])
-    with pytest.raises(DefectscanError, match="'sampling.defect_share': must be in"):
+    with pytest.raises(DefectscanError, match=r"'sampling.defect_share': .*less than or equal to 1 \(got 1.5\)"):
         load_config(None, ["sampling.defect_share=1.5"])
+    with pytest.raises(DefectscanError, match=r"'model.overlap': must be smaller than model.tile \(512\)"):
+        load_config(None, ["model.overlap=512"])  # refused before any training, not after the first epoch
     with pytest.raises(DefectscanError, match="loss\\[0\\]"):
         load_config(None, ["loss=[{name: dice, wieght: 1}]"])
     bad = tmp_path / "bad.yaml"
@@ -80,7 +84,7 @@ def test_bad_augment_and_loss_are_clear_errors():
     with pytest.raises(DefectscanError, match="augment\\[0\\]"):
         build_augment([{"HorizontalFlip": {"p": 7}}])
     with pytest.raises(DefectscanError, match="unknown loss"):
-        build_loss([LossTerm("hinge")], "sigmoid", 1)
+        build_loss([LossTerm(name="hinge")], "sigmoid", 1)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -112,7 +116,7 @@ def test_losses_fit_each_head(head, outputs):
     for c in range(outputs):
         cls = c if head == "softmax" else c + 1
         good[:, c] = (target == cls).float() * 20 - 10
-    fn = build_loss([LossTerm("dice"), LossTerm("bce"), LossTerm("focal", 0.5)], head, outputs)
+    fn = build_loss([LossTerm(name="dice"), LossTerm(name="bce"), LossTerm(name="focal", weight=0.5)], head, outputs)
     assert fn(good, target) < fn(torch.zeros_like(good), target)
 
 
@@ -129,8 +133,9 @@ def test_training_overfits_one_image(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     ds = load_dataset(data)
     model, spec, _ = load_checkpoint(tmp_path / "run" / "best.safetensors")
-    m = evaluate_pixels(model, spec, ds, ds.labeled, device="cpu", min_area=1).summary()
-    assert m["iou"]["defect"] > 0.9, m
+    opts = EvalOptions(min_area=1, seam_images=0, examples=0, cost=False)
+    m = evaluate(Predictor(model, spec, InferOptions(min_area=1)), ds, ds.labeled, opts).metrics()
+    assert m.iou["defect"] > 0.9, m
     assert result.best_epoch == 4 and result.test is None
     for name in ("config.yaml", "splits.json", "best.json", "last.safetensors", "last_state.pt", "metrics.csv",
                  "curves.png", "train.log"):
@@ -237,6 +242,7 @@ def test_cli_train_and_data_check(tmp_path, monkeypatch, capsys):
     assert "best epoch 1" in err and (tmp_path / "run" / "best.safetensors").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "infer", data / "images" / "s01.png", "--model",
                              tmp_path / "run" / "best.safetensors", "--out", tmp_path / "res")
-    assert code == 0, err and (tmp_path / "res" / "s01" / "mask.png").is_file()
+    assert code == 0, err
+    assert (tmp_path / "res" / "s01" / "mask.png").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "train", "--data", data, "--set", "training.epoch=2")
     assert code == 1 and error_lines(err) == [error_lines(err)[0]] and "training.epoch" in err

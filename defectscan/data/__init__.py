@@ -1,4 +1,5 @@
-"""Datasets: layouts (folder, LabelMe, COCO, MVTec AD), validation reports, splits and labeled subsets."""
+"""Datasets: layouts (folder, LabelMe, COCO, MVTec AD), validation reports, splits, labeled subsets, training crops
+and synthetic wafers."""
 
 from defectscan.data.check import DatasetReport, check_dataset
 from defectscan.data.dataset import Problem, Sample, SegmentationDataset

@@ -11,7 +11,7 @@ import numpy as np
 
 from defectscan.data.dataset import Problem, SegmentationDataset
 from defectscan.errors import DefectscanError
-from defectscan.images import open_image
+from defectscan.io.images import open_image
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 
 from defectscan.data.annotations import Shape, rasterize
 from defectscan.errors import DefectscanError
-from defectscan.images import _quiet_stderr, read_image
+from defectscan.io.images import quiet_stderr, read_image
 
 Label = Literal["mask", "shapes", "good", "none"]
 
@@ -123,7 +123,7 @@ def read_mask_file(path: Path | None) -> np.ndarray:
     """A mask image as (H, W) uint8; colour masks must be grey (all channels equal)."""
     if path is None or not Path(path).is_file():
         raise DefectscanError(f"{path}: mask file not found")
-    with _quiet_stderr():
+    with quiet_stderr():
         mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise DefectscanError(f"{path}: cannot decode mask")

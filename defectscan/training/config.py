@@ -1,90 +1,94 @@
-"""Training configuration: typed sections read from YAML, every field overridable with `--set section.key=value`.
+"""Training configuration: typed sections (pydantic) read from YAML, every field overridable with
+`--set section.key=value`.
 
-Unknown keys and values of the wrong type are errors that name the key, so a typo never silently falls back to
-a default.
+Unknown keys and values of the wrong type or range are errors that name the key and the value, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
 
 
-@dataclass
-class ModelConfig:
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
     arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: Optional[str] = None  # none | imagenet | path to an encoder state dict
-    head: str = "auto"  # auto: sigmoid for one defect class, softmax for several
-    tile: int = 512  # inference/validation tile
-    overlap: int = 64
-    threshold: float = 0.5
-    arch_kwargs: dict = field(default_factory=dict)  # decoder options, e.g. decoder_channels
-    encoder_kwargs: dict = field(default_factory=dict)  # e.g. drop_path_rate (timm), drop_path / pcm_norm (ViTAE)
+    head: Literal["auto", "sigmoid", "softmax"] = "auto"  # auto: sigmoid for one defect class, softmax for several
+    tile: int = Field(512, ge=32)  # inference/validation tile
+    overlap: int = Field(64, ge=0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    arch_kwargs: dict = Field(default_factory=dict)  # decoder options, e.g. decoder_channels
+    encoder_kwargs: dict = Field(default_factory=dict)  # e.g. drop_path_rate (timm), drop_path / pcm_norm (ViTAE)
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_fits(cls, overlap: int, info: ValidationInfo) -> int:
+        tile = info.data.get("tile")
+        if tile is not None and overlap >= tile:  # caught now, not after the first epoch's validation
+            raise ValueError(f"must be smaller than model.tile ({tile})")
+        return overlap
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     root: Optional[str] = None
-    format: str = "auto"
-    classes: Optional[list] = None  # defect class names; default: from the data
-    val_fraction: float = 0.15  # of the labeled training images, when the dataset has no val split of its own
-    test_fraction: float = 0.2  # only when the dataset has no split of its own
+    format: Literal["auto", "folder", "labelme", "coco", "mvtec"] = "auto"
+    classes: Optional[list[str]] = None  # defect class names; default: from the data
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # of the labeled training images, without a val split of its own
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # only when the dataset has no split of its own
     split_seed: int = 0
-    labeled: Optional[int] = None  # train on the first N images of the nested labeled order
-    labeled_fraction: Optional[float] = None
+    labeled: Optional[int] = Field(None, ge=1)  # train on the first N images of the nested labeled order
+    labeled_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: int = 0
 
 
-@dataclass
-class SamplingConfig:
-    crop: int = 256  # training crop side in px (a multiple of the model's stride)
-    defect_share: float = 0.5  # share of crops centred on a defect pixel (class picked uniformly first)
-    batch_size: int = 8
-    steps_per_epoch: int = 100
-    workers: int = 0  # DataLoader worker processes (0: crops are made in the main process)
+class SamplingConfig(_Section):
+    crop: int = Field(256, ge=32)  # training crop side in px (a multiple of the model's stride)
+    defect_share: float = Field(0.5, ge=0.0, le=1.0)  # share of crops centred on a defect pixel (class picked first)
+    batch_size: int = Field(8, ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    workers: int = Field(0, ge=0)  # DataLoader worker processes (0: crops are made in the main process)
 
 
-@dataclass
-class LossTerm:
+class LossTerm(_Section):
     name: str = "dice"  # dice, bce, ce, focal, lovasz, tversky, jaccard
     weight: float = 1.0
-    params: dict = field(default_factory=dict)
+    params: dict = Field(default_factory=dict)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
-    clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
+    clip_grad: float = Field(1.0, ge=0.0)  # max gradient norm; 0 disables clipping
 
 
-@dataclass
-class TrainingConfig:
-    epochs: int = 30
+class TrainingConfig(_Section):
+    epochs: int = Field(30, ge=1)
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"  # auto (CUDA only), off, bf16, fp16
-    val_every: int = 1
-    early_stop: int = 0  # stop after this many validations without improvement; 0: never
-    select: str = "iou"  # validation metric that picks the best checkpoint: iou or dice (mean over defect classes)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto (CUDA only), off, bf16, fp16
+    val_every: int = Field(1, ge=1)
+    early_stop: int = Field(0, ge=0)  # stop after this many validations without improvement; 0: never
+    select: Literal["iou", "dice"] = "iou"  # validation metric that picks the best checkpoint (mean over classes)
+    half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
 
 
-@dataclass
-class ValidationConfig:
-    stitch: str = "center"
-    batch_size: int = 4
-    min_area: int = 4
+class ValidationConfig(_Section):
+    stitch: Literal["center", "gaussian"] = "center"
+    batch_size: int = Field(4, ge=1)
+    min_area: int = Field(4, ge=0)
     test: bool = True  # evaluate the best checkpoint on the test split at the end (benchmarks run `evaluate` instead)
 
 
@@ -96,86 +100,59 @@ DEFAULT_AUGMENT: list = [
 ]
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    augment: list = field(default_factory=lambda: [dict(t) for t in DEFAULT_AUGMENT])  # albumentations, in order
-    loss: list = field(default_factory=lambda: [LossTerm("dice"), LossTerm("bce")])
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
+class Config(_Section):
+    """A training configuration (pydantic): every section typed and range-checked."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    augment: list[dict] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_AUGMENT])  # albumentations, in order
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dice"), LossTerm(name="bce")], min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_names(cls, value: Any) -> Any:
+        """`loss: [dice, bce]` is short for `[{name: dice}, {name: bce}]`."""
+        return [{"name": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("augment")
+    @classmethod
+    def _one_transform_each(cls, value: list[dict]) -> list[dict]:
+        for t in value:
+            if len(t) != 1:
+                raise ValueError("each entry is {TransformName: {params}}")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(accepted, converted value) for a YAML value against a field annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return type(None) in typing.get_args(tp), None
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                ok, v = _type_ok(value, arg)
-                if ok:
-                    return True, v
-        return False, value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp in (list, dict):
-        return isinstance(value, tp), value
-    return True, value
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise DefectscanError(f"config '{where}' must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise DefectscanError(f"unknown config key '{key}' (known{' in ' + where if where else ''}: {', '.join(sorted(known))})")
-    obj = cls()
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            setattr(obj, name, _build(tp, value, key))
-            continue
-        if cls is Config and name == "loss":
-            if not isinstance(value, list) or not value:
-                raise DefectscanError("config 'loss' must be a non-empty list of {name, weight, params}")
-            value = [_build(LossTerm, v if isinstance(v, dict) else {"name": v}, f"loss[{i}]") for i, v in enumerate(value)]
-            setattr(obj, name, value)
-            continue
-        ok, converted = _type_ok(value, tp)
-        if not ok:
-            raise DefectscanError(f"config '{key}': expected {_type_name(tp)}, got {value!r}")
-        setattr(obj, name, converted)
-    return obj
-
-
-def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args:
-        return f"{' or '.join(a.__name__ for a in args)} or null"
-    return getattr(tp, "__name__", str(tp))
+def _config_error(exc: ValidationError) -> DefectscanError:
+    """The first problem as one line naming the key: unknown keys list the known ones."""
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = _key(loc)
+    if err["type"] == "extra_forbidden":
+        section: Any = Config
+        for part in loc[:-1]:
+            field = section.model_fields.get(part) if isinstance(part, str) else None
+            section = field.annotation if field is not None and isinstance(field.annotation, type) else LossTerm
+        known = ", ".join(sorted(section.model_fields))
+        where = _key(loc[:-1])
+        return DefectscanError(f"unknown config key '{key}' (known{' in ' + where if where else ''}: {known})")
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+    return DefectscanError(f"config '{key or '(top level)'}': {msg}{shown}")
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -231,37 +208,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)
-    cfg = _build(Config, data, "")
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Value checks beyond types."""
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise DefectscanError(f"config '{key}': {msg}")
-
-    need(cfg.sampling.crop >= 32, "sampling.crop", "must be >= 32")
-    need(0 <= cfg.sampling.defect_share <= 1, "sampling.defect_share", "must be in [0, 1]")
-    need(cfg.sampling.batch_size >= 1, "sampling.batch_size", "must be >= 1")
-    need(cfg.sampling.steps_per_epoch >= 1, "sampling.steps_per_epoch", "must be >= 1")
-    need(cfg.sampling.workers >= 0, "sampling.workers", "must be >= 0")
-    need(cfg.training.epochs >= 1, "training.epochs", "must be >= 1")
-    need(cfg.training.val_every >= 1, "training.val_every", "must be >= 1")
-    need(cfg.training.early_stop >= 0, "training.early_stop", "must be >= 0")
-    need(cfg.training.select in ("iou", "dice"), "training.select", "must be iou or dice")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
-    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    need(cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
-    need(cfg.model.head in ("auto", "sigmoid", "softmax"), "model.head", "must be auto, sigmoid or softmax")
-    need(0 <= cfg.model.threshold <= 1, "model.threshold", "must be in [0, 1]")
-    need(cfg.validation.stitch in ("center", "gaussian"), "validation.stitch", "must be center or gaussian")
-    need(cfg.data.labeled is None or cfg.data.labeled >= 1, "data.labeled", "must be >= 1")
-    for i, t in enumerate(cfg.augment):
-        need(isinstance(t, dict) and len(t) == 1, f"augment[{i}]", "each entry is {TransformName: {params}}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 def same_as_saved(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) -> bool:
@@ -273,4 +223,6 @@ def same_as_saved(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) 
         return data
 
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # through YAML, as the trainer saved it
-    return plain(yaml.safe_load(Path(saved).read_text()) or {}) == plain(current)
+    # the saved file goes through the same defaults, so a field added later (at its default) does not count
+    before = yaml.safe_load(yaml.safe_dump(load_config(saved).to_dict()))
+    return plain(before) == plain(current)

@@ -1,0 +1,33 @@
+"""`defectscan benchmark`: the resumable limited-label study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from defectscan.cli.common import app, command_line, console, progress_bar, task_factory
+
+
+@app.command()
+def benchmark(
+    study: Path = typer.Argument(..., help="Study YAML (see configs/benchmark/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (default: runs/benchmark/<study name>)."),
+    cell: Optional[str] = typer.Option(None, help="Run only this cell, e.g. resnet18__n20__s1."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished cells."),
+    device: Optional[str] = typer.Option(None, help="Device for every cell (default: the training config's)."),
+) -> None:
+    """Limited-label study: backbones x labeled counts x seeds; resumable; learning curves with bootstrap CIs."""
+    from defectscan.studies import load_study, run_study, write_report
+
+    st = load_study(study)
+    out_dir = out or Path("runs") / "benchmark" / st.name
+    command = command_line()
+    if report_only:
+        write_report(st, out_dir, command=command)
+    else:
+        with progress_bar() as progress:
+            run_study(st, out_dir, only=cell, device=device, command=command, progress_factory=task_factory(progress),
+                      log=lambda msg: progress.console.print(msg, highlight=False))
+    console.print(f"report: {out_dir / 'report.html'}; curve: {out_dir / 'learning_curve.png'}")

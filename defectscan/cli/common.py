@@ -1,0 +1,39 @@
+"""What every command shares: the typer app, the stderr console (errors stay on one line) and progress bars."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Pixel-level defect detection on high-resolution industrial images.")
+console = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the width
+
+
+def wide_console() -> Console:
+    """A stdout console at least 120 columns wide, for result tables."""
+    return Console(width=max(120, Console().width))
+
+
+def command_line() -> str:
+    return " ".join(["defectscan", *sys.argv[1:]])
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def task_factory(progress: Progress):
+    """progress_factory for the training loop: (description, total) -> update(done, {name: value})."""
+    def factory(description: str, total: int):
+        task = progress.add_task(description, total=total or None)
+
+        def update(done: int, info: dict) -> None:
+            extra = "  ".join(f"{k} {v:.4g}" for k, v in info.items())
+            progress.update(task, completed=done, description=f"{description}  {extra}".rstrip())
+        return update
+    return factory

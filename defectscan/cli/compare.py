@@ -1,0 +1,32 @@
+"""`defectscan compare`: evaluations side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.table import Table
+
+from defectscan.cli.common import app, console, wide_console
+
+
+@app.command()
+def compare(
+    dirs: List[Path] = typer.Argument(..., help="Evaluation directories, or run / benchmark-cell directories holding one."),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="Output directory."),
+) -> None:
+    """Compare evaluations across backbones: one table, accuracy-vs-cost plots and the same crops per model."""
+    from defectscan.evaluation.compare import compare as run_compare
+
+    result = run_compare(dirs, out)
+    table = Table(title=f"defectscan compare — {len(result['models'])} models")
+    cols = ("model", "defect_dice", "pixel_ap", "region_recall", "pro", "mp_per_s", "parameters")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in result["models"]:
+        table.add_row(*(str(r[c]) if r[c] is not None else "-" for c in cols))
+    wide_console().print(table)
+    if result["warning"]:
+        console.print(f"[yellow]warning:[/] {result['warning']}")
+    console.print(f"report: {out / 'compare.html'}")

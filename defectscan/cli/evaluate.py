@@ -1,0 +1,71 @@
+"""`defectscan evaluate`: metrics.json, per_image.csv and report.html for a checkpoint on a split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from defectscan.cli.common import app, command_line, console, progress_bar, wide_console
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors with its .json)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Labeled dataset directory."),
+    split: str = typer.Option("test", help="test, val, train or all (a training run's checkpoint uses that run's split)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <checkpoint dir>/evaluation)."),
+    format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
+    tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
+    overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
+    stitch: str = typer.Option("center", help="center or gaussian."),
+    batch: int = typer.Option(4, help="Tiles per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
+    threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
+    min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),
+    region_criterion: str = typer.Option("coverage", help="A true region is found when its coverage or iou reaches --region-threshold."),
+    region_threshold: float = typer.Option(0.5, help="Coverage or IoU needed to count a true region as found."),
+    pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
+    seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
+) -> None:
+    """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
+    per_image.csv and a self-contained report.html."""
+    from defectscan.evaluation import EVALUATION_DIR, run_evaluation
+    from defectscan.schemas import EvalOptions, validated
+    from defectscan.training import RunDir
+
+    # options are checked before any model or data is loaded
+    opts = validated(EvalOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device, amp=amp,
+                     threshold=threshold, min_area=min_area, region_criterion=region_criterion,
+                     region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
+    run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
+    out_dir = out or model.parent / EVALUATION_DIR
+    with progress_bar() as progress:
+        task = progress.add_task(f"evaluating {model.name}", total=None)
+        result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
+                                run_splits=run.split_source() if run else None,
+                                progress=lambda d, n: progress.update(task, completed=d, total=n),
+                                command=command_line())
+    m = result.metrics
+    r, im, cost = m.region, m.image_level, m.cost
+    speed = f"{cost.megapixels_per_second} MP/s, {cost.latency_mean_s} s/image" if cost else "-"
+    table = Table(title=f"defectscan evaluate — {result.model}, {m.images} images ({result.split_source})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in (
+        ("pixel defect IoU / Dice", f"{m.defect_iou} / {m.defect_dice}"),
+        ("pixel defect AP / AUROC", f"{m.defect_pixel_ap} / {m.defect_pixel_auroc}"),
+        ("pixel best F1 (threshold)", f"{m.defect_best_f1} ({m.defect_best_f1_threshold})"),
+        (f"region recall ({r.criterion})", f"{r.recall} ({r.found}/{r.gt_regions})"),
+        ("FP regions / image, / MP", f"{r.fp_regions_per_image}, {r.fp_regions_per_megapixel}"),
+        (f"PRO (FPR <= {r.pro_fpr_limit})", str(r.pro)),
+        ("image AUROC / AP / F1", f"{im.auroc} / {im.ap} / {im.f1}"),
+        ("speed", speed),
+    ):
+        table.add_row(name, value)
+    wide_console().print(table)
+    console.print(f"report: {out_dir / 'report.html'}")

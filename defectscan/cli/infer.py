@@ -1,0 +1,68 @@
+"""`defectscan infer`: images -> probability maps, masks, overlays, defect tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from defectscan.cli.common import app, console, progress_bar, wide_console
+from defectscan.errors import DefectscanError
+
+
+@app.command()
+def infer(
+    images: List[Path] = typer.Argument(..., help="Image files and/or directories of images."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint (.safetensors with its .json); default: the bundled wafer model."),
+    out: Path = typer.Option(Path("defectscan_results"), "--out", "-o", help="Output directory (one sub-directory per image)."),
+    tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
+    overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
+    stitch: str = typer.Option("center", help="center (exact overlap-tile) or gaussian (weighted blending)."),
+    batch: int = typer.Option(4, help="Tiles per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    threshold: Optional[float] = typer.Option(None, help="Defect score threshold in [0, 1] (default: the checkpoint's)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
+    amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
+    min_area: int = typer.Option(4, help="Drop defect regions smaller than this many pixels."),
+    preview_size: int = typer.Option(2048, help="Longest side of the overlay preview in px."),
+) -> None:
+    """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
+    from defectscan.inference import Predictor, collect_images, output_names, write_prediction
+    from defectscan.io.images import open_image
+    from defectscan.schemas import InferOptions, validated
+
+    # options are checked before any model or data is loaded
+    opts = validated(InferOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device,
+                     threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
+    paths = collect_images(images)
+    predictor = Predictor.from_checkpoint(model, opts)
+    for note in predictor.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    table = Table(title=f"defectscan infer — {predictor.spec.arch}/{predictor.spec.encoder}, tile {predictor.tile[0]}, "
+                        f"overlap {predictor.overlap}, {stitch}")
+    class_cols = list(predictor.class_names.values())
+    for col in ("image", "size", "tiles", "time", "MP/s", *class_cols, "defect area"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    failures = 0
+    with progress_bar() as progress:
+        for path, name in zip(paths, output_names(paths)):
+            task = progress.add_task(path.name, total=None)
+            try:
+                source = open_image(path)
+                pred = predictor.predict(source, progress=lambda d, n: progress.update(task, completed=d, total=n))
+                write_prediction(predictor, path, source, pred, out / name)
+            except DefectscanError as exc:
+                failures += 1
+                progress.update(task, description=f"[red]{path.name} (failed)")
+                console.print(f"[red]error:[/] {exc}", highlight=False)
+                continue
+            s = pred.summary
+            table.add_row(path.name, f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
+                          f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
+                          f"{100 * s['defect_area_fraction']:.3f}%")
+    wide_console().print(table)
+    console.print(f"outputs in {out}/" + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
+    if failures:
+        raise typer.Exit(1)

@@ -1,0 +1,50 @@
+"""`defectscan train`: a training run from a YAML config and overrides, or `--resume`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from defectscan.cli.common import app, console, progress_bar, task_factory
+from defectscan.errors import DefectscanError
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (see configs/); default: built-in defaults."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset directory (sets data.root)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<config name>-<time>)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set training.epochs=30 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
+    epochs: Optional[int] = typer.Option(None, help="Shortcut for --set training.epochs=N."),
+    labeled: Optional[int] = typer.Option(None, help="Train on the first N labeled images (nested subsets)."),
+    device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
+) -> None:
+    """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
+    import time as _time
+
+    from defectscan.training import RunDir, load_config, train as run_training
+
+    overrides = list(set_)
+    for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
+                       ("training.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if resume is not None:
+        if config is not None or overrides:
+            raise DefectscanError("--resume continues a run with its saved config.yaml; give no config or overrides")
+        cfg, run_dir = RunDir(resume).read_config(), resume
+    else:
+        cfg = load_config(config, overrides)
+        run_dir = out or Path("runs") / f"{config.stem if config else 'train'}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    with progress_bar() as progress:
+        result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
+                              log=lambda msg: progress.console.print(msg, highlight=False))
+    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a (no validation split)"
+    console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), best epoch {result.best_epoch} "
+                  f"(val {cfg.training.select} {best}); checkpoint {RunDir(run_dir).checkpoint('best')}")
+    if result.test:
+        t = result.test
+        console.print(f"test: mean IoU {t['mean_iou']}, mean Dice {t['mean_dice']}, defect pixel AP {t['defect_pixel_ap']}")

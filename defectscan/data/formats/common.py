@@ -1,0 +1,180 @@
+"""What every dataset layout shares: finding files, split files, class lists, duplicate stems."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+
+from defectscan.data.dataset import Problem, Sample, SegmentationDataset
+from defectscan.errors import DefectscanError
+from defectscan.io.images import SUPPORTED_SUFFIXES
+
+
+FORMATS = ("folder", "labelme", "coco", "mvtec")
+IMAGE_DIRS = ("images", "image", "imgs", "img")
+MASK_DIRS = ("masks", "mask", "labels", "annotations", "gt", "ground_truth")
+MASK_SUFFIXES = ("", "_mask", "_label", "_gt")
+SPLIT_FILES = ("image_data.json", "split.json", "splits.json")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+BACKGROUND = "background"
+
+
+def files(root: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def read_json(path: Path, problems: list[Problem]) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(Problem(str(path), f"unreadable JSON ({type(exc).__name__}: {exc})"))
+        return None
+
+
+def json_kind(data: Any) -> str | None:
+    if isinstance(data, dict) and "shapes" in data:
+        return "labelme"
+    if isinstance(data, dict) and "images" in data and "annotations" in data:
+        return "coco"
+    return None
+
+
+def peek_json(path: Path) -> str | None:
+    try:
+        return json_kind(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def detect_format(root: Path) -> str:
+    """Guess the layout of `root`; a clear error when it is none of the known ones."""
+    if (root / "train" / "good").is_dir() and (root / "test").is_dir():
+        return "mvtec"
+    categories = [d.name for d in sorted(root.iterdir()) if (d / "train" / "good").is_dir()] if root.is_dir() else []
+    if categories:
+        raise DefectscanError(f"{root}: an MVTec AD root with {len(categories)} categories; point to one of them, "
+                              f"e.g. {root / categories[0]}")
+    jsons = [p for p in files(root, (".json",)) if p.name not in SPLIT_FILES and p.name != "classes.json"]
+    kinds = Counter(k for k in map(peek_json, jsons[:50]) if k)
+    if kinds:
+        return kinds.most_common(1)[0][0]
+    if find_dir(root, IMAGE_DIRS) and find_dir(root, MASK_DIRS):
+        return "folder"
+    raise DefectscanError(f"{root}: cannot tell the dataset format (expected images/ + masks/ folders, LabelMe or COCO "
+                          f"JSON, or an MVTec AD category); name it with --format ({', '.join(FORMATS)})")
+
+
+def find_dir(root: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def split_of(name: str | None) -> str | None:
+    if name is None:
+        return None
+    split = SPLIT_NAMES.get(str(name).lower())
+    if split is None:
+        raise DefectscanError(f"unknown split name '{name}' (use train, val or test)")
+    return split
+
+
+def read_split_file(root: Path) -> dict[str, str | None]:
+    """Stem -> split from the dataset's own split file, if it has one.
+
+    Two layouts: BSData's `image_data.json` ({"images": [{"filename", "train_test_split"}]}) and a plain
+    `split.json` ({"train": [names], "val": [...], "test": [...]}).
+    """
+    for name in SPLIT_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        problems: list[Problem] = []
+        data = read_json(path, problems)
+        if problems:
+            raise DefectscanError(str(problems[0]))
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            return {Path(e["filename"]).stem: split_of(e.get("train_test_split"))
+                    for e in data["images"] if isinstance(e, dict) and "filename" in e}
+        if isinstance(data, dict) and set(data) <= set(SPLIT_NAMES):
+            return {Path(n).stem: split_of(k) for k, names in data.items() for n in names}
+        raise DefectscanError(f"{path}: not a split file this tool understands")
+    return {}
+
+
+def with_classes(found: Sequence[str], given: Sequence[str] | None) -> tuple[str, ...]:
+    """Class tuple with the background first; `given` (defect classes) wins over what the data shows."""
+    names = list(given) if given else sorted(set(found) - {BACKGROUND})
+    if names and names[0] == BACKGROUND:
+        names = names[1:]
+    if len(set(names)) != len(names):
+        raise DefectscanError(f"duplicate class names in {names}")
+    return (BACKGROUND, *names)
+
+
+def duplicate_stems(images: list[Path], problems: list[Problem]) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for path in images:
+        if path.stem in by_stem:
+            problems.append(Problem(str(path), f"duplicate image stem '{path.stem}' (also {by_stem[path.stem]})"))
+            continue
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def classes_file(root: Path) -> list[str] | None:
+    for name in ("classes.json", "classes.txt"):
+        path = root / name
+        if path.is_file():
+            if name.endswith(".json"):
+                data = json.loads(path.read_text())
+                return list(data["classes"] if isinstance(data, dict) else data)
+            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return None
+
+
+def resolve_image(candidates: Sequence[Path], stem: str, by_stem: dict[str, Path]) -> Path | None:
+    for c in candidates:
+        if c.is_file() and c.suffix.lower() in SUPPORTED_SUFFIXES:
+            return c.resolve()
+    return by_stem.get(stem)
+
+
+def finish_vector(root: Path, fmt: str, by_stem: dict[str, Path], annotated: dict[str, Sample],
+                   classes: Sequence[str] | None, problems: list[Problem]) -> SegmentationDataset:
+    """Shared tail of the LabelMe and COCO loaders: classes, unknown labels, unlabeled images, splits."""
+    found = sorted({s.label for sample in annotated.values() for s in sample.shapes})
+    names = with_classes(found, classes)
+    for sample in annotated.values():
+        unknown = sorted({s.label for s in sample.shapes} - set(names))
+        if unknown:
+            problems.append(Problem(str(sample.annotation), f"unknown label(s) {', '.join(unknown)} "
+                                    f"(classes: {', '.join(names[1:])})"))
+        sample.has_defect = any(s.label in names for s in sample.shapes)
+    splits = read_split_file(root)
+    samples = []
+    for stem, image in by_stem.items():
+        sample = annotated.get(stem) or Sample(image=image, stem=stem)
+        sample.split = splits.get(stem, sample.split)
+        samples.append(sample)
+    return SegmentationDataset(root, fmt, names, samples, problems)
+
+
+def annotation_files(root: Path, kind: str, problems: list[Problem]) -> Iterator[tuple[Path, dict]]:
+    """(path, parsed JSON) for every annotation file of `kind` under root; other JSON files are passed over."""
+    for path in files(root, (".json",)):
+        if path.name in SPLIT_FILES or path.name == "classes.json":
+            continue
+        data = read_json(path, problems)
+        if data is None:
+            continue
+        if json_kind(data) != kind:
+            if kind == "labelme":
+                problems.append(Problem(str(path), "JSON file is not a LabelMe annotation; ignored", fatal=False))
+            continue
+        yield path, data

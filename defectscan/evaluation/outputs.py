@@ -1,0 +1,188 @@
+"""`defectscan evaluate`: checkpoint + labeled dataset split -> metrics.json, per_image.csv, report.html.
+
+The output directory is assembled under a temporary name and swapped into place at the end, so a failed or
+interrupted evaluation never leaves a half-written report. It also keeps every predicted class mask
+(`predictions/<stem>.png`, small: mostly zeros), which `defectscan compare` uses to show the same crops for each
+backbone. An evaluation directory is found inside a run or benchmark cell as `EVALUATION_DIR`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from defectscan.data import load_dataset, split_dataset
+from defectscan.data.dataset import Sample, SegmentationDataset
+from defectscan.errors import DefectscanError
+from defectscan.evaluation.evaluator import Evaluation, evaluate
+from defectscan.inference import Predictor
+from defectscan.io.files import atomic_dir, csv_text
+from defectscan.io.provenance import hardware, library_versions
+from defectscan.metrics import pro_curve
+from defectscan.models import describe
+from defectscan.reporting import plots
+from defectscan.reporting.html import fmt, png_bytes_uri, png_uri, render
+from defectscan.schemas import EvalOptions, EvalSummary
+
+SPLITS = ("test", "val", "train", "all")
+EVALUATION_DIR = "evaluation"  # where an evaluation lives inside a training run or a benchmark cell
+METRICS_FILE = "metrics.json"
+
+
+def select_samples(ds: SegmentationDataset, split: str,
+                   run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None) -> tuple[list[Sample], str]:
+    """The labeled images of `split`, and how the split was decided.
+
+    `run_splits` = (stems per split, file they came from) of the training run a checkpoint belongs to: its test
+    images are the ones it never trained on. Without it, the dataset's split file, else a seeded split.
+    """
+    if split not in SPLITS:
+        raise DefectscanError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
+    labeled = ds.labeled
+    if split == "all":
+        return labeled, "every labeled image"
+    if run_splits is not None:
+        stems, source = run_splits
+        wanted = set(stems.get(split, []))
+        chosen = [s for s in labeled if s.stem in wanted]
+        if wanted and len(chosen) < len(wanted):
+            raise DefectscanError(f"{source}: {len(wanted) - len(chosen)} {split} image(s) of the training run are "
+                                  f"not labeled images of {ds.root}; is this the dataset the model was trained on?")
+        how = f"the training run's {split} split ({source})"
+    else:
+        splits = split_dataset(ds)
+        chosen = getattr(splits, split)
+        how = f"{split} split ({splits.source}: " + ("the dataset's own split file)" if splits.source == "dataset"
+                                                      else "seed 0, 15% val / 20% test)")
+    if not chosen:
+        raise DefectscanError(f"{ds.root}: the {split} split has no labeled images (use --split all to evaluate every "
+                              f"labeled image)")
+    return chosen, how
+
+
+def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
+                   data_format: str = "auto", options: EvalOptions | None = None, limit: int | None = None,
+                   run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
+                   progress: Callable[[int, int], None] | None = None, command: str = "") -> EvalSummary:
+    """Evaluate and write the output directory; returns what metrics.json holds."""
+    opts = options or EvalOptions()
+    checkpoint, out = Path(checkpoint), Path(out)
+    predictor = Predictor.from_checkpoint(checkpoint, opts.infer_options())
+    spec = predictor.spec
+    ds = load_dataset(data, data_format, list(spec.defect_classes))
+    samples, how = select_samples(ds, split, run_splits)
+    if limit:
+        samples = samples[:limit]
+    with atomic_dir(out) as tmp:
+        (tmp / "predictions").mkdir()
+
+        def save_prediction(sample: Sample, mask: np.ndarray) -> None:
+            if not cv2.imwrite(str(tmp / "predictions" / f"{sample.stem}.png"), mask):
+                raise DefectscanError(f"{tmp}: could not write prediction")
+
+        ev = evaluate(predictor, ds, samples, opts, progress=progress, on_image=save_prediction)
+        summary = EvalSummary(
+            model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
+            data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],
+            hardware=hardware(), versions=library_versions(), created=time.strftime("%Y-%m-%d %H:%M:%S"),
+            command=command, options=opts, trained_on_images=predictor.meta.get("extra", {}).get("train_images"),
+            metrics=ev.metrics())
+        (tmp / METRICS_FILE).write_text(summary.to_json(), encoding="utf-8")
+        (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")
+        (tmp / "report.html").write_text(evaluation_report(ev, summary), encoding="utf-8")
+    return summary
+
+
+def find_metrics(path: str | Path) -> Path:
+    """metrics.json of an evaluation directory, given the file, the directory, or a run / cell holding one."""
+    p = Path(path)
+    for candidate in (p, p / METRICS_FILE, p / EVALUATION_DIR / METRICS_FILE):
+        if candidate.is_file():
+            return candidate
+    raise DefectscanError(f"{path}: no metrics.json (run `defectscan evaluate` first, or give its output directory)")
+
+
+def load_metrics(path: str | Path) -> tuple[EvalSummary, Path]:
+    """(the evaluation's metrics.json, its directory)."""
+    f = find_metrics(path)
+    return EvalSummary.read(f), f.parent
+
+
+def evaluation_report(ev: Evaluation, summary: EvalSummary) -> str:
+    """The self-contained report.html of an evaluation."""
+    m = summary.metrics
+    r, im, cost = m.region, m.image_level, m.cost
+    rows = [["pixel defect IoU / Dice (at threshold)", f"{fmt(m.defect_iou)} / {fmt(m.defect_dice)}"],
+            ["pixel defect AP / AUROC", f"{fmt(m.defect_pixel_ap)} / {fmt(m.defect_pixel_auroc)}"],
+            ["pixel best F1 (threshold)", f"{fmt(m.defect_best_f1)} ({fmt(m.defect_best_f1_threshold)})"],
+            [f"region recall ({r.criterion})", f"{fmt(r.recall)} ({r.found} of {r.gt_regions})"],
+            ["false-positive regions per image / per MP", f"{fmt(r.fp_regions_per_image)} / {fmt(r.fp_regions_per_megapixel)}"],
+            [f"PRO (FPR <= {r.pro_fpr_limit})", fmt(r.pro)],
+            ["image AUROC / AP / F1", f"{fmt(im.auroc)} / {fmt(im.ap)} / {fmt(im.f1)} "
+                                      f"({im.defective} defective, {im.clean} clean, {im.flagged} flagged)"]]
+    if cost is not None and cost.parameters is not None:
+        peaks = {"peak_rss_mb": cost.peak_rss_mb, "peak_gpu_mb": cost.peak_gpu_mb}
+        rows += [["parameters", f"{cost.parameters / 1e6:.2f} M"],
+                 [f"GFLOPs per {cost.tile} tile", fmt(cost.gflops_per_tile)],
+                 [f"speed on {cost.device}", f"{fmt(cost.megapixels_per_second)} MP/s, {fmt(cost.latency_mean_s)} s per image"],
+                 ["peak memory", ", ".join(f"{k} {v}" for k, v in peaks.items() if v is not None)]]
+    defect = list(ev.classes[1:])
+    per_image = sorted(ev.per_image, key=lambda row: (row["defect_dice"] if row["defect_dice"] is not None else 2.0))
+    shown = per_image[:200]
+    cols = ["image", "gt_defect_px", "predicted_px", "defect_dice", "gt_regions", "found_regions", "fp_regions",
+            "max_score", "seconds"]
+    examples = [{"title": title, "images": [{"uri": png_uri(e.preview, quality=88),
+                                            "caption": f"{e.image}: Dice {e.dice:.3f}, {e.errors} wrong px"} for e in pool]}
+                for title, pool in (("Best images", ev.best), ("Worst images", ev.worst)) if pool]
+    return render(
+        "evaluation.html.j2", title=f"defectscan evaluation — {summary.model}",
+        meta={"model": summary.model, "checkpoint": summary.checkpoint, "data": summary.data, "split": summary.split,
+              "images": m.images, "hardware": summary.hardware, "created": summary.created},
+        summary_rows=rows,
+        class_rows=[[c, m.iou[c], m.dice[c], m.best_f1[c], m.best_f1_threshold[c], m.pixel_ap[c], m.pixel_auroc[c],
+                     *_class_regions(m, c)] for c in defect],
+        confusion_classes=list(ev.classes), confusion_rows=[[c, *map(int, row)] for c, row in zip(ev.classes, ev.conf)],
+        plots={k: png_bytes_uri(v) if v else None for k, v in evaluation_plots(ev).items()},
+        examples=examples,
+        seam_rows=[[x.get("image"), x.get("max_abs_diff", x.get("skipped")), x.get("mean_abs_diff"),
+                    x.get("mask_disagreement")] for x in ev.seam],
+        per_image_note="all" if len(shown) == len(per_image) else f"the {len(shown)} worst of {len(per_image)}",
+        per_image_header=cols, per_image_rows=[[row[c] for c in cols] for row in shown])
+
+
+def _class_regions(m, c: str) -> list:
+    """[found / true regions, recall, false-positive regions per MP] of one class ('-' for single-class models)."""
+    rc = (m.region_per_class or {}).get(c)
+    if rc is None:
+        return ["-", "-", "-"]
+    return [f"{rc.found} / {rc.gt_regions}", rc.recall, rc.fp_regions_per_megapixel]
+
+
+def evaluation_plots(ev: Evaluation) -> dict[str, bytes | None]:
+    """PNGs of the precision-recall curves, the threshold sweep, the PRO curve and the per-image distributions."""
+    keys = list(ev.classes[1:]) + (["any"] if len(ev.classes) > 2 else [])
+    names = list(ev.classes[1:]) + (["any defect"] if len(ev.classes) > 2 else [])
+    pr = []
+    for name, key in zip(names, keys):
+        h = ev.hist[key]
+        if h.pos.sum():
+            c, keep = h.curve(), (h.pos + h.neg) > 0
+            pr.append((name, c["recall"][keep], c["precision"][keep], h.average_precision()))
+    any_hist = ev.hist["any"]
+    c = any_hist.curve()
+    out: dict[str, bytes | None] = {
+        "pr": plots.precision_recall(pr),
+        "sweep": plots.threshold_sweep(c["level"] / 255, c["precision"], c["recall"], c["f1"], ev.threshold,
+                                       any_hist.best_f1()),
+        "pro": None,
+    }
+    if ev.gt_regions and any_hist.neg.sum():
+        out["pro"] = plots.pro_curve(*pro_curve(ev.overlap_sum, ev.gt_regions, any_hist), ev.options.pro_fpr_limit)
+    defective = np.array([r["defective"] for r in ev.per_image], bool)
+    dice = [r["defect_dice"] for r in ev.per_image if r["gt_defect_px"] and r["defect_dice"] is not None]
+    out["images"] = plots.image_distributions(np.asarray(ev.image_scores), defective, ev.threshold, dice)
+    return out

@@ -1,0 +1,67 @@
+"""Networks as the tiling engine's `predict`: uint8 tiles in, probabilities out.
+
+`TorchTiles` is the one place where a torch model's input is normalised, its logits activated, and precision
+(autocast), memory format and flip TTA are applied. Later backends (ONNX Runtime) go beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from defectscan.runtime import autocast, resolve_amp, resolve_device
+
+Head = Literal["sigmoid", "softmax", "none"]
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def activate(logits: torch.Tensor, head: Head) -> torch.Tensor:
+    logits = logits.float()
+    if head == "sigmoid":
+        return torch.sigmoid(logits)
+    if head == "softmax":
+        return torch.softmax(logits, dim=1)
+    return logits
+
+
+class TorchTiles:
+    """A torch segmentation network as a tile predictor: (B, th, tw, 3) uint8 -> (B, C, th, tw) float32.
+
+    The model is used where it is and as it is: nothing here moves it, changes its mode or its memory format
+    (callers put it in eval mode). `device` defaults to the device of the model's parameters.
+    """
+
+    def __init__(self, model: nn.Module, *, head: Head = "sigmoid", mean: Sequence[float], std: Sequence[float],
+                 amp: str = "auto", tta: bool = False, channels_last: bool | None = None,
+                 device: str | torch.device | None = None) -> None:
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.model, self.head, self.tta = model, head, tta
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_amp(amp, self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std_t), mean_t / std_t  # (x/255 - mean)/std as one multiply-add
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        x = x.mul_(self.scale).sub_(self.shift)
+        flips = _TTA_FLIPS if self.tta else ((),)
+        total = None
+        with autocast(self.device, self.amp_dtype):
+            for dims in flips:
+                xi = torch.flip(x, dims) if dims else x
+                p = activate(self.model(xi), self.head)
+                p = torch.flip(p, dims) if dims else p
+                total = p if total is None else total + p
+        return total / len(flips)

@@ -1,0 +1,108 @@
+"""`Predictor`: a model plus run-time options -> per-image probabilities, class mask, regions.
+
+The one path from an image to a result: `infer`, `evaluate` and validation during training all go through it,
+so the normalisation (`TorchTiles`), the mask rule (`segment`) and the channel -> class mapping (`ClassMap`) are
+the same everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectscan.errors import DefectscanError
+from defectscan.inference.backends import TorchTiles
+from defectscan.inference.postprocess import ClassMap, segment
+from defectscan.io.images import ImageSource
+from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
+from defectscan.models.factory import center_stitch_caveat
+from defectscan.runtime import resolve_device
+from defectscan.schemas import InferOptions, Region
+from defectscan.tiling import plan_tiles, tiled_inference, validate_tile
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # (C, H, W) uint8, probability * 255
+    mask: np.ndarray  # (H, W) uint8 class id
+    regions: list[Region]
+    score: np.ndarray  # (H, W) uint8 defect score the mask thresholds
+    tiles: int
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+class Predictor:
+    """A model with its spec and options; `predict` one image at a time, `write` its outputs atomically.
+
+    Built from a checkpoint (`from_checkpoint`: the predictor owns the model and puts it on the device), or around
+    a caller's model (training validation: the model is used where it is and in the mode the caller set).
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, options: InferOptions | None = None, *,
+                 checkpoint: Path | None = None, meta: dict | None = None) -> None:
+        self.model, self.spec, self.checkpoint, self.meta = model, spec, checkpoint, meta or {}
+        self.options = opts = options or InferOptions()
+        self.classes = ClassMap.of(spec)
+        self.tile = validate_tile(opts.tile or spec.tile, spec.stride, model_name=describe(spec))
+        self.overlap = spec.overlap if opts.overlap is None else opts.overlap
+        self.threshold = spec.threshold if opts.threshold is None else opts.threshold
+        if not 0.0 <= self.threshold <= 1.0:
+            raise DefectscanError(f"threshold must be within [0, 1], got {self.threshold}")
+        plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
+        self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path | None = None, options: InferOptions | None = None) -> "Predictor":
+        """Load a checkpoint (default: the bundled model) onto the options' device, in eval mode."""
+        options = options or InferOptions()
+        path = Path(checkpoint) if checkpoint else default_checkpoint()
+        model, spec, meta = load_checkpoint(path)
+        device = resolve_device(options.device)
+        model = model.to(device).eval()
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, spec, options, checkpoint=path, meta=meta)
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Defect class id -> name."""
+        return self.classes.defect_names
+
+    @property
+    def notes(self) -> list[str]:
+        caveat = center_stitch_caveat(self.spec)
+        if self.options.stitch == "center" and caveat:
+            return [f"{caveat}: center stitching is not exact; consider --stitch gaussian"]
+        return []
+
+    def probabilities(self, image: ImageSource | np.ndarray, *, tile: tuple[int, int] | None = None,
+                      overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """(C, H, W) uint8 probabilities through the tiling engine (tile/overlap: other than the options')."""
+        return tiled_inference(self.tiles, image, tile=tile or self.tile,
+                               overlap=self.overlap if overlap is None else overlap, stitch=self.options.stitch,
+                               batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
+
+    def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None) -> Prediction:
+        source = source if isinstance(source, ImageSource) else ImageSource(np.asarray(source))
+        t0 = time.perf_counter()
+        layout = plan_tiles(source.height, source.width, self.tile, self.overlap, self.spec.stride)
+        probs = self.probabilities(source, progress=progress)
+        mask, regions, score = segment(probs, self.classes, self.threshold, min_area=self.options.min_area)
+        seconds = time.perf_counter() - t0
+        h, w = source.shape
+        defect_px = int(np.count_nonzero(mask))
+        summary = {
+            "width": w, "height": h, "tiles": len(layout), "seconds": round(seconds, 3),
+            "megapixels_per_second": round(h * w / 1e6 / max(seconds, 1e-9), 3),
+            "regions": len(regions),
+            "regions_per_class": {n: sum(r.class_id == c for r in regions) for c, n in self.class_names.items()},
+            "defect_area_fraction": round(defect_px / (h * w), 8),
+        }
+        return Prediction(probs, mask, regions, score, len(layout), seconds, summary)

@@ -1,0 +1,85 @@
+"""What `infer` writes per image, and which files it reads: probability maps, mask, overlay, defect tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from defectscan.errors import DefectscanError
+from defectscan.io.files import atomic_dir, csv_text
+from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource
+from defectscan.models import describe
+from defectscan.reporting.overlays import render_overlay
+from defectscan.schemas import REGION_FIELDS, Region
+
+
+def write_prediction(predictor, image_path: Path, source: ImageSource, pred, out_dir: Path) -> Path:
+    """For a `Predictor` and its `Prediction`: prob_<class>.png per class, mask.png, overlay.jpg, defects.json and defects.csv, as one atomic directory."""
+    p, opts = predictor, predictor.options
+    names = p.class_names
+    with atomic_dir(out_dir) as tmp:
+        for cid, name in names.items():
+            _imwrite(tmp / f"prob_{_safe(name)}.png", pred.probs[p.classes.channel(cid)])
+        mask = pred.mask * np.uint8(255) if len(names) == 1 else pred.mask
+        _imwrite(tmp / "mask.png", mask)
+        overlay = render_overlay(source, pred.mask, pred.regions, class_names=names, max_side=opts.preview_size)
+        _imwrite(tmp / "overlay.jpg", overlay[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+        table = {
+            "image": str(image_path), "model": describe(p.spec), "checkpoint": str(p.checkpoint),
+            "threshold": p.threshold, "tile": list(p.tile), "overlap": p.overlap,
+            "stitch": opts.stitch, "tta": opts.tta, "min_area_px": opts.min_area,
+            "mask_encoding": "0/255" if len(names) == 1 else "class index",
+            "classes": {str(c): n for c, n in names.items()},
+            **pred.summary,
+            "defects": [r.to_dict() for r in pred.regions],
+        }
+        (tmp / "defects.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        (tmp / "defects.csv").write_text(_regions_csv(pred.regions), encoding="utf-8")
+    return out_dir
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> None:
+    if not cv2.imwrite(str(path), np.ascontiguousarray(img), params or []):
+        raise DefectscanError(f"{path}: could not write output")
+
+
+def _regions_csv(regions: Iterable[Region]) -> str:
+    return csv_text([r.to_dict() for r in regions], fieldnames=list(REGION_FIELDS))
+
+
+def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand directories (their supported image files, sorted) and check that every input exists."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+            if not found:
+                raise DefectscanError(f"{p}: directory contains no images ({', '.join(SUPPORTED_SUFFIXES)})")
+            paths.extend(found)
+        elif not p.exists():
+            raise DefectscanError(f"{p}: no such file or directory")
+        elif p.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise DefectscanError(f"{p}: unsupported image format '{p.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+        else:
+            paths.append(p)
+    return paths
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One output directory name per image: the stem, made unique when two inputs share it."""
+    names, seen = [], {}
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        names.append(p.stem if n == 0 else f"{p.stem}_{n + 1}")
+    return names
+

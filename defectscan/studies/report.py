@@ -1,0 +1,138 @@
+"""The study's aggregate: results.csv, summary.json, summary.md, learning_curve.png and report.html, rebuilt from
+the finished cells (`<out>/cells/*/cell.json`)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from defectscan.io.files import csv_text, write_text
+from defectscan.io.provenance import hardware, library_versions
+from defectscan.reporting import plots
+from defectscan.reporting.html import png_bytes_uri, render
+from defectscan.schemas import HEADLINE_METRICS
+
+
+def collect_rows(study, out: Path) -> list[dict]:
+    """The result rows of the study's finished cells, in the study's cell order."""
+    rows = []
+    for cell in study.cells():
+        f = Path(out) / "cells" / cell.name / "cell.json"
+        if f.is_file():
+            rows.append(json.loads(f.read_text()))
+    return rows
+
+
+def bootstrap_ci(values: list[float | None], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its 95% percentile-bootstrap interval (`scipy.stats.bootstrap`).
+
+    With few seeds the interval is rough, not wrong; one value gives a zero-width interval, none gives NaNs."""
+    from scipy.stats import bootstrap
+
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(v) == 1 or np.all(v == v[0]):
+        return float(v[0]), float(v[0]), float(v[0])
+    res = bootstrap((v,), np.mean, n_resamples=reps, confidence_level=0.95, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def aggregate(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """One row per (backbone, labeled setting): mean and 95% bootstrap interval over seeds of each metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], str(r["labeled_setting"])), []).append(r)
+    out = []
+    for (backbone, setting), rs in groups.items():
+        agg = {"backbone": backbone, "family": rs[0]["family"], "labeled_setting": setting,
+               "labeled": int(np.mean([r["labeled"] for r in rs])), "seeds": len(rs),
+               "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
+        for m in metrics:
+            mean, lo, hi = bootstrap_ci([r.get(m) for r in rs])
+            agg[m] = None if np.isnan(mean) else round(mean, 4)
+            agg[f"{m}_ci"] = None if np.isnan(mean) else [round(lo, 4), round(hi, 4)]
+        out.append(agg)
+    return out
+
+
+def learning_curve_png(summary: list[dict], metric: str, title: str) -> bytes:
+    """Mean metric against labeled images per backbone (log x), the bootstrap interval shaded."""
+    series: dict[str, list] = {}
+    for s in summary:
+        if s[metric] is not None:
+            series.setdefault(f"{s['backbone']} ({s['family']})", []).append(
+                (s["labeled"], s[metric], *s[f"{metric}_ci"]))
+    return plots.learning_curves(series, f"test {metric.replace('_', ' ')}", title)
+
+
+def write_report(study, out: Path, *, command: str = "") -> None:
+    """results.csv, summary.json, summary.md, learning_curve.png and report.html from the finished cells."""
+    out = Path(out)
+    rows = collect_rows(study, out)
+    if not rows:
+        return
+    write_text(out / "results.csv", csv_text(rows))
+    summary = aggregate(rows, list(HEADLINE_METRICS))
+    shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
+                                       "pro", "image_auroc"])
+             if any(s[m] is not None for s in summary)]  # e.g. no image AUROC when every test image has defects
+    log = out / "commands.log"
+    ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
+    info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
+            "platform": platform.platform(), "versions": library_versions(),
+            "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
+    main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
+    plots.write_png(main_curve, out / "learning_curve.png")
+    curves = [{"uri": png_bytes_uri(main_curve if m == study.metric else
+                                    learning_curve_png(summary, m, f"{study.name}: {m}")), "caption": m}
+              for m in shown[:4]]
+    largest: dict[str, dict] = {}
+    for s in summary:
+        if s["backbone"] not in largest or s["labeled"] > largest[s["backbone"]]["labeled"]:
+            largest[s["backbone"]] = s
+    metric = study.metric
+    speed = plots.scatter([(s["backbone"], s["mp_per_s"], s[metric], tuple(s[f"{metric}_ci"]))
+                           for s in largest.values() if s["mp_per_s"] and s[metric] is not None],
+                          "inference speed (megapixels / s, this machine)", f"test {metric}",
+                          "accuracy vs speed (largest labeled set)")
+    html = render(
+        "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
+        accuracy_header=["backbone", "family", "labeled", "seeds", *shown, "train s"],
+        accuracy_rows=[[s["backbone"], s["family"], s["labeled"], s["seeds"], *[_with_ci(s, m) for m in shown],
+                        s["train_seconds"]] for s in summary],
+        speed_plot=png_bytes_uri(speed),
+        cost_header=["backbone", "family", metric, "params (M)", "GFLOPs / tile", "MP/s", "s / image", "peak RSS MB",
+                     "train s / cell"],
+        cost_rows=[[s["backbone"], s["family"], _with_ci(s, metric),
+                    round(s["parameters"] / 1e6, 2) if s["parameters"] else None, s["gflops_per_tile"], s["mp_per_s"],
+                    s["latency_s"], s["peak_rss_mb"], s["train_seconds"]] for s in largest.values()],
+        cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s"],
+        cell_rows=[[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"],
+                    r["eval_seconds"]] for r in rows])
+    write_text(out / "report.html", html)
+    write_text(out / "summary.md", markdown_table(summary, shown))
+
+
+def markdown_table(summary: list[dict], metrics: list[str]) -> str:
+    """The accuracy table as Markdown (mean [95% bootstrap interval] over seeds), for READMEs and tickets."""
+    head = ["backbone", "family", "labeled", "seeds", *metrics, "train s / cell", "MP/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in sorted(summary, key=lambda s: (s["backbone"], s["labeled"])):
+        lines.append("| " + " | ".join([s["backbone"], s["family"], str(s["labeled"]), str(s["seeds"]),
+                                        *[_with_ci(s, m) for m in metrics], f"{s['train_seconds']:.0f}",
+                                        f"{s['mp_per_s']:.3f}" if s["mp_per_s"] else "-"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_ci(s: dict, m: str) -> str:
+    if s.get(m) is None:
+        return "-"
+    lo, hi = s[f"{m}_ci"]
+    return f"{s[m]:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -1,0 +1,93 @@
+"""Streaming tiled inference: slice a huge image into overlapping tiles, hand batches of tiles to any predict
+function, and stitch the probabilities into one full-resolution map in bounded memory.
+
+The engine knows nothing about the model: `predict` is any callable from a uint8 tile batch to probabilities
+(a torch network wrapped by `defectscan.inference.TorchTiles`, an ONNX session, a remote service). It never
+moves, converts or switches the mode of a caller's model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+
+from defectscan.errors import DefectscanError
+from defectscan.io.images import ImageSource
+from defectscan.tiling.layout import plan_tiles
+from defectscan.tiling.readers import TilePrefetcher
+from defectscan.tiling.stitching import CenterStitcher, GaussianStitcher, StitchMode, check_stitch
+
+Scores = Union[torch.Tensor, np.ndarray]
+
+
+class TilePredictor(Protocol):
+    """(B, th, tw, 3) uint8 RGB tiles on the CPU -> (B, C, th, tw) probabilities in [0, 1] (torch or numpy)."""
+
+    def __call__(self, tiles: torch.Tensor) -> Scores: ...
+
+
+def tiled_inference(
+    predict: Callable[[torch.Tensor], Scores],
+    image: ImageSource | np.ndarray,
+    *,
+    tile: int | Sequence[int] = 512,
+    overlap: int | Sequence[int] = 64,
+    stitch: StitchMode = "center",
+    batch_size: int = 4,
+    align: int = 32,
+    out: np.ndarray | None = None,
+    out_dtype: type | np.dtype = np.uint8,
+    sigma_scale: float = 0.125,
+    pin_memory: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Run `predict` over `image` tile by tile and return the stitched (C, H, W) probability map.
+
+    Args:
+        predict: tiles (B, th, tw, 3) uint8 -> probabilities (B, C, th, tw); see `TilePredictor`.
+        image: an `ImageSource` (read region by region) or an (H, W, 3) uint8 RGB array.
+        tile, overlap: tile size and overlap in pixels; overlap is rounded up so steps are multiples of `align`.
+        stitch: 'center' (exact overlap-tile) or 'gaussian' (weighted blending); see `defectscan.tiling.stitching`.
+        batch_size: tiles per call of `predict`.
+        align: output stride of the network; tile sizes and tile steps are multiples of it.
+        out: optional preallocated (C, H, W) output, e.g. a `numpy.memmap` for images larger than RAM.
+        out_dtype: uint8 (probability * 255, rounded), float16 or float32; ignored when `out` is given.
+        sigma_scale: Gaussian sigma as a fraction of the tile size (gaussian mode).
+        pin_memory: read tiles into pinned buffers (faster copies to a GPU); default: `predict.pin_memory` if set.
+        progress: called as progress(done_tiles, total_tiles) after every batch.
+    """
+    check_stitch(stitch)
+    if batch_size < 1:
+        raise DefectscanError(f"batch size must be >= 1, got {batch_size}")
+    source = image if isinstance(image, ImageSource) else ImageSource(np.asarray(image))
+    layout = plan_tiles(source.height, source.width, tile, overlap, align)
+    pin = bool(getattr(predict, "pin_memory", False)) if pin_memory is None else pin_memory
+
+    stitcher: CenterStitcher | GaussianStitcher | None = None
+    done = 0
+    for chunk, batch in TilePrefetcher(source, layout, batch_size, pin=pin):
+        probs = predict(batch)
+        if isinstance(probs, np.ndarray):
+            probs = torch.from_numpy(probs)
+        if probs.ndim != 4 or probs.shape[0] != len(chunk) or probs.shape[-2:] != batch.shape[1:3]:
+            raise DefectscanError(
+                f"predict returned shape {tuple(probs.shape)} for {len(chunk)} tiles of {tuple(batch.shape[1:3])}; "
+                "tiled inference needs (tiles, classes, height, width) at full resolution"
+            )
+        if stitcher is None:
+            shape = (probs.shape[1], source.height, source.width)
+            if out is None:
+                out = np.zeros(shape, dtype=out_dtype)
+            elif out.shape != shape:
+                raise DefectscanError(f"output array has shape {out.shape}, expected {shape}")
+            stitcher = CenterStitcher(layout, out) if stitch == "center" else GaussianStitcher(layout, out, sigma_scale)
+        for (iy, ix), p in zip(chunk, probs):
+            stitcher.add(iy, ix, p)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(layout))
+    assert stitcher is not None and out is not None  # a layout always has at least one tile
+    stitcher.finish()
+    return out

@@ -1,0 +1,276 @@
+"""`defectscan train`: crops -> model -> validation through `Predictor` and the tiling engine -> best checkpoint,
+resumable. The run directory's files are `RunDir`'s business (training/rundir.py).
+
+Determinism: crop `i` of the run depends only on (seed, i) and the dropout RNG is reseeded each epoch, so on the
+CPU a run resumed from its last epoch checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from defectscan.data import Splits, labeled_subset, load_dataset, split_dataset
+from defectscan.data.dataset import SegmentationDataset
+from defectscan.data.sampling import CropDataset, IndexRange, build_augment
+from defectscan.errors import DefectscanError
+from defectscan.evaluation import Evaluation, evaluate
+from defectscan.inference import ClassMap, Predictor
+from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from defectscan.runtime import autocast, resolve_amp, resolve_device
+from defectscan.schemas import EvalOptions
+from defectscan.tiling import validate_tile
+from defectscan.training.config import Config
+from defectscan.training.losses import build_loss
+from defectscan.training.rundir import RunDir
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_metric: float | None
+    epochs_run: int
+    seconds: float
+    test: dict | None
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to base * min_ratio at the last step."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
+    classes = ClassMap.for_classes(ds.classes, cfg.model.head)
+    spec = ModelSpec(arch=cfg.model.arch, encoder=cfg.model.encoder, classes=classes.channel_names, head=classes.head,
+                     tile=cfg.model.tile, overlap=cfg.model.overlap, threshold=cfg.model.threshold,
+                     arch_kwargs=dict(cfg.model.arch_kwargs), encoder_kwargs=dict(cfg.model.encoder_kwargs))
+    validate_tile(spec.tile, spec.stride, model_name=f"{spec.arch}/{spec.encoder}")
+    if cfg.sampling.crop % spec.stride:
+        raise DefectscanError(f"config 'sampling.crop': {cfg.sampling.crop} is not a multiple of the model's "
+                              f"stride {spec.stride}")
+    return spec
+
+
+def prepare_data(cfg: Config, log: Log) -> tuple[SegmentationDataset, Splits, list]:
+    if not cfg.data.root:
+        raise DefectscanError("no dataset: give --data DIR or set data.root in the config")
+    ds = load_dataset(cfg.data.root, cfg.data.format, cfg.data.classes)
+    ds.require_usable()
+    splits = split_dataset(ds, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    train = labeled_subset(splits.train, cfg.data.labeled, cfg.data.labeled_fraction, cfg.data.subset_seed)
+    log(f"dataset {ds.root} ({ds.format}): {len(ds.samples)} images, {len(ds.labeled)} labeled, "
+        f"{len(ds.unlabeled)} unlabeled; classes {', '.join(ds.classes[1:])}; {splits.summary()}; "
+        f"training on {len(train)} labeled image(s)")
+    if not any(s.has_defect for s in train):
+        log("warning: no training image contains a defect; the model can only learn background")
+    return ds, splits, train
+
+
+def _load_pairs(ds: SegmentationDataset, samples: list, progress: Callable[[int, int], None] | None) -> tuple[list, list]:
+    images, masks = [], []
+    for i, s in enumerate(samples):
+        image = ds.load_image(s)
+        images.append(image)
+        masks.append(ds.load_mask(s, image.shape[:2]))
+        if progress:
+            progress(i + 1, len(samples))
+    return images, masks
+
+
+def _metric_row(m: Evaluation, select: str) -> tuple[float | None, dict[str, Any]]:
+    s = m.metrics()
+    row = {"val_mean_iou": s.mean_iou, "val_mean_dice": s.mean_dice, "val_defect_ap": s.defect_pixel_ap}
+    row.update({f"val_iou_{c}": v for c, v in s.iou.items() if c != m.classes[0]})
+    return (s.mean_iou if select == "iou" else s.mean_dice), row
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = print,
+          progress_factory: Callable[[str, int], Callable[[int, dict], None]] | None = None) -> TrainResult:
+    """Train as configured into `run_dir`. `progress_factory(description, total)` returns an update callback."""
+    run = RunDir(run_dir)
+    if resume:
+        if not run.is_run():
+            raise DefectscanError(f"{run.path}: nothing to resume (no config.yaml; not a run directory)")
+        if not run.same_config(cfg):
+            raise DefectscanError(f"{run.path}: the configuration differs from the run's config.yaml; resume with "
+                                  f"the same settings (or start a new run)")
+    elif not run.is_empty():
+        raise DefectscanError(f"{run.path}: run directory exists and is not empty; use --resume or another --out")
+    log_file = None
+    pending: list[str] = []
+
+    def say(msg: str) -> None:
+        log(msg)
+        line = time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n"
+        if log_file is None:  # nothing is written before the run's setup has succeeded
+            pending.append(line)
+        else:
+            log_file.write(line)
+            log_file.flush()
+
+    def open_log() -> None:
+        nonlocal log_file
+        log_file = run.open_log()
+        log_file.writelines(pending)
+
+    try:
+        return _train(cfg, run, resume, say, open_log, progress_factory)
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[[], None],
+           progress_factory) -> TrainResult:
+    t_start = time.perf_counter()
+    if resume and not run.has_state():
+        say("no finished epoch to resume from: starting the run from the beginning")
+        resume = False
+    tc, sc, oc = cfg.training, cfg.sampling, cfg.optim
+    ds, splits, train_samples = prepare_data(cfg, say)
+    spec = model_spec_for(cfg, ds)
+    device = resolve_device(tc.device)
+    amp_dtype = resolve_amp(tc.amp, device)
+    loss_fn = build_loss(cfg.loss, spec.head, len(spec.classes))
+    augment = build_augment(cfg.augment)
+    torch.manual_seed(tc.seed)
+    model = build_model(spec, encoder_weights=None if resume else cfg.model.encoder_weights).to(device)
+    open_log()
+    if not resume:
+        run.write_config(cfg)
+        run.write_splits(splits.source, [s.stem for s in train_samples],
+                         {s.stem for s in splits.train} - {s.stem for s in train_samples},
+                         [s.stem for s in splits.val], [s.stem for s in splits.test])
+
+    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    progress_state = {"epoch": 0, "best_metric": None, "best_epoch": 0, "bad_validations": 0, "history": [],
+                      "seconds": 0.0}
+    if resume:
+        saved = run.load_state()
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise DefectscanError(f"{run.path}: saved state does not fit {spec.arch}/{spec.encoder}") from None
+        opt.load_state_dict(saved["optimizer"])
+        progress_state = saved["progress"]
+        say(f"resuming after epoch {progress_state['epoch']}")
+
+    def counter(description: str, total: int) -> Callable[[int, int], None] | None:
+        """A (done, total) progress callback for the loops that report no extra values."""
+        if progress_factory is None:
+            return None
+        update = progress_factory(description, total)
+        return lambda done, _total: update(done, {})
+
+    def validate(net: torch.nn.Module, net_spec: ModelSpec, samples: list, description: str) -> Evaluation:
+        """Validation metrics through the same `Predictor` path as `infer` and `evaluate` (no previews, no cost)."""
+        vc = cfg.validation
+        opts = EvalOptions(stitch=vc.stitch, batch_size=vc.batch_size, amp=tc.amp, min_area=vc.min_area,
+                           seam_images=0, examples=0, cost=False)
+        predictor = Predictor(net, net_spec, opts.infer_options())
+        return evaluate(predictor, ds, samples, opts, progress=counter(description, len(samples)))
+
+    images, masks = _load_pairs(ds, train_samples, counter("loading images", len(train_samples)))
+    crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    total_steps = tc.epochs * sc.steps_per_epoch
+    warmup = int(round(oc.warmup_epochs * sc.steps_per_epoch))
+    pin = device.type == "cuda"
+    history: list[dict] = progress_state["history"]
+
+    for epoch in range(progress_state["epoch"] + 1, tc.epochs + 1):
+        t_epoch = time.perf_counter()
+        torch.manual_seed(tc.seed * 100_003 + epoch)  # dropout/drop-path draws depend on the epoch only
+        first = (epoch - 1) * sc.steps_per_epoch
+        loader = torch.utils.data.DataLoader(
+            crops, batch_size=sc.batch_size,
+            sampler=IndexRange(first * sc.batch_size, (first + sc.steps_per_epoch) * sc.batch_size),
+            num_workers=sc.workers, pin_memory=pin, persistent_workers=False)
+        update = progress_factory(f"epoch {epoch}/{tc.epochs}", sc.steps_per_epoch) if progress_factory else None
+        model.train()
+        losses = []
+        for k, (x, y) in enumerate(loader):
+            step = first + k
+            lr = lr_at(step, total_steps, warmup, oc.lr, oc.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = x.to(device, non_blocking=pin).float().div_(255).sub_(mean).div_(std)
+            y = y.to(device, non_blocking=pin)
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise DefectscanError(f"epoch {epoch} step {k + 1}: loss is {loss.item()}; lower optim.lr")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if oc.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+            if update:
+                update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
+        row: dict[str, Any] = {"epoch": epoch, "step": first + sc.steps_per_epoch, "lr": round(lr, 8),
+                               "train_loss": round(float(np.mean(losses)), 5),
+                               "train_seconds": round(time.perf_counter() - t_epoch, 1)}
+        improved = False
+        if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
+            m = validate(model, spec, splits.val, "validation")
+            metric, vals = _metric_row(m, tc.select)
+            row.update(vals)
+            row["val_seconds"] = round(m.seconds, 1)
+            best = progress_state["best_metric"]
+            improved = metric is not None and (best is None or metric > best)
+            if improved:
+                progress_state.update(best_metric=metric, best_epoch=epoch, bad_validations=0)
+            else:
+                progress_state["bad_validations"] += 1
+        elif not splits.val:
+            improved = True  # without a validation split the latest weights are the best we know
+            progress_state["best_epoch"] = epoch
+        history.append(row)
+        progress_state["epoch"] = epoch
+        progress_state["seconds"] += time.perf_counter() - t_epoch
+        extra = {"run": str(run.path.name), "epoch": epoch, "metrics": row, "dataset": str(ds.root),
+                 "train_images": len(train_samples)}
+        half = tc.half_checkpoints
+        if improved:
+            save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=extra)
+        save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
+        run.save_state(model, opt, progress_state)  # written last: resume starts from here
+        run.write_history(history)
+        say(f"epoch {epoch}/{tc.epochs} loss {row['train_loss']:.4f}"
+            + (f" val mIoU {row['val_mean_iou']} mDice {row['val_mean_dice']} AP {row['val_defect_ap']}"
+               if "val_mean_iou" in row else "")
+            + (" (best)" if improved and splits.val else "") + f" [{row['train_seconds']}s]")
+        if tc.early_stop and progress_state["bad_validations"] >= tc.early_stop:
+            say(f"early stop: no improvement in {tc.early_stop} validation(s)")
+            break
+
+    test = None
+    if splits.test and cfg.validation.test:
+        best_model, best_spec, _ = load_checkpoint(run.checkpoint("best"))
+        m = validate(best_model.to(device), best_spec, splits.test, "test")
+        metrics = m.metrics().model_dump(mode="json", exclude={"cost"})  # no cost measured during training
+        test = {"epoch": progress_state["best_epoch"], **metrics, "per_image": m.per_image}
+        run.write_test_metrics(test)
+        say(f"test ({len(splits.test)} images, best epoch {progress_state['best_epoch']}): mIoU {test['mean_iou']} "
+            f"mDice {test['mean_dice']} defect pixel AP {test['defect_pixel_ap']}")
+    seconds = time.perf_counter() - t_start
+    return TrainResult(run.path, progress_state["best_epoch"], progress_state["best_metric"], progress_state["epoch"],
+                       seconds, test)

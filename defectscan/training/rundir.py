@@ -1,0 +1,150 @@
+"""A training run directory: the only code that knows its files, their formats and the resume state.
+
+    config.yaml        the resolved configuration (defaults + file + overrides)
+    splits.json        image stems per split (audit: test images never reach training)
+    best.*, last.*     checkpoints as `infer` reads them (safetensors + JSON sidecar)
+    last_state.pt      model + optimizer + progress, for --resume (tensors and plain data only: weights_only load)
+    metrics.csv        one row per epoch; curves.png plots it
+    test_metrics.json  the best checkpoint on the test split, when there is one
+    train.log          the log
+    evaluation/        `defectscan evaluate` output for the best checkpoint (default location)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from defectscan.errors import DefectscanError
+from defectscan.evaluation import EVALUATION_DIR
+from defectscan.io.files import atomic_path, csv_text, write_text
+from defectscan.reporting import plots
+from defectscan.training.config import Config, load_config, same_as_saved
+
+
+class RunDir:
+    CONFIG = "config.yaml"
+    SPLITS = "splits.json"
+    STATE = "last_state.pt"
+    METRICS = "metrics.csv"
+    CURVES = "curves.png"
+    TEST_METRICS = "test_metrics.json"
+    LOG = "train.log"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- what a directory is ----------------------------------------------------------------------------------
+    @classmethod
+    def containing(cls, checkpoint: str | Path) -> "RunDir | None":
+        """The run a checkpoint belongs to (its directory holds config.yaml and splits.json), else None."""
+        run = cls(Path(checkpoint).parent)
+        return run if run.is_run() and (run.path / cls.SPLITS).is_file() else None
+
+    def is_run(self) -> bool:
+        return (self.path / self.CONFIG).is_file()
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    def has_state(self) -> bool:
+        return (self.path / self.STATE).is_file()
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """Weights file of the 'best' or 'last' checkpoint (the sidecar sits beside it)."""
+        return self.path / f"{which}.safetensors"
+
+    def checkpoint_stem(self, which: str) -> Path:
+        return self.path / which
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.path / EVALUATION_DIR
+
+    # ---- configuration and splits -----------------------------------------------------------------------------
+    def write_config(self, cfg: Config) -> None:
+        write_text(self.path / self.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def read_config(self) -> Config:
+        if not self.is_run():
+            raise DefectscanError(f"{self.path}: not a run directory (no {self.CONFIG})")
+        return load_config(self.path / self.CONFIG)
+
+    def same_config(self, cfg: Config, ignore: tuple[str, ...] = ()) -> bool:
+        return same_as_saved(cfg, self.path / self.CONFIG, ignore=ignore)
+
+    def write_splits(self, source: str, train: Sequence[str], unused: Sequence[str], val: Sequence[str],
+                     test: Sequence[str]) -> None:
+        write_text(self.path / self.SPLITS, json.dumps({"source": source, "train": list(train),
+                                                        "train_unused": sorted(unused), "val": list(val),
+                                                        "test": list(test)}, indent=1))
+
+    def read_splits(self) -> dict[str, list[str]]:
+        f = self.path / self.SPLITS
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DefectscanError(f"{f}: cannot read the run's splits ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise DefectscanError(f"{f}: not a splits file")
+        return data
+
+    def split_source(self) -> tuple[dict[str, list[str]], Path]:
+        """(stems per split, the file) as `evaluate` takes them."""
+        return self.read_splits(), self.path / self.SPLITS
+
+    def train_images(self) -> int:
+        return len(self.read_splits().get("train", []))
+
+    # ---- resume state -----------------------------------------------------------------------------------------
+    def save_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Mapping[str, Any]) -> None:
+        payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "optimizer": opt.state_dict(), "progress": json.dumps(progress)}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        with atomic_path(self.path / self.STATE) as tmp:
+            tmp.write_bytes(buf.getvalue())
+
+    def load_state(self) -> dict:
+        path = self.path / self.STATE
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload["progress"] = json.loads(payload["progress"])
+        except Exception as exc:
+            raise DefectscanError(f"{path}: cannot read training state ({type(exc).__name__})") from None
+        return payload
+
+    # ---- history and results ----------------------------------------------------------------------------------
+    def write_history(self, history: list[dict]) -> None:
+        """metrics.csv (one row per epoch, the union of the rows' keys) and curves.png."""
+        if not history:
+            return
+        keys: list[str] = []
+        for row in history:
+            keys += [k for k in row if k not in keys]
+        write_text(self.path / self.METRICS, csv_text(history, fieldnames=keys))
+        plots.write_png(plots.training_curves(history), self.path / self.CURVES)
+
+    def read_history(self) -> list[dict[str, str]]:
+        f = self.path / self.METRICS
+        return list(csv.DictReader(io.StringIO(f.read_text()))) if f.is_file() else []
+
+    def seconds(self) -> float:
+        """Training plus validation time over the recorded epochs."""
+        return sum(float(h.get("train_seconds") or 0) + float(h.get("val_seconds") or 0) for h in self.read_history())
+
+    def write_test_metrics(self, result: Mapping[str, Any]) -> None:
+        write_text(self.path / self.TEST_METRICS, json.dumps(result, indent=2) + "\n")
+
+    def open_log(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        return open(self.path / self.LOG, "a", encoding="utf-8")
