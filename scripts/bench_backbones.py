@@ -4,7 +4,7 @@
     python scripts/bench_backbones.py --encoders resnet34 vitae_t_win --tiles 256 512 --decoders unet
 
 Each (encoder, decoder, tile) runs in a fresh process: one 1 x 3 x tile x tile forward in eval mode, float32,
-`torch.inference_mode`; FLOPs from `defectscan.cost.count_flops` (torch.utils.flop_counter, multiply-add = 2
+`torch.inference_mode`; FLOPs from `defectscan.evaluation.cost.count_flops` (torch.utils.flop_counter, multiply-add = 2
 FLOPs, CPU fused attention included), latency = median of `--repeats` forwards after one warm-up, peak memory =
 growth of the process's peak RSS during the forwards (activations and workspace, not the weights). The last
 column is FLOPs at this tile / FLOPs at 512: 0.25 and 4.0 mean cost linear in tile area; more than 4.0 at 1024

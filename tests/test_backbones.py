@@ -89,7 +89,7 @@ def test_vitae_rejects_sides_that_are_not_multiples_of_32():
 
 def test_vitae_drop_path_grows_over_all_cells_and_train_returns_module():
     model = create_vitae("vitae_s", drop_path=0.2)
-    rates = [cell.drop_path.rate for layer in model.layers for cell in layer.NC]
+    rates = [cell.drop_path.drop_prob for layer in model.layers for cell in layer.NC]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
     assert model.train() is model and model.eval() is model
 

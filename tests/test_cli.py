@@ -126,7 +126,9 @@ def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
         (["--tile", "500"], "multiple of 32"),
         (["--overlap", "600"], "overlap"),
         (["--threshold", "1.5"], "threshold"),
-        (["--stitch", "max"], "unknown stitch mode"),
+        (["--stitch", "max"], "option 'stitch'"),
+        (["--preview-size", "0"], "option 'preview_size'"),
+        (["--tile", "0"], "option 'tile'"),
         (["--model", tmp_path / "nothing.safetensors"], "sidecar not found"),
     ]
     spec = ModelSpec(encoder="resnet18", tile=256)

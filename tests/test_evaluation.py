@@ -274,6 +274,7 @@ def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):
 
 # --- benchmark study ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys):
     import defectscan.studies.benchmark as benchmark
 

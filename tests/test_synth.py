@@ -102,7 +102,7 @@ def test_write_dataset(tmp_path) -> None:
     pairs = write_dataset(tmp_path / "ds", size=256, count=2, seed=5, progress=seen.append)
     root = tmp_path / "ds"
     assert seen == [1, 2]
-    names = [f"wafer_{i:03d}.png" for i in range(2)]
+    names = ["wafer_256px_s5.png", "wafer_256px_s6.png"]
     assert pairs == [(root / "images" / n, root / "masks" / n) for n in names]
     assert json.loads((root / "classes.json").read_text()) == {"classes": list(CLASSES)}
     for i, (img_path, mask_path) in enumerate(pairs):

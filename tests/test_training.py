@@ -71,8 +71,7 @@ def test_config_base_inheritance(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
-@pytest.mark.parametrize("preset", [p for p in sorted((ROOT / "configs").glob("*.yaml"))
-                                    if p.name != "default_wafer_model.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_are_valid(preset):
     cfg = load_config(preset)
     build_augment(cfg.augment)
@@ -122,6 +121,7 @@ def test_losses_fit_each_head(head, outputs):
 
 # --- training ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_overfits_one_image(tmp_path):
     data = folder_dataset(tmp_path / "data", 1, size=128)
     cfg = load_config(None, TINY + [
@@ -174,6 +174,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
     data = folder_dataset(tmp_path / "data", 3, size=96, seed=20)
     overrides = TINY + [f"data.root={data}", "data.val_fraction=0", "training.epochs=3"]
