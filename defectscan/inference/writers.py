@@ -18,7 +18,8 @@ from defectscan.schemas import REGION_FIELDS, Region
 
 
 def write_prediction(predictor, image_path: Path, source: ImageSource, pred, out_dir: Path) -> Path:
-    """For a `Predictor` and its `Prediction`: prob_<class>.png per class, mask.png, overlay.jpg, defects.json and defects.csv, as one atomic directory."""
+    """Outputs of a `Predictor`'s `Prediction` for one image, as one atomic directory: prob_<class>.png per class,
+    mask.png, overlay.jpg, defects.json and defects.csv."""
     p, opts = predictor, predictor.options
     names = p.class_names
     with atomic_dir(out_dir) as tmp:
