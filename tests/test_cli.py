@@ -169,3 +169,30 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such file or directory"]
+
+
+def test_unwritable_outputs_are_refused_before_any_work(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--out", out)
+        assert code == 1 and len(error_lines(err)) == 1 and str(blocker) in error_lines(err)[0], err
+        assert "Traceback" not in err
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", tmp_path, "--out", out)
+        assert code == 1 and len(error_lines(err)) == 1 and str(blocker) in error_lines(err)[0], err
+    assert blocker.read_text() == "x"
+
+
+def test_checkpoint_sidecar_without_model_section_is_one_line(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    spec = ModelSpec(encoder="resnet18", tile=256)
+    save_checkpoint(build_model(spec), spec, tmp_path / "m")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    for broken in ({k: v for k, v in meta.items() if k != "model"}, {**meta, "model": {**meta["model"], "tile": "big"}},
+                   {**meta, "format_version": "one"}):
+        (tmp_path / "m.json").write_text(json.dumps(broken))
+        code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--model", tmp_path / "m.safetensors",
+                               "--out", tmp_path / "o")
+        assert code == 1 and len(error_lines(err)) == 1 and "m.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -19,10 +19,11 @@ def benchmark(
     device: Optional[str] = typer.Option(None, help="Device for every cell (default: the training config's)."),
 ) -> None:
     """Limited-label study: backbones x labeled counts x seeds; resumable; learning curves with bootstrap CIs."""
+    from defectscan.io.files import check_output_dir
     from defectscan.studies import load_study, run_study, write_report
 
     st = load_study(study)
-    out_dir = out or Path("runs") / "benchmark" / st.name
+    out_dir = check_output_dir(out or Path("runs") / "benchmark" / st.name)
     command = command_line()
     if report_only:
         write_report(st, out_dir, command=command)

@@ -35,6 +35,7 @@ def evaluate(
     """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
     per_image.csv and a self-contained report.html."""
     from defectscan.evaluation import EVALUATION_DIR, run_evaluation
+    from defectscan.io.files import check_output_dir
     from defectscan.schemas import EvalOptions, validated
     from defectscan.training import RunDir
 
@@ -43,7 +44,7 @@ def evaluate(
                      threshold=threshold, min_area=min_area, region_criterion=region_criterion,
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
-    out_dir = out or model.parent / EVALUATION_DIR
+    out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
     with progress_bar() as progress:
         task = progress.add_task(f"evaluating {model.name}", total=None)
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,

@@ -30,6 +30,7 @@ def infer(
 ) -> None:
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
+    from defectscan.io.files import check_output_dir
     from defectscan.io.images import open_image
     from defectscan.schemas import InferOptions, validated
 
@@ -37,6 +38,7 @@ def infer(
     opts = validated(InferOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device,
                      threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
     paths = collect_images(images)
+    check_output_dir(out)
     predictor = Predictor.from_checkpoint(model, opts)
     for note in predictor.notes:
         console.print(f"[yellow]note:[/] {note}")

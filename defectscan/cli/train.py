@@ -25,6 +25,7 @@ def train(
     """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
     import time as _time
 
+    from defectscan.io.files import check_output_dir
     from defectscan.training import RunDir, load_config, train as run_training
 
     overrides = list(set_)
@@ -39,6 +40,7 @@ def train(
     else:
         cfg = load_config(config, overrides)
         run_dir = out or Path("runs") / f"{config.stem if config else 'train'}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(run_dir)
     with progress_bar() as progress:
         result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
                               log=lambda msg: progress.console.print(msg, highlight=False))

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from defectscan.errors import DefectscanError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -74,3 +76,19 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
     os.replace(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse an output directory that cannot be created or written, before any work starts: an existing file in
+    its place or on its path, or a read-only parent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DefectscanError(f"{path}: exists and is not a directory; choose another output directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DefectscanError(f"{path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DefectscanError(f"{path}: cannot write in {parent} (read-only or no permission)")
+    return path

@@ -88,8 +88,13 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise DefectscanError(f"{sidecar}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DefectscanError(f"{sidecar}: not a defectscan checkpoint sidecar")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise DefectscanError(f"{sidecar}: written by a newer defectscan (format {meta['format_version']})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise DefectscanError(f"{sidecar}: 'format_version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise DefectscanError(f"{sidecar}: written by a newer defectscan (format {version})")
+    if not isinstance(meta.get("model"), dict):
+        raise DefectscanError(f"{sidecar}: no 'model' section (the architecture, classes and tile of the network)")
     return meta
 
 
@@ -103,7 +108,10 @@ def load_checkpoint(
     """
     weights, sidecar = checkpoint_paths(path)
     meta = read_sidecar(path)
-    spec = ModelSpec.from_dict(meta["model"])
+    try:
+        spec = ModelSpec.from_dict(meta["model"])
+    except (TypeError, ValueError, DefectscanError) as exc:  # missing, unknown or mistyped fields
+        raise DefectscanError(f"{sidecar}: bad 'model' section ({exc})") from None
     if expect is not None:
         for name in ("arch", "encoder", "classes", "head", "in_channels"):
             if getattr(spec, name) != getattr(expect, name):

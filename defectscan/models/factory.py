@@ -52,6 +52,12 @@ class ModelSpec:
             object.__setattr__(self, "mean", info.mean if self.in_channels == 3 else (0.5,) * self.in_channels)
         if self.std is None:
             object.__setattr__(self, "std", info.std if self.in_channels == 3 else (0.5,) * self.in_channels)
+        for name, low in (("tile", 1), ("overlap", 0), ("in_channels", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DefectscanError(f"model {name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
+            raise DefectscanError(f"model threshold must be a number in [0, 1], got {self.threshold!r}")
         if self.head not in ("sigmoid", "softmax"):
             raise DefectscanError(f"unknown head '{self.head}' (sigmoid or softmax)")
         if not self.classes or (self.head == "softmax" and len(self.classes) < 2):
