@@ -23,10 +23,15 @@ Amp = Literal["auto", "off", "bf16", "fp16"]
 M = TypeVar("M", bound=BaseModel)
 
 
+def error_key(loc: tuple) -> str:
+    """A pydantic error location as people write it: `loss[0].weight`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def describe_validation_error(exc: ValidationError, what: str = "option") -> str:
     """The first problem of a pydantic error as one line: the key, what was expected and the value given."""
     err = exc.errors()[0]
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(top level)"
+    key = error_key(err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"unknown {what} '{key}'{more}"

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
+from defectscan.schemas import describe_validation_error, error_key
 
 
 class _Section(BaseModel):
@@ -130,29 +131,19 @@ class Config(_Section):
         return self.model_dump(mode="python")
 
 
-def _key(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _config_error(exc: ValidationError) -> DefectscanError:
-    """The first problem as one line naming the key: unknown keys list the known ones."""
+    """The first problem as one line naming the key and the value; an unknown key lists the known ones."""
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = _key(loc)
-    if err["type"] == "extra_forbidden":
-        section: Any = Config
-        for part in loc[:-1]:
-            field = section.model_fields.get(part) if isinstance(part, str) else None
-            section = field.annotation if field is not None and isinstance(field.annotation, type) else LossTerm
-        known = ", ".join(sorted(section.model_fields))
-        where = _key(loc[:-1])
-        return DefectscanError(f"unknown config key '{key}' (known{' in ' + where if where else ''}: {known})")
-    msg = err["msg"].removeprefix("Value error, ")
-    shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-    return DefectscanError(f"config '{key or '(top level)'}': {msg}{shown}")
+    if err["type"] != "extra_forbidden":
+        return DefectscanError(describe_validation_error(exc, "config"))
+    loc = err["loc"]
+    section: Any = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        section = field.annotation if field is not None and isinstance(field.annotation, type) else LossTerm
+    where = error_key(loc[:-1])
+    return DefectscanError(f"unknown config key '{error_key(loc)}' "
+                           f"(known{' in ' + where if where else ''}: {', '.join(sorted(section.model_fields))})")
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
