@@ -106,14 +106,15 @@ class ImageRegions:
     overlap_curve: np.ndarray  # (256,) sum over ground-truth regions of the fraction of the region scoring >= level
 
 
-def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray, *, criterion: str = "coverage",
+def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray | None, *, criterion: str = "coverage",
                  threshold: float = 0.5) -> ImageRegions:
     """Match 8-connected ground-truth regions with the predicted mask.
 
     A ground-truth region is found when `criterion` reaches `threshold`: "coverage" = share of its pixels
     predicted as defect; "iou" = IoU between the region and the union of the predicted regions touching it.
     A predicted region is a false positive when it touches no ground-truth defect pixel. The overlap curve is
-    what PRO (per-region overlap, MVTec AD) needs: for each score level, the covered share of each region.
+    what PRO (per-region overlap, MVTec AD) needs: for each score level, the covered share of each region;
+    without a `score` it is all zeros (counts only).
     """
     if criterion not in ("coverage", "iou"):
         raise ValueError(f"region criterion must be 'coverage' or 'iou', got {criterion!r}")
@@ -134,7 +135,7 @@ def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray, *, criteri
     else:
         touching_area = np.bincount(pair_gt, weights=pred_area[pair_pred - 1], minlength=n_gt)[1:]
         value = inter / np.maximum(gt_area + touching_area - inter, 1)
-    if n_gt > 1:
+    if n_gt > 1 and score is not None:
         counts = np.bincount(gt_labels[gt].astype(np.int64) * 256 + score[gt], minlength=n_gt * 256)
         per_region = counts.reshape(n_gt, 256)[1:]
         covered = np.cumsum(per_region[:, ::-1], axis=1)[:, ::-1] / gt_area[:, None]

@@ -7,8 +7,6 @@ where the models disagree most.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.outputs import EVALUATION_DIR, load_metrics
-from defectscan.io.files import atomic_dir, csv_text
+from defectscan.io.files import atomic_dir, csv_text, read_csv
 from defectscan.reporting import plots
 from defectscan.reporting.html import png_bytes_uri, png_uri, render
 from defectscan.reporting.overlays import outcome_preview
@@ -43,10 +41,7 @@ def _labels(evals: list[EvalSummary], dirs: list[Path]) -> list[str]:
 
 
 def _per_image(eval_dir: Path) -> dict[str, dict]:
-    path = eval_dir / "per_image.csv"
-    if not path.is_file():
-        return {}
-    return {Path(r["image"]).stem: r for r in csv.DictReader(io.StringIO(path.read_text()))}
+    return {Path(r["image"]).stem: r for r in read_csv(eval_dir / "per_image.csv")}
 
 
 def pick_crops(evals: list[EvalSummary], dirs: list[Path], ds, count: int = 4, window: int = 320) -> list[dict]:

@@ -110,15 +110,17 @@ class Evaluation:
             out["cost"] = {**self.cost, **self.speed(), "seam_check": self.seam}
         return out
 
-    def region_summary(self) -> dict:
+    def _region_counts(self, gt: int, found: int, fp: int) -> dict:
+        """Recall and false positives per megapixel from region counts (metrics.json orders the keys)."""
         mp = self.pixels / 1e6
+        return {"gt_regions": gt, "found": found, "recall": _r(found / gt) if gt else None,
+                "false_positive_regions": fp, "fp_regions_per_megapixel": _r(fp / mp) if mp else None}
+
+    def region_summary(self) -> dict:
         return {
             "criterion": f"{self.options.region_criterion} >= {self.options.region_threshold}",
-            "gt_regions": self.gt_regions, "found": self.found_regions,
-            "recall": _r(self.found_regions / self.gt_regions) if self.gt_regions else None,
-            "false_positive_regions": self.fp_regions,
+            **self._region_counts(self.gt_regions, self.found_regions, self.fp_regions),
             "fp_regions_per_image": _r(self.fp_regions / self.images) if self.images else None,
-            "fp_regions_per_megapixel": _r(self.fp_regions / mp) if mp else None,
             "pro_fpr_limit": self.options.pro_fpr_limit,
             "pro": _r(pro_auc(self.overlap_sum, self.gt_regions, self.hist["any"], self.options.pro_fpr_limit)),
         }
@@ -128,10 +130,7 @@ class Evaluation:
         predicted pixels of class c); None for single-class models, where it equals `region`."""
         if len(self.classes) <= 2:
             return None
-        mp = self.pixels / 1e6
-        return {c: {"gt_regions": gt, "found": found, "recall": _r(found / gt) if gt else None,
-                    "false_positive_regions": fp, "fp_regions_per_megapixel": _r(fp / mp) if mp else None}
-                for c, (gt, found, fp) in self.class_regions.items()}
+        return {c: self._region_counts(*counts) for c, counts in self.class_regions.items()}
 
     def image_summary(self) -> dict:
         from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
@@ -244,7 +243,7 @@ def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, image: np.
             truth, found = target == class_id, pred.mask == class_id
             counts = ev.class_regions.setdefault(name, [0, 0, 0])
             if truth.any() or found.any():
-                rc = region_stats(truth, found, score, criterion=opts.region_criterion,
+                rc = region_stats(truth, found, None, criterion=opts.region_criterion,  # counts, no PRO curve
                                   threshold=opts.region_threshold)
                 counts[0] += rc.gt_regions
                 counts[1] += rc.found

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscan.errors import DefectscanError
 from defectscan.inference.backends import TorchTiles
 from defectscan.inference.postprocess import ClassMap, segment
 from defectscan.io.images import ImageSource
@@ -39,7 +38,7 @@ class Prediction:
 
 
 class Predictor:
-    """A model with its spec and options; `predict` one image at a time, `write` its outputs atomically.
+    """A model with its spec and options; `predict` one image at a time (`write_prediction` writes the outputs).
 
     Built from a checkpoint (`from_checkpoint`: the predictor owns the model and puts it on the device), or around
     a caller's model (training validation: the model is used where it is and in the mode the caller set).
@@ -52,9 +51,7 @@ class Predictor:
         self.classes = ClassMap.of(spec)
         self.tile = validate_tile(opts.tile or spec.tile, spec.stride, model_name=describe(spec))
         self.overlap = spec.overlap if opts.overlap is None else opts.overlap
-        self.threshold = spec.threshold if opts.threshold is None else opts.threshold
-        if not 0.0 <= self.threshold <= 1.0:
-            raise DefectscanError(f"threshold must be within [0, 1], got {self.threshold}")
+        self.threshold = spec.threshold if opts.threshold is None else opts.threshold  # both validated in [0, 1]
         plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
         self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta)
 

@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all: atomic file and directory writes, CSV text."""
+"""Files that appear whole or not at all: atomic file and directory writes, CSV text, output-directory checks."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header (as `csv_text` writes it); no rows when the file does not exist."""
+    path = Path(path)
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))) if path.is_file() else []
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import EVALUATION_DIR
-from defectscan.io.files import atomic_path, csv_text, write_text
+from defectscan.io.files import atomic_path, csv_text, read_csv, write_text
 from defectscan.reporting import plots
 from defectscan.training.config import Config, load_config, same_as_saved
 
@@ -135,8 +134,7 @@ class RunDir:
         plots.write_png(plots.training_curves(history), self.path / self.CURVES)
 
     def read_history(self) -> list[dict[str, str]]:
-        f = self.path / self.METRICS
-        return list(csv.DictReader(io.StringIO(f.read_text()))) if f.is_file() else []
+        return read_csv(self.path / self.METRICS)
 
     def seconds(self) -> float:
         """Training plus validation time over the recorded epochs."""
