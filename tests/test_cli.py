@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 
 from defectscan.io.images import write_image
 from defectscan.models import ModelSpec, build_model, default_checkpoint, save_checkpoint
@@ -91,10 +94,43 @@ def _truncated(tmp_path, name):
     return p
 
 
+def _bomb(tmp_path, name, width=100_000, height=100_000):
+    """A tiny file whose header declares a huge image (a decompression bomb)."""
+    p = tmp_path / name
+    if name.endswith(".png"):
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                      + chunk(b"IEND", b""))
+    elif name.endswith(".bmp"):
+        dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+        p.write_bytes(b"BM" + struct.pack("<IHHI", 54 + 64, 0, 0, 54) + dib + b"\0" * 64)
+    else:  # JPEG: a real small file whose start-of-frame claims the huge size
+        cv2.imwrite(str(p), np.zeros((16, 16, 3), np.uint8))
+        data = bytearray(p.read_bytes())
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", min(height, 65535), min(width, 65535))
+        p.write_bytes(bytes(data))
+    return p
+
+
+def _nan_tiff(tmp_path):
+    p = tmp_path / "nan.tif"
+    a = np.ones((64, 64), np.float32)
+    a[3, 5], a[7, 9] = np.nan, np.inf
+    tifffile.imwrite(p, a)
+    return p
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda d: d / "missing.png", "no such file"),
+        (lambda d: _bomb(d, "bomb.png"), "header declares 100000 x 100000 px"),
+        (lambda d: _bomb(d, "bomb.bmp"), "header declares 100000 x 100000 px"),
+        (lambda d: _bomb(d, "bomb.jpg"), "header declares 65535 x 65535 px"),
+        (lambda d: _nan_tiff(d), "2 pixels are NaN or infinite"),
         (lambda d: (d / "x.gif").write_bytes(b"GIF89a") and d / "x.gif", "unsupported image format"),
         (lambda d: (d / "fake.png").write_bytes(b"hello") and d / "fake.png", "cannot decode"),
         (lambda d: _truncated(d, "cut.png"), "cannot decode"),
@@ -107,9 +143,18 @@ def test_bad_images_give_one_line_error_and_no_output(monkeypatch, capsys, tmp_p
     assert code == 1
     lines = error_lines(err)
     assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-    out = tmp_path / "o"
-    assert not out.exists() or not any(out.iterdir())
+    assert "Traceback" not in err and "nothing written" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_pixels_option_sets_the_image_size_limit(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer  # 448 x 448
+    monkeypatch.setenv("DEFECTSCAN_MAX_PIXELS", str(1 << 30))  # the option sets it: restored after the test
+    code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--out", tmp_path / "o", "--max-pixels", "100000")
+    assert code == 1 and "header declares 448 x 448 px" in err and "--max-pixels" in err
+    bomb = _bomb(tmp_path, "wide.png", 40_000, 30_000)  # 1.2 GP: over the default, under the raised limit
+    code, _, err = run_cli(monkeypatch, capsys, "infer", bomb, "--out", tmp_path / "o", "--max-pixels", "2000000000")
+    assert code == 1 and "cannot decode" in err  # passed the header check; the 64 stored bytes fail to decode
 
 
 def test_one_bad_image_among_good_ones_still_fails_the_run(monkeypatch, capsys, tmp_path, wafer):
@@ -118,6 +163,29 @@ def test_one_bad_image_among_good_ones_still_fails_the_run(monkeypatch, capsys, 
     code, _, err = run_cli(monkeypatch, capsys, "infer", path, bad, "--out", tmp_path / "o")
     assert code == 1 and "1 of 2 image(s) failed" in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["wafer"]
+
+
+def test_missing_and_unsupported_files_are_skipped_and_reported(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    (tmp_path / "notes.gif").write_bytes(b"GIF89a")
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "gone.png", path, tmp_path / "notes.gif",
+                           "--out", tmp_path / "o")
+    assert code == 1 and "2 of 3 image(s) failed" in err
+    assert "gone.png: no such file" in err and "unsupported image format '.gif'" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["wafer"]
+
+
+def test_directory_inputs_recurse_on_request_and_hint_at_images_folder(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    (tmp_path / "data" / "images" / "lot1").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "lot1" / "a.png").write_bytes(path.read_bytes())
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data", "--out", tmp_path / "o")
+    assert code == 1 and "contains no images" in err and "did you mean" in err and "data/images?" in err
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data" / "images", "--out", tmp_path / "o")
+    assert code == 1 and "add --recursive" in err
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data", "--recursive", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert (tmp_path / "o" / "a" / "mask.png").is_file()
 
 
 def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
@@ -167,8 +235,9 @@ def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "defectscan", "infer", str(tmp_path / "nope.png")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such file or directory"]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[0] == f"error: {tmp_path / 'nope.png'}: no such file"
+    assert "nothing written" in proc.stderr
 
 
 def test_unwritable_outputs_are_refused_before_any_work(monkeypatch, capsys, tmp_path, wafer):

@@ -13,6 +13,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the width
 
 
+def max_pixels_option():
+    """`--max-pixels`: the image-size limit of every command that reads images (see io.images.max_pixels)."""
+    return typer.Option(None, "--max-pixels", min=1, help="Refuse images larger than this many pixels, read from the "
+                        "header before decoding (default: 2^30 = 32768^2, or $DEFECTSCAN_MAX_PIXELS).")
+
+
+def apply_max_pixels(value: int | None) -> None:
+    if value is not None:
+        from defectscan.io.images import set_max_pixels
+
+        set_max_pixels(value)
+
+
 def wide_console() -> Console:
     """A stdout console at least 120 columns wide, for result tables."""
     return Console(width=max(120, Console().width))

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from defectscan.cli.common import app, progress_bar, wide_console
+from defectscan.cli.common import app, apply_max_pixels, max_pixels_option, progress_bar, wide_console
 from defectscan.errors import DefectscanError
 
 
@@ -23,10 +23,12 @@ def data_check(
     root: Path = typer.Argument(..., help="Dataset directory."),
     format: str = typer.Option("auto", "--format", "-f", help="auto, folder, labelme, coco or mvtec."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated defect class names (default: from the data)."),
+    max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:
     """Report counts, sizes, class balance, defect sizes and every problem; exit 1 if a problem is fatal."""
     from defectscan.data import check_dataset, load_dataset
 
+    apply_max_pixels(max_pixels)
     ds = load_dataset(root, format, classes.split(",") if classes else None)
     with progress_bar() as progress:
         task = progress.add_task("checking images", total=len(ds.samples))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from defectscan.cli.common import app, command_line, console, progress_bar, wide_console
+from defectscan.cli.common import app, apply_max_pixels, command_line, console, max_pixels_option, progress_bar, wide_console
 
 
 @app.command()
@@ -31,6 +31,7 @@ def evaluate(
     pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
     seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
+    max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:
     """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
     per_image.csv and a self-contained report.html."""
@@ -43,6 +44,7 @@ def evaluate(
     opts = validated(EvalOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device, amp=amp,
                      threshold=threshold, min_area=min_area, region_criterion=region_criterion,
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
+    apply_max_pixels(max_pixels)
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
     with progress_bar() as progress:

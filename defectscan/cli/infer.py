@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from defectscan.cli.common import app, console, progress_bar, wide_console
+from defectscan.cli.common import app, apply_max_pixels, console, max_pixels_option, progress_bar, wide_console
 from defectscan.errors import DefectscanError
 
 
@@ -27,6 +27,8 @@ def infer(
     amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
     min_area: int = typer.Option(4, help="Drop defect regions smaller than this many pixels."),
     preview_size: int = typer.Option(2048, help="Longest side of the overlay preview in px."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from sub-folders of directories."),
+    max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
@@ -37,7 +39,8 @@ def infer(
     # options are checked before any model or data is loaded
     opts = validated(InferOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device,
                      threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
-    paths = collect_images(images)
+    apply_max_pixels(max_pixels)
+    paths = collect_images(images, recursive=recursive)
     check_output_dir(out)
     predictor = Predictor.from_checkpoint(model, opts)
     for note in predictor.notes:
@@ -64,6 +67,9 @@ def infer(
             table.add_row(path.name, f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
                           f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
                           f"{100 * s['defect_area_fraction']:.3f}%")
+    if failures == len(paths):
+        console.print(f"[red]all {failures} image(s) failed; nothing written[/]")
+        raise typer.Exit(1)
     wide_console().print(table)
     console.print(f"outputs in {out}/" + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
     if failures:

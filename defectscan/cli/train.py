@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from defectscan.cli.common import app, console, progress_bar, task_factory
+from defectscan.cli.common import app, apply_max_pixels, console, max_pixels_option, progress_bar, task_factory
 from defectscan.errors import DefectscanError
 
 
@@ -21,6 +21,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Shortcut for --set training.epochs=N."),
     labeled: Optional[int] = typer.Option(None, help="Train on the first N labeled images (nested subsets)."),
     device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
+    max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:
     """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
     import time as _time
@@ -28,6 +29,7 @@ def train(
     from defectscan.io.files import check_output_dir
     from defectscan.training import RunDir, load_config, train as run_training
 
+    apply_max_pixels(max_pixels)
     overrides = list(set_)
     for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
                        ("training.device", device)):

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 
 from defectscan.data.annotations import Shape, rasterize
 from defectscan.errors import DefectscanError
-from defectscan.io.images import quiet_stderr, read_image
+from defectscan.io.images import check_pixel_limit, imread_unchanged, read_image
 
 Label = Literal["mask", "shapes", "good", "none"]
 
@@ -123,8 +122,8 @@ def read_mask_file(path: Path | None) -> np.ndarray:
     """A mask image as (H, W) uint8; colour masks must be grey (all channels equal)."""
     if path is None or not Path(path).is_file():
         raise DefectscanError(f"{path}: mask file not found")
-    with quiet_stderr():
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    check_pixel_limit(Path(path))
+    mask = imread_unchanged(Path(path))
     if mask is None:
         raise DefectscanError(f"{path}: cannot decode mask")
     if mask.ndim == 3:

@@ -56,22 +56,26 @@ def _regions_csv(regions: Iterable[Region]) -> str:
     return csv_text([r.to_dict() for r in regions], fieldnames=list(REGION_FIELDS))
 
 
-def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand directories (their supported image files, sorted) and check that every input exists."""
+def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
+    """Expand directories into their supported image files (sorted; sub-folders too when `recursive`).
+
+    Files are kept as given, even when missing or unsupported: opening each one reports its own error, so one bad
+    file does not stop the others. A directory without images is an error, with a hint where images may be.
+    """
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
-            if not found:
-                raise DefectscanError(f"{p}: directory contains no images ({', '.join(SUPPORTED_SUFFIXES)})")
-            paths.extend(found)
-        elif not p.exists():
-            raise DefectscanError(f"{p}: no such file or directory")
-        elif p.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise DefectscanError(f"{p}: unsupported image format '{p.suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})")
-        else:
+        if not p.is_dir():
             paths.append(p)
+            continue
+        files = p.rglob("*") if recursive else p.iterdir()
+        found = sorted(f for f in files if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+        if not found:
+            subdirs = sorted(d.name for d in p.iterdir() if d.is_dir())
+            hint = (f"; did you mean {p / 'images'}?" if "images" in subdirs
+                    else "; add --recursive to search its sub-folders" if subdirs and not recursive else "")
+            raise DefectscanError(f"{p}: directory contains no images ({', '.join(SUPPORTED_SUFFIXES)}){hint}")
+        paths.extend(found)
     return paths
 
 

@@ -20,6 +20,102 @@ from defectscan.io.files import atomic_path
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
+# Largest image (width x height) decoded before a user says otherwise: 2^30 px (32768^2, 3 GB as RGB) is OpenCV's
+# own default and covers 20k+ px line-scan images; a bigger header is usually a decompression bomb.
+MAX_PIXELS_ENV = "DEFECTSCAN_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 1 << 30
+
+
+def max_pixels() -> int:
+    """The pixel limit: `DEFECTSCAN_MAX_PIXELS` (set by `--max-pixels`) or 2^30."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        limit = int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise DefectscanError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels") from None
+    if limit < 1:
+        raise DefectscanError(f"{MAX_PIXELS_ENV}={value!r} must be at least 1")
+    return limit
+
+
+def set_max_pixels(limit: int) -> None:
+    """Set the pixel limit for this process (`--max-pixels`). OpenCV's own limit is lifted in `defectscan/__init__`."""
+    os.environ[MAX_PIXELS_ENV] = str(limit)
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None
+
+
+def _bmp_size(head: bytes) -> tuple[int, int] | None:
+    if head[:2] == b"BM" and len(head) >= 26:
+        if int.from_bytes(head[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
+        width = int.from_bytes(head[18:22], "little", signed=True)
+        height = int.from_bytes(head[22:26], "little", signed=True)  # negative: top-down rows
+        return abs(width), abs(height)
+    return None
+
+
+def _jpeg_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from the first start-of-frame marker (walks the marker segments, reads no pixels)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None
+        while True:
+            byte = fh.read(1)
+            while byte and byte != b"\xff":
+                byte = fh.read(1)
+            while byte == b"\xff":  # fill bytes
+                byte = fh.read(1)
+            if not byte:
+                return None
+            marker = byte[0]
+            if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers carry no length
+                continue
+            length = int.from_bytes(fh.read(2), "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                data = fh.read(5)
+                if len(data) < 5:
+                    return None
+                return int.from_bytes(data[3:5], "big"), int.from_bytes(data[1:3], "big")
+            if length < 2:
+                return None
+            fh.seek(length - 2, os.SEEK_CUR)
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as the file's header declares it, without decoding; None when the header does not say."""
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return _jpeg_size(path)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with quiet_stderr(), tifffile.TiffFile(str(path)) as tif:
+                page = tif.pages[0]
+                return int(page.imagewidth), int(page.imagelength)
+        except Exception:  # not a readable TIFF: the decode reports it
+            return None
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    return _png_size(head) or _bmp_size(head)
+
+
+def check_pixel_limit(path: Path) -> None:
+    """Refuse an image whose header declares more pixels than the limit, before anything is allocated."""
+    size = header_size(path)
+    limit = max_pixels()
+    if size is not None and size[0] * size[1] > limit:
+        w, h = size
+        raise DefectscanError(
+            f"{path}: header declares {w} x {h} px ({w * h / 1e6:,.0f} MP), over the limit of {limit / 1e6:,.0f} MP "
+            f"(a decompression bomb or a really huge image; raise it with --max-pixels or {MAX_PIXELS_ENV})"
+        )
+
 
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
@@ -50,7 +146,10 @@ def _value_scale(arr: np.ndarray) -> tuple[float, float]:
         top = int(arr.max())
         bits = max(8, top.bit_length())
         return 0.0, 255.0 / float((1 << bits) - 1)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf would turn the whole image black
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise DefectscanError(f"{bad:,} pixels are NaN or infinite; replace them (e.g. with the valid minimum) first")
     if lo >= 0.0 and hi <= 1.0:
         return 0.0, 255.0
     return lo, 255.0 / max(hi - lo, 1e-12)
@@ -76,7 +175,10 @@ class ImageSource:
         self.bgr = bgr
         self.name = name
         self.height, self.width = int(data.shape[0]), int(data.shape[1])
-        self._offset, self._scale = _value_scale(data)
+        try:
+            self._offset, self._scale = _value_scale(data)
+        except DefectscanError as exc:
+            raise DefectscanError(f"{name}: float image: {exc}") from None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,6 +237,15 @@ def _open_tiff(path: Path) -> np.ndarray | None:
     return arr
 
 
+def imread_unchanged(path: Path) -> np.ndarray | None:
+    """`cv2.imread` as stored (bit depth, channels): None when it cannot decode (OpenCV 5 raises instead)."""
+    with quiet_stderr():
+        try:
+            return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            return None
+
+
 def open_image(path: str | Path) -> ImageSource:
     """Open an image file for tiled reading; every failure is a one-line `DefectscanError`."""
     path = Path(path)
@@ -145,6 +256,7 @@ def open_image(path: str | Path) -> ImageSource:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DefectscanError(f"{path}: unsupported image format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    check_pixel_limit(path)
     if suffix in (".jpg", ".jpeg"):
         _check_jpeg_complete(path)
     if suffix in (".tif", ".tiff"):
@@ -161,8 +273,7 @@ def open_image(path: str | Path) -> ImageSource:
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
             arr = np.moveaxis(arr, 0, -1)
         return ImageSource(arr, bgr=False, name=str(path))
-    with quiet_stderr():
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    arr = imread_unchanged(path)
     if arr is None:
         raise DefectscanError(f"{path}: cannot decode image (corrupt, truncated or not really {suffix[1:].upper()})")
     return ImageSource(arr, bgr=arr.ndim == 3, name=str(path))
