@@ -15,6 +15,8 @@ from defectscan.data.annotations import Shape, decode_rle, encode_rle, rasterize
 from defectscan.errors import DefectscanError
 from defectscan.io.images import write_image
 
+from _helpers import run_cli  # noqa: E402 - tests/ is on sys.path under pytest
+
 BSDATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bsdata"
 
 
@@ -310,3 +312,96 @@ def test_bsdata_loads_with_its_own_split():
         clear = (_edge_distance(pts, centres) > 1e-6).reshape(inside.shape)
         assert (mask[y0:y1, x0:x1][clear & inside] == 1).all()
     assert mask.sum() > 0
+
+
+# --- malformed dataset files: `data check` names each one, `train` refuses them -----------------------------------
+
+def _labelme_with(root: Path, **fields) -> Path:
+    write_image(root / "a.png", _image())
+    data = {"imagePath": "a.png", "imageHeight": 40, "imageWidth": 48,
+            "shapes": [{"label": "scratch", "points": [[2, 2], [20, 2], [20, 20]], "shape_type": "polygon"}]}
+    (root / "a.json").write_text(json.dumps({**data, **fields}))
+    return root / "a.json"
+
+
+def _coco(root: Path, segmentation=None, categories=None) -> Path:
+    write_image(root / "images" / "a.png", _image())
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 48}],
+            "categories": categories or [{"id": 1, "name": "scratch"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1,
+                             "segmentation": segmentation or [[2, 2, 20, 2, 20, 20]]}]}
+    (root / "ann.json").write_text(json.dumps(data))
+    return root / "ann.json"
+
+
+def _folder(root: Path, mask_values=(0, 255), classes_json=None, classes_txt=None) -> Path:
+    write_image(root / "images" / "a.png", _image())
+    mask = np.zeros((40, 48), np.uint8)
+    for i, v in enumerate(mask_values):
+        mask[i * 4:(i + 1) * 4, :8] = v
+    (root / "masks").mkdir(parents=True)
+    cv2.imwrite(str(root / "masks" / "a.png"), mask)
+    if classes_json is not None:
+        (root / "classes.json").write_text(classes_json)
+        return root / "classes.json"
+    if classes_txt is not None:
+        (root / "classes.txt").write_text(classes_txt)
+        return root / "classes.txt"
+    return root / "masks" / "a.png"
+
+
+BAD_DATASETS = {
+    "labelme-points-strings": (lambda r: _labelme_with(r, shapes=[{"label": "s", "points": [["1", "2"], [3, 4], [5, 6]]}]),
+                               "shape 0 ('s'): points"),
+    "labelme-shapes-string": (lambda r: _labelme_with(r, shapes="scratch here"), "'shapes' is a str"),
+    "labelme-height-abc": (lambda r: _labelme_with(r, imageHeight="abc"), 'declared image size 48 x "abc"'),
+    "coco-category-without-name": (lambda r: _coco(r, categories=[{"id": 1}]), "category 0 ({\"id\": 1}) needs"),
+    "coco-segmentation-string": (lambda r: _coco(r, segmentation="2 2 20 2"), "annotation 7: segmentation"),
+    "coco-rle-short-runs": (lambda r: _coco(r, segmentation={"size": [40, 48], "counts": [10, 5]}),
+                            "annotation 7: RLE runs cover 15 pixels, the 48x40 image has 1920"),
+    "coco-rle-other-size": (lambda r: _coco(r, segmentation={"size": [80, 48], "counts": [3840]}),
+                            "annotation 7: RLE is for a 48x80 image, not 48x40"),
+    "folder-stray-mask-value": (lambda r: _folder(r, mask_values=(0, 255, 7)), "unexpected mask value(s) 7"),
+    "folder-classes-json-malformed": (lambda r: _folder(r, classes_json='{"klasses": 2}'),
+                                      "expected a list of class names, {\"classes\": [names]}"),  # brackets survive rich
+    "folder-classes-json-not-json": (lambda r: _folder(r, classes_json='["scratch",'), "unreadable JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATASETS))
+def test_malformed_dataset_files_are_named_by_check_and_refused_by_train(monkeypatch, capsys, tmp_path, case):
+    make, message = BAD_DATASETS[case]
+    root = tmp_path / "data"
+    root.mkdir()
+    bad_file = make(root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", root)
+    assert code == 1 and "Traceback" not in out + err
+    assert message in out + err and bad_file.name in out + err, out + err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", root, "--out", tmp_path / "run",
+                           "--set", "model.encoder=resnet18")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert bad_file.name in lines[0], lines
+    assert not (tmp_path / "run").exists()  # refused before a run folder exists
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the dataset is left as it was
+
+
+def test_classes_txt_with_index_name_lines(tmp_path):
+    _folder(tmp_path, mask_values=(0, 1, 2), classes_txt="0 background\n1 scratch\n2 crack\n")
+    assert load_dataset(tmp_path).classes == ("background", "scratch", "crack")
+    (tmp_path / "classes.txt").write_text("1: scratch\n2: crack\n")
+    assert load_dataset(tmp_path).classes == ("background", "scratch", "crack")
+    (tmp_path / "classes.txt").write_text("1 scratch\n3 crack\n")
+    with pytest.raises(DefectscanError, match="without gaps"):
+        load_dataset(tmp_path)
+    (tmp_path / "classes.txt").write_text("scratch\ncrack\n")  # plain names keep working
+    assert load_dataset(tmp_path).classes == ("background", "scratch", "crack")
+
+
+def test_check_fails_without_labeled_images(monkeypatch, capsys, tmp_path):
+    for i in range(2):
+        write_image(tmp_path / f"img{i}.png", _image(seed=i))
+    (tmp_path / "a.json").write_text(json.dumps({"imagePath": "elsewhere.png", "shapes": []}))
+    code, out, err = run_cli(monkeypatch, capsys, "data", "check", tmp_path, "--format", "labelme")
+    assert code == 1 and "no labeled images" in out + err

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from defectscan.cli import benchmark, compare, data, evaluate, infer, models, synth, train  # noqa: F401 - registers
-from defectscan.cli.common import app, console
+from defectscan.cli.common import app, console, print_error
 from defectscan.errors import DefectscanError
 
 __all__ = ["app", "main"]
@@ -19,7 +19,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except DefectscanError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        print_error(exc)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

@@ -6,11 +6,17 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Pixel-level defect detection on high-resolution industrial images.")
 console = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the width
+
+
+def print_error(message: object) -> None:
+    """`error: ...` on one stderr line; the text is escaped, so a path or message with [brackets] prints as is."""
+    console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
 
 
 def max_pixels_option():

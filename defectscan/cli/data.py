@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import app, apply_max_pixels, max_pixels_option, progress_bar, wide_console
@@ -64,12 +65,14 @@ def _print_report(report, console: Console) -> None:
                   f"{areas.min()} / {int(np.median(areas))} / {areas.max()}" if areas is not None else "-")
     console.print(c)
     if r.problems:
-        p = Table(title=f"problems ({sum(x.fatal for x in r.problems)} fatal)")
+        p = Table(title=f"problems ({sum(x.fatal for x in r.problems)} fatal; files relative to {r.root})")
         p.add_column("severity")
-        p.add_column("file")
-        p.add_column("problem")
+        p.add_column("file", overflow="fold")  # a file name cut short would name no file
+        p.add_column("problem", overflow="fold")
         for x in r.problems:
-            p.add_row("[red]error[/]" if x.fatal else "[yellow]warning[/]", x.path, x.message)
+            where, root = Path(x.path).resolve(), r.root.resolve()
+            shown = where.relative_to(root) if where.is_relative_to(root) and where != root else where
+            p.add_row("[red]error[/]" if x.fatal else "[yellow]warning[/]", escape(str(shown)), escape(x.message))
         console.print(p)
     else:
         console.print("no problems found")

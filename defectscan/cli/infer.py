@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import app, apply_max_pixels, console, max_pixels_option, progress_bar, wide_console
+from defectscan.cli.common import (app, apply_max_pixels, console, max_pixels_option, print_error, progress_bar,
+                                   wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -53,24 +55,24 @@ def infer(
     failures = 0
     with progress_bar() as progress:
         for path, name in zip(paths, output_names(paths)):
-            task = progress.add_task(path.name, total=None)
+            task = progress.add_task(escape(path.name), total=None)
             try:
                 source = open_image(path)
                 pred = predictor.predict(source, progress=lambda d, n: progress.update(task, completed=d, total=n))
                 write_prediction(predictor, path, source, pred, out / name)
             except DefectscanError as exc:
                 failures += 1
-                progress.update(task, description=f"[red]{path.name} (failed)")
-                console.print(f"[red]error:[/] {exc}", highlight=False)
+                progress.update(task, description=f"[red]{escape(path.name)} (failed)")
+                print_error(exc)
                 continue
             s = pred.summary
-            table.add_row(path.name, f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
+            table.add_row(escape(path.name), f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
                           f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
                           f"{100 * s['defect_area_fraction']:.3f}%")
     if failures == len(paths):
         console.print(f"[red]all {failures} image(s) failed; nothing written[/]")
         raise typer.Exit(1)
     wide_console().print(table)
-    console.print(f"outputs in {out}/" + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
+    console.print(f"outputs in {escape(str(out))}/" + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
     if failures:
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ the point (x, y); COCO treats pixel x as the interval [x, x + 1), so its centre 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -146,15 +147,38 @@ def _decode_counts_string(s: str) -> list[int]:
     return counts
 
 
+def rle_problem(rle: dict[str, Any], shape: tuple[int, int] | None = None) -> str | None:
+    """Why a COCO RLE cannot be decoded (for an image of `shape` (H, W) when known), or None."""
+    size = rle.get("size")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        return f"RLE size {json.dumps(size)[:40]} is not [height, width]"
+    h, w = size
+    if shape is not None and (h, w) != tuple(shape):
+        return f"RLE is for a {w}x{h} image, not {shape[1]}x{shape[0]}"
+    counts = rle.get("counts")
+    if isinstance(counts, str):
+        try:
+            counts = _decode_counts_string(counts)
+        except (IndexError, UnicodeEncodeError):
+            return "compressed RLE counts string is malformed"
+    elif not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+        return "RLE counts are neither a list of whole numbers nor a compressed string"
+    if any(c < 0 for c in counts):
+        return "RLE has negative run lengths"
+    if sum(counts) != h * w:
+        return f"RLE runs cover {sum(counts)} pixels, the {w}x{h} image has {h * w}"
+    return None
+
+
 def decode_rle(rle: dict[str, Any], shape: tuple[int, int] | None = None) -> np.ndarray:
     """Boolean (H, W) mask from a COCO RLE (counts as a list or the compressed string; column-major runs)."""
-    h, w = (int(v) for v in rle["size"])
-    if shape is not None and (h, w) != tuple(shape):
-        raise ValueError(f"RLE is for a {w}x{h} image, not {shape[1]}x{shape[0]}")
+    why = rle_problem(rle, shape)
+    if why:
+        raise ValueError(why)
+    h, w = rle["size"]
     counts = rle["counts"]
-    counts = _decode_counts_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE runs cover {sum(counts)} pixels, the image has {h * w}")
+    counts = _decode_counts_string(counts) if isinstance(counts, str) else counts
     values = np.zeros(len(counts), np.uint8)
     values[1::2] = 1  # runs alternate background, foreground, starting with background
     flat = np.repeat(values, counts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -24,6 +25,7 @@ class ClassStats:
 
 @dataclass
 class DatasetReport:
+    root: Path
     format: str
     classes: tuple[str, ...]
     images: int
@@ -44,6 +46,8 @@ class DatasetReport:
 
 def check_dataset(ds: SegmentationDataset, progress: Callable[[int, int], None] | None = None) -> DatasetReport:
     problems = list(ds.problems)
+    if not ds.labeled:
+        problems.append(Problem(str(ds.root), f"no labeled images (format {ds.format}): nothing to train or evaluate on"))
     stats = {c: ClassStats() for c in ds.classes[1:]}
     sizes: Counter = Counter()
     fractions: list[float] = []
@@ -66,8 +70,9 @@ def check_dataset(ds: SegmentationDataset, progress: Callable[[int, int], None] 
         try:
             mask = ds.load_mask(sample, (h, w))
         except DefectscanError as exc:
-            if sample.mask_path is not None and not any(p.path == str(sample.mask_path) for p in problems):
-                problems.append(Problem(str(sample.mask_path), str(exc).split(": ", 1)[-1]))
+            problem = Problem(str(sample.annotation or sample.mask_path), str(exc).split(": ", 1)[-1])
+            if problem not in problems:  # the loader may have reported it already
+                problems.append(problem)
             continue
         fractions.append(float(np.count_nonzero(mask)) / mask.size)
         counts = np.bincount(mask.ravel(), minlength=len(ds.classes))
@@ -84,7 +89,7 @@ def check_dataset(ds: SegmentationDataset, progress: Callable[[int, int], None] 
         progress(len(ds.samples), len(ds.samples))
     splits = Counter(s.split or "unsplit" for s in ds.labeled)
     return DatasetReport(
-        format=ds.format, classes=ds.classes, images=len(ds.samples), labeled=len(ds.labeled),
+        root=ds.root, format=ds.format, classes=ds.classes, images=len(ds.samples), labeled=len(ds.labeled),
         good=sum(s.label == "good" for s in ds.samples), unlabeled=len(ds.unlabeled), splits=dict(splits),
         sizes=sizes, defect_fractions=fractions, classes_stats=stats,
         unlabeled_examples=[s.image.name for s in ds.unlabeled[:5]], problems=problems,

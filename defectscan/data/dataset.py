@@ -105,7 +105,10 @@ class SegmentationDataset:
             size = sample.size or shape
             if size is None:
                 size = self.load_image(sample).shape[:2]
-            return rasterize(sample.shapes, size, self.class_index)
+            try:
+                return rasterize(sample.shapes, size, self.class_index)
+            except ValueError as exc:  # an RLE that does not fit the image
+                raise DefectscanError(f"{sample.annotation}: {sample.image.name}: {exc}") from None
         mask = read_mask_file(sample.mask_path)
         if self.binary_masks:
             mask = (mask > 0).astype(np.uint8)

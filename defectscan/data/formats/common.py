@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -127,15 +129,78 @@ def duplicate_stems(images: list[Path], problems: list[Problem]) -> dict[str, Pa
     return by_stem
 
 
+def _classes_from_indexed(path: Path, pairs: list[tuple[int, str]]) -> list[str]:
+    """Names ordered by their index; the indices must run 0..N or 1..N (index 0 may be the background)."""
+    pairs.sort()
+    indices = [i for i, _ in pairs]
+    start = indices[0] if indices else 0
+    if start not in (0, 1) or indices != list(range(start, start + len(indices))):
+        raise DefectscanError(f"{path}: class indices {indices} must run 0..N or 1..N without gaps (they are the mask "
+                              "values)")
+    names = [n for _, n in pairs]
+    if start == 0 and names[0].lower() != BACKGROUND:
+        raise DefectscanError(f"{path}: index 0 is '{names[0]}', but mask value 0 is the background")
+    return names[1:] if start == 0 else names
+
+
 def classes_file(root: Path) -> list[str] | None:
+    """Defect class names from `classes.json` (`[names]`, `{"classes": [names]}` or `{"1": name, ...}`) or
+    `classes.txt` (one name per line, or `index name` lines as many tools export). Malformed: a one-line error."""
     for name in ("classes.json", "classes.txt"):
         path = root / name
-        if path.is_file():
-            if name.endswith(".json"):
-                data = json.loads(path.read_text())
-                return list(data["classes"] if isinstance(data, dict) else data)
-            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not path.is_file():
+            continue
+        if name.endswith(".txt"):
+            try:
+                lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DefectscanError(f"{path}: unreadable ({type(exc).__name__})") from None
+            indexed = [re.fullmatch(r"(\d+)[\s:,]+(\S.*)", line) for line in lines]
+            if lines and all(indexed):
+                return _classes_from_indexed(path, [(int(m[1]), m[2].strip()) for m in indexed])
+            return lines
+        problems: list[Problem] = []
+        data = read_json(path, problems)
+        if problems:
+            raise DefectscanError(f"{path}: {problems[0].message}")
+        names = data.get("classes", data) if isinstance(data, dict) else data
+        if isinstance(names, dict) and all(str(k).isdigit() for k in names):
+            names = _classes_from_indexed(path, [(int(k), v) for k, v in names.items()]) if all(
+                isinstance(v, str) for v in names.values()) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise DefectscanError(f"{path}: expected a list of class names, {{\"classes\": [names]}} or "
+                                  f"{{\"1\": name, ...}}; got {json.dumps(data)[:80]}")
+        return [n.strip() for n in names]
     return None
+
+
+def point_pairs(raw: Any) -> list[tuple[float, float]] | None:
+    """[[x, y], ...] as float pairs; None when it is not a list of two-number pairs."""
+    if not isinstance(raw, list):
+        return None
+    pts = []
+    for p in raw:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            return None
+        pts.append((float(p[0]), float(p[1])))
+    return pts
+
+
+def declared_size(height: Any, width: Any, where: str, problems: list[Problem]) -> tuple[int, int] | None:
+    """(H, W) an annotation declares, None when it declares none; a malformed value is a fatal problem."""
+    if height is None and width is None:
+        return None
+    def whole(v: Any) -> int | None:
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v == int(v)
+              and v > 0)
+        return int(v) if ok else None
+    h, w = whole(height), whole(width)
+    if h is None or w is None:
+        problems.append(Problem(where, f"declared image size {json.dumps(width)} x {json.dumps(height)} is not two "
+                                "positive whole numbers"))
+        return None
+    return h, w
 
 
 def resolve_image(candidates: Sequence[Path], stem: str, by_stem: dict[str, Path]) -> Path | None:

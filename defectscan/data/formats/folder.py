@@ -52,6 +52,14 @@ def load_folder(root: Path, classes: Sequence[str] | None) -> SegmentationDatase
         binary = binary and len(names) == 2
     elif binary or set(all_values.tolist()) <= {0, 1}:
         names = (BACKGROUND, "defect")
+    elif 255 in all_values:  # 0/255 masks with stray values: a 7 must not create classes class_1..class_255
+        names, binary = (BACKGROUND, "defect"), True
+        for stem, v in values.items():
+            stray = sorted(set(v.tolist()) - {0, 255})
+            if stray:
+                problems.append(Problem(str(mask_of[stem]), f"unexpected mask value(s) {', '.join(map(str, stray))} "
+                                        "(masks here are 0/255; if the values are class indices, list the classes "
+                                        "in classes.json)"))
     else:
         names = (BACKGROUND, *(f"class_{v}" for v in range(1, int(all_values.max()) + 1)))
     if not binary:

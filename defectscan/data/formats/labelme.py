@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -9,15 +10,26 @@ from typing import Sequence
 from defectscan.data.annotations import Shape
 from defectscan.data.dataset import Problem, Sample, SegmentationDataset
 from defectscan.io.images import SUPPORTED_SUFFIXES
-from defectscan.data.formats.common import files, duplicate_stems, resolve_image, finish_vector, annotation_files
+from defectscan.data.formats.common import (annotation_files, declared_size, duplicate_stems, files, finish_vector,
+                                            point_pairs, resolve_image)
 
 
 def _labelme_shapes(data: dict, path: Path, problems: list[Problem]) -> list[Shape]:
+    raw_shapes = data.get("shapes") or []
+    if not isinstance(raw_shapes, list):
+        problems.append(Problem(str(path), f"'shapes' is a {type(raw_shapes).__name__}, expected a list of shapes"))
+        return []
     shapes = []
-    for i, raw in enumerate(data.get("shapes") or []):
-        kind = raw.get("shape_type") or "polygon"
-        shape = Shape(label=str(raw.get("label", "")), kind=kind,
-                      points=[tuple(map(float, p)) for p in raw.get("points") or []])
+    for i, raw in enumerate(raw_shapes):
+        if not isinstance(raw, dict):
+            problems.append(Problem(str(path), f"shape {i} is a {type(raw).__name__}, expected an object"))
+            continue
+        points = point_pairs(raw.get("points") or [])
+        if points is None:
+            problems.append(Problem(str(path), f"shape {i} ('{raw.get('label', '')}'): points "
+                                    f"{json.dumps(raw.get('points'))[:60]} are not [x, y] number pairs"))
+            continue
+        shape = Shape(label=str(raw.get("label", "")), kind=str(raw.get("shape_type") or "polygon"), points=points)
         why = shape.problem() or ("shape without a label" if not shape.label else None)
         if why:
             problems.append(Problem(str(path), f"shape {i} ('{shape.label}'): {why}; skipped", fatal=False))
@@ -32,6 +44,9 @@ def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDatas
     annotated: dict[str, Sample] = {}
     for path, data in annotation_files(root, "labelme", problems):
         image_path = data.get("imagePath") or ""
+        if not isinstance(image_path, str):
+            problems.append(Problem(str(path), f"imagePath {json.dumps(image_path)[:60]} is not a file name"))
+            continue
         stem = path.stem
         image = resolve_image([path.parent / image_path] if image_path else [], stem, by_stem)
         if image is None and image_path:
@@ -42,9 +57,7 @@ def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDatas
         if image.stem in annotated:
             problems.append(Problem(str(path), f"second annotation for {image.name} (also {annotated[image.stem].annotation})"))
             continue
-        size = None
-        if data.get("imageHeight") and data.get("imageWidth"):
-            size = (int(data["imageHeight"]), int(data["imageWidth"]))
+        size = declared_size(data.get("imageHeight"), data.get("imageWidth"), str(path), problems)
         annotated[image.stem] = Sample(image=image, stem=image.stem, label="shapes", annotation=path, size=size,
                                        shapes=_labelme_shapes(data, path, problems))
     return finish_vector(root, "labelme", by_stem, annotated, classes, problems)
