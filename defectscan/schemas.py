@@ -251,6 +251,7 @@ class EvalSummary(_Result):
     command: str
     options: EvalOptions
     trained_on_images: Optional[int] = None
+    class_map: dict[str, str] = {}  # dataset class -> the model class it was scored as, where the names differ
     metrics: Metrics
 
     def headline(self) -> dict[str, Any]:

@@ -245,6 +245,40 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert code == 0 and "region recall" in out and (tmp_path / "o" / "report.html").is_file()
 
 
+def _pitting_dataset(root: Path) -> Path:
+    """LabelMe images whose only class is 'Pitting' (BSData's name), unknown to the checkpoints above."""
+    root.mkdir(parents=True)
+    for i in range(2):
+        write_image(root / f"p{i}.png", np.full((64, 64, 3), 180, np.uint8))
+        (root / f"p{i}.json").write_text(json.dumps({"imagePath": f"p{i}.png", "imageHeight": 64, "imageWidth": 64,
+                                                     "shapes": [{"label": "Pitting", "points": [[8, 8], [30, 30]],
+                                                                 "shape_type": "rectangle"}]}))
+    return root
+
+
+def test_evaluate_matches_classes_by_name_and_refuses_unmatched(tmp_path, monkeypatch, capsys):
+    data = _pitting_dataset(tmp_path / "pits")
+    ckpt = _checkpoint(tmp_path / "m" / "model")  # one class: "defect"
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "-m", ckpt, "-d", data, "--split", "all",
+                           "-o", tmp_path / "o")
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "Pitting match no model class (model: defect)" in lines[0] and "--class-map" in lines[0]
+    assert not (tmp_path / "o").exists()
+    for bad, why in (("Pitting=crack", "the model has no class 'crack'"), ("Rust=defect", "no class 'Rust'"),
+                     ("Pitting", "DATASET_CLASS=MODEL_CLASS")):
+        code, _, err = run_cli(monkeypatch, capsys, "evaluate", "-m", ckpt, "-d", data, "--class-map", bad,
+                               "-o", tmp_path / "o")
+        assert code == 1 and why in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "-m", ckpt, "-d", data, "--split", "all",
+                           "--class-map", "Pitting=defect", "--seam-images", "0", "-o", tmp_path / "o")
+    assert code == 0 and "Pitting -> defect" in err
+    summary = EvalSummary.read(tmp_path / "o" / "metrics.json")
+    assert summary.class_map == {"Pitting": "defect"}
+    truth = summary.metrics.confusion.rows_truth_cols_prediction
+    assert sum(truth[1]) == 2 * 23 * 23  # the Pitting rectangles are scored as defect pixels, not as background
+
+
 def test_compare_two_evaluations(tmp_path):
     data = dataset_with_clean_images(tmp_path / "d")
     for name, seed in (("a", 0), ("b", 1)):

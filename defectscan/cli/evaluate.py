@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import app, apply_max_pixels, command_line, console, max_pixels_option, progress_bar, wide_console
+from defectscan.cli.common import (app, apply_max_pixels, command_line, console, max_pixels_option, progress_bar,
+                                   wide_console)
+from defectscan.errors import DefectscanError
 
 
 @app.command()
@@ -31,6 +34,8 @@ def evaluate(
     pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
     seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
+    class_map: List[str] = typer.Option([], "--class-map", help="Score a dataset class as a model class whose name "
+                                        "differs: DATASET_CLASS=MODEL_CLASS (repeatable; equal names match by themselves)."),
     max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:
     """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
@@ -45,6 +50,9 @@ def evaluate(
                      threshold=threshold, min_area=min_area, region_criterion=region_criterion,
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
     apply_max_pixels(max_pixels)
+    pairs = [item.split("=", 1) for item in class_map]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {class_map}")
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
     with progress_bar() as progress:
@@ -52,7 +60,8 @@ def evaluate(
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
                                 run_splits=run.split_source() if run else None,
                                 progress=lambda d, n: progress.update(task, completed=d, total=n),
-                                command=command_line())
+                                command=command_line(), class_map={a.strip(): b.strip() for a, b in pairs},
+                                log=lambda note: console.print(f"[yellow]note:[/] {escape(note)}"))
     m = result.metrics
     r, im, cost = m.region, m.image_level, m.cost
     speed = f"{cost.megapixels_per_second} MP/s, {cost.latency_mean_s} s/image" if cost else "-"

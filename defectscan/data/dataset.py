@@ -6,9 +6,9 @@ Class index 0 is always the background; `classes[1:]` are the defect classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -63,6 +63,18 @@ class SegmentationDataset:
     samples: list[Sample]
     problems: list[Problem] = field(default_factory=list)
     binary_masks: bool = False  # mask files store defects as 255 (or any non-zero value) rather than class indices
+    # Set by `seen_as`: the classes the files use, and their index -> index in `classes`
+    file_classes: tuple[str, ...] | None = None
+    label_lut: np.ndarray | None = None
+
+    def seen_as(self, classes: Sequence[str], mapping: Mapping[str, str]) -> "SegmentationDataset":
+        """The dataset in another class list (a model's): `mapping` takes each of its defect classes to one of
+        `classes` (background first); masks are translated as they load."""
+        target = {c: i for i, c in enumerate(classes)}
+        lut = np.zeros(256, np.uint8)
+        for i, name in enumerate(self.classes[1:], start=1):
+            lut[i] = target[mapping[name]]
+        return replace(self, classes=tuple(classes), file_classes=self.classes, label_lut=lut)
 
     @property
     def labeled(self) -> list[Sample]:
@@ -95,6 +107,11 @@ class SegmentationDataset:
 
     def load_mask(self, sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Class-index mask (H, W) uint8. `shape` is the image's (H, W) when the caller already knows it."""
+        mask = self._load_file_mask(sample, shape)
+        return mask if self.label_lut is None else self.label_lut[mask]
+
+    def _load_file_mask(self, sample: Sample, shape: tuple[int, int] | None) -> np.ndarray:
+        classes = self.file_classes or self.classes
         if sample.label == "none":
             raise DefectscanError(f"{sample.image}: image is unlabeled")
         if sample.label == "good":
@@ -106,15 +123,15 @@ class SegmentationDataset:
             if size is None:
                 size = self.load_image(sample).shape[:2]
             try:
-                return rasterize(sample.shapes, size, self.class_index)
+                return rasterize(sample.shapes, size, {c: i for i, c in enumerate(classes)})
             except ValueError as exc:  # an RLE that does not fit the image
                 raise DefectscanError(f"{sample.annotation}: {sample.image.name}: {exc}") from None
         mask = read_mask_file(sample.mask_path)
         if self.binary_masks:
             mask = (mask > 0).astype(np.uint8)
-        elif mask.max(initial=0) >= len(self.classes):
+        elif mask.max(initial=0) >= len(classes):
             raise DefectscanError(f"{sample.mask_path}: label value {int(mask.max())} but only "
-                                  f"{len(self.classes)} classes ({', '.join(self.classes)})")
+                                  f"{len(classes)} classes ({', '.join(classes)})")
         if shape is not None and mask.shape != tuple(shape):
             raise DefectscanError(f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                                   f"image is {shape[1]}x{shape[0]}")

@@ -8,6 +8,7 @@ backbone. An evaluation directory is found inside a run or benchmark cell as `EV
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -64,16 +65,60 @@ def select_samples(ds: SegmentationDataset, split: str,
     return chosen, how
 
 
+def match_classes(data_classes: Sequence[str], model_classes: Sequence[str],
+                  class_map: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Which model class each dataset defect class is scored as: `class_map` (dataset name -> model name) first,
+    then equal names (ignoring case); unnamed folder classes (class_1, class_2, ...) by index. Returns the mapping
+    and notes; a dataset class left without a model class is an error naming both sides, since scoring it as
+    background would make every metric silently wrong."""
+    class_map = dict(class_map or {})
+    model_by_lower = {m.lower(): m for m in model_classes}
+    for data_name, model_name in class_map.items():
+        if data_name not in data_classes:
+            raise DefectscanError(f"--class-map {data_name}={model_name}: the dataset has no class '{data_name}' "
+                                  f"(its classes: {', '.join(data_classes)})")
+        if model_name not in model_classes:
+            raise DefectscanError(f"--class-map {data_name}={model_name}: the model has no class '{model_name}' "
+                                  f"(its classes: {', '.join(model_classes)})")
+    mapping, notes = {}, []
+    unnamed = all(re.fullmatch(r"class_\d+", c) for c in data_classes)
+    for i, name in enumerate(data_classes, start=1):
+        if name in class_map:
+            mapping[name] = class_map[name]
+        elif name.lower() in model_by_lower:
+            mapping[name] = model_by_lower[name.lower()]
+        elif unnamed and name == f"class_{i}" and i <= len(model_classes):
+            mapping[name] = model_classes[i - 1]
+    if unnamed and mapping and not class_map:
+        notes.append(f"the dataset names no classes: mask value i is scored as the model's class i "
+                     f"({', '.join(f'{k}={v}' for k, v in mapping.items())})")
+    missing = [c for c in data_classes if c not in mapping]
+    if missing:
+        raise DefectscanError(
+            f"dataset class(es) {', '.join(missing)} match no model class (model: {', '.join(model_classes)}); "
+            f"map them with --class-map DATASET_CLASS=MODEL_CLASS, or evaluate a model trained on these classes")
+    return mapping, notes
+
+
 def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
                    data_format: str = "auto", options: EvalOptions | None = None, limit: int | None = None,
                    run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
-                   progress: Callable[[int, int], None] | None = None, command: str = "") -> EvalSummary:
-    """Evaluate and write the output directory; returns what metrics.json holds."""
+                   progress: Callable[[int, int], None] | None = None, command: str = "",
+                   class_map: Mapping[str, str] | None = None,
+                   log: Callable[[str], None] = lambda message: None) -> EvalSummary:
+    """Evaluate and write the output directory; returns what metrics.json holds. Dataset classes are matched to
+    the model's by name (`match_classes`); `log` receives notes on how."""
     opts = options or EvalOptions()
     checkpoint, out = Path(checkpoint), Path(out)
     predictor = Predictor.from_checkpoint(checkpoint, opts.infer_options())
     spec = predictor.spec
-    ds = load_dataset(data, data_format, list(spec.defect_classes))
+    ds = load_dataset(data, data_format)
+    mapping, notes = match_classes(ds.classes[1:], spec.defect_classes, class_map)
+    if any(k != v for k, v in mapping.items()):
+        notes.append("scored as the model's classes: " + ", ".join(f"{k} -> {v}" for k, v in mapping.items()))
+    ds = ds.seen_as((ds.classes[0], *spec.defect_classes), mapping)
+    for note in notes:
+        log(note)
     samples, how = select_samples(ds, split, run_splits)
     if limit:
         samples = samples[:limit]
@@ -90,6 +135,7 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],
             hardware=hardware(), versions=library_versions(), created=time.strftime("%Y-%m-%d %H:%M:%S"),
             command=command, options=opts, trained_on_images=predictor.meta.get("extra", {}).get("train_images"),
+            class_map={k: v for k, v in mapping.items() if k != v},
             metrics=ev.metrics())
         (tmp / METRICS_FILE).write_text(summary.to_json(), encoding="utf-8")
         (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")
