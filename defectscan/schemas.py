@@ -140,6 +140,16 @@ class RegionMetrics(_Result):
     pro: Num
 
 
+class AreaMetrics(_Result):
+    """Defect area, any class: catches a model that marks everything (region recall 1.0, no false regions)."""
+
+    true_fraction: float  # share of all pixels that are defects in the truth
+    predicted_fraction: float  # share of all pixels predicted as defect
+    predicted_to_true: Num  # predicted / true defect area; None without true defects
+    false_positive_fraction: float  # share of the true background predicted as defect (pixel false-positive rate)
+    false_positive_per_megapixel: float  # false-positive defect pixels per megapixel of image
+
+
 class ClassRegions(_Result):
     gt_regions: int
     found: int
@@ -209,6 +219,7 @@ class Metrics(_Result):
     defect_best_f1_threshold: Num
     confusion: Confusion
     region: RegionMetrics
+    area: Optional[AreaMetrics] = None  # absent in metrics.json files written before it existed
     region_per_class: Optional[dict[str, ClassRegions]] = None  # multi-class models: each class on its own
     image_level: ImageMetrics
     seconds: float
@@ -221,6 +232,8 @@ HEADLINE = {
     "pixel_ap": lambda m: m.defect_pixel_ap, "pixel_auroc": lambda m: m.defect_pixel_auroc,
     "best_f1": lambda m: m.defect_best_f1, "region_recall": lambda m: m.region.recall,
     "fp_regions_per_mp": lambda m: m.region.fp_regions_per_megapixel, "pro": lambda m: m.region.pro,
+    "predicted_area_ratio": lambda m: m.area.predicted_to_true if m.area else None,
+    "fp_area_fraction": lambda m: m.area.false_positive_fraction if m.area else None,
     "image_auroc": lambda m: m.image_level.auroc, "image_ap": lambda m: m.image_level.ap,
     "image_f1": lambda m: m.image_level.f1,
     "mp_per_s": lambda m: m.cost.megapixels_per_second if m.cost else None,

@@ -194,6 +194,26 @@ def test_evaluate_equals_sklearn_on_the_pixels_it_scored(tmp_path):
     assert summary["cost"]["gflops_per_tile"] == pytest.approx(2 * 3 * 64 * 64 / 1e9, rel=1e-3)  # 3 multiply-adds per pixel
 
 
+class EverythingIsDefect(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], 10.0)
+
+
+def test_a_model_that_marks_everything_shows_in_area_not_in_regions(tmp_path):
+    ds = load_dataset(dataset_with_clean_images(tmp_path / "d"))
+    spec = ModelSpec(arch="unet", encoder="resnet10t", classes=("defect",), tile=64, overlap=16)
+    ev = evaluate(Predictor(EverythingIsDefect(), spec, InferOptions(min_area=1)), ds, ds.labeled,
+                  EvalOptions(device="cpu", seam_images=0))
+    m = ev.metrics()
+    assert m.region.recall == 1.0  # every true region is covered...
+    true = sum(int((ds.load_mask(s) > 0).sum()) for s in ds.labeled)
+    pixels = 5 * 96 * 96
+    assert m.area.true_fraction == pytest.approx(true / pixels, abs=1e-6)
+    assert m.area.predicted_fraction == 1.0 and m.area.false_positive_fraction == 1.0  # ...and so is everything else
+    assert m.area.predicted_to_true == pytest.approx(pixels / true, abs=1e-3)
+    assert m.area.false_positive_per_megapixel == pytest.approx((pixels - true) / (pixels / 1e6), abs=0.1)
+
+
 def _checkpoint(path: Path, encoder: str = "resnet10t", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     spec = ModelSpec(arch="unet", encoder=encoder, classes=("defect",), tile=64, overlap=16, arch_kwargs=TINY_UNET)

@@ -41,6 +41,7 @@ def evaluate(
     """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
     per_image.csv and a self-contained report.html."""
     from defectscan.evaluation import EVALUATION_DIR, run_evaluation
+    from defectscan.evaluation.outputs import summary_rows
     from defectscan.io.files import check_output_dir
     from defectscan.schemas import EvalOptions, validated
     from defectscan.training import RunDir
@@ -62,22 +63,11 @@ def evaluate(
                                 progress=lambda d, n: progress.update(task, completed=d, total=n),
                                 command=command_line(), class_map={a.strip(): b.strip() for a, b in pairs},
                                 log=lambda note: console.print(f"[yellow]note:[/] {escape(note)}"))
-    m = result.metrics
-    r, im, cost = m.region, m.image_level, m.cost
-    speed = f"{cost.megapixels_per_second} MP/s, {cost.latency_mean_s} s/image" if cost else "-"
-    table = Table(title=f"defectscan evaluate — {result.model}, {m.images} images ({result.split_source})")
+    table = Table(title=f"defectscan evaluate — {escape(result.model)}, {result.metrics.images} images "
+                        f"({escape(result.split_source)})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in (
-        ("pixel defect IoU / Dice", f"{m.defect_iou} / {m.defect_dice}"),
-        ("pixel defect AP / AUROC", f"{m.defect_pixel_ap} / {m.defect_pixel_auroc}"),
-        ("pixel best F1 (threshold)", f"{m.defect_best_f1} ({m.defect_best_f1_threshold})"),
-        (f"region recall ({r.criterion})", f"{r.recall} ({r.found}/{r.gt_regions})"),
-        ("FP regions / image, / MP", f"{r.fp_regions_per_image}, {r.fp_regions_per_megapixel}"),
-        (f"PRO (FPR <= {r.pro_fpr_limit})", str(r.pro)),
-        ("image AUROC / AP / F1", f"{im.auroc} / {im.ap} / {im.f1}"),
-        ("speed", speed),
-    ):
-        table.add_row(name, value)
+    for name, value in summary_rows(result):
+        table.add_row(escape(name), escape(value))
     wide_console().print(table)
     console.print(f"report: {out_dir / 'report.html'}")

@@ -23,7 +23,7 @@ from defectscan.reporting.overlays import outcome_preview
 from defectscan.schemas import EvalSummary
 
 TABLE_METRICS = ["defect_iou", "defect_dice", "pixel_ap", "pixel_auroc", "best_f1", "region_recall",
-                 "fp_regions_per_mp", "pro", "image_auroc", "image_ap", "image_f1", "parameters", "gflops_per_tile",
+                 "fp_regions_per_mp", "predicted_area_ratio", "fp_area_fraction", "pro", "image_auroc", "image_ap", "image_f1", "parameters", "gflops_per_tile",
                  "mp_per_s", "latency_s", "peak_rss_mb"]
 
 

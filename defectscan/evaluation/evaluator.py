@@ -102,6 +102,7 @@ class Evaluation:
             "defect_best_f1_threshold": _r(best["any"][1]),
             "confusion": {"classes": list(self.classes), "rows_truth_cols_prediction": self.conf.tolist()},
             "region": self.region_summary(),
+            "area": self.area_summary(),
             "region_per_class": self.class_region_summary(),
             "image_level": self.image_summary(),
             "seconds": round(self.seconds, 2),
@@ -124,6 +125,15 @@ class Evaluation:
             "pro_fpr_limit": self.options.pro_fpr_limit,
             "pro": _r(pro_auc(self.overlap_sum, self.gt_regions, self.hist["any"], self.options.pro_fpr_limit)),
         }
+
+    def area_summary(self) -> dict:
+        pixels = max(int(self.conf.sum()), 1)
+        true, predicted = int(self.conf[1:, :].sum()), int(self.conf[:, 1:].sum())
+        background, fp = int(self.conf[0, :].sum()), int(self.conf[0, 1:].sum())
+        return {"true_fraction": round(true / pixels, 6), "predicted_fraction": round(predicted / pixels, 6),
+                "predicted_to_true": _r(predicted / true) if true else None,
+                "false_positive_fraction": round(fp / max(background, 1), 6),
+                "false_positive_per_megapixel": round(fp / (pixels / 1e6), 1)}
 
     def class_region_summary(self) -> dict | None:
         """Region recall and false positives of each defect class on its own (a region of class c is found by

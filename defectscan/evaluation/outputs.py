@@ -158,24 +158,37 @@ def load_metrics(path: str | Path) -> tuple[EvalSummary, Path]:
     return EvalSummary.read(f), f.parent
 
 
+def summary_rows(summary: EvalSummary) -> list[tuple[str, str]]:
+    """(metric, value) rows people read first: the console table of `evaluate` and the top of report.html."""
+    m = summary.metrics
+    r, im, cost, a = m.region, m.image_level, m.cost, m.area
+    rows = [("pixel defect IoU / Dice (at threshold)", f"{fmt(m.defect_iou)} / {fmt(m.defect_dice)}"),
+            ("pixel defect AP / AUROC", f"{fmt(m.defect_pixel_ap)} / {fmt(m.defect_pixel_auroc)}"),
+            ("pixel best F1 (threshold)", f"{fmt(m.defect_best_f1)} ({fmt(m.defect_best_f1_threshold)})"),
+            (f"region recall ({r.criterion})", f"{fmt(r.recall)} ({r.found} of {r.gt_regions})"),
+            ("false-positive regions per image / per MP", f"{fmt(r.fp_regions_per_image)} / {fmt(r.fp_regions_per_megapixel)}")]
+    if a is not None:
+        rows += [("defect area: predicted / true (ratio)", f"{100 * a.predicted_fraction:.3f}% / "
+                  f"{100 * a.true_fraction:.3f}% ({fmt(a.predicted_to_true)})"),
+                 ("false-positive area (share of background)", f"{100 * a.false_positive_fraction:.3f}%")]
+    rows += [(f"PRO (FPR <= {r.pro_fpr_limit})", fmt(r.pro)),
+             ("image AUROC / AP / F1", f"{fmt(im.auroc)} / {fmt(im.ap)} / {fmt(im.f1)} "
+                                       f"({im.defective} defective, {im.clean} clean, {im.flagged} flagged)")]
+    if cost is not None and cost.megapixels_per_second is not None:
+        rows.append((f"speed on {cost.device}", f"{fmt(cost.megapixels_per_second)} MP/s, "
+                     f"{fmt(cost.latency_mean_s)} s per image"))
+    if cost is not None and cost.parameters is not None:
+        peaks = [f"{v:,.0f} MB {k}" for k, v in (("RSS", cost.peak_rss_mb), ("GPU", cost.peak_gpu_mb)) if v is not None]
+        rows += [("parameters", f"{cost.parameters / 1e6:.2f} M"),
+                 (f"GFLOPs per {cost.tile} tile", fmt(cost.gflops_per_tile)),
+                 ("peak memory", ", ".join(peaks) or "-")]
+    return rows
+
+
 def evaluation_report(ev: Evaluation, summary: EvalSummary) -> str:
     """The self-contained report.html of an evaluation."""
     m = summary.metrics
-    r, im, cost = m.region, m.image_level, m.cost
-    rows = [["pixel defect IoU / Dice (at threshold)", f"{fmt(m.defect_iou)} / {fmt(m.defect_dice)}"],
-            ["pixel defect AP / AUROC", f"{fmt(m.defect_pixel_ap)} / {fmt(m.defect_pixel_auroc)}"],
-            ["pixel best F1 (threshold)", f"{fmt(m.defect_best_f1)} ({fmt(m.defect_best_f1_threshold)})"],
-            [f"region recall ({r.criterion})", f"{fmt(r.recall)} ({r.found} of {r.gt_regions})"],
-            ["false-positive regions per image / per MP", f"{fmt(r.fp_regions_per_image)} / {fmt(r.fp_regions_per_megapixel)}"],
-            [f"PRO (FPR <= {r.pro_fpr_limit})", fmt(r.pro)],
-            ["image AUROC / AP / F1", f"{fmt(im.auroc)} / {fmt(im.ap)} / {fmt(im.f1)} "
-                                      f"({im.defective} defective, {im.clean} clean, {im.flagged} flagged)"]]
-    if cost is not None and cost.parameters is not None:
-        peaks = {"peak_rss_mb": cost.peak_rss_mb, "peak_gpu_mb": cost.peak_gpu_mb}
-        rows += [["parameters", f"{cost.parameters / 1e6:.2f} M"],
-                 [f"GFLOPs per {cost.tile} tile", fmt(cost.gflops_per_tile)],
-                 [f"speed on {cost.device}", f"{fmt(cost.megapixels_per_second)} MP/s, {fmt(cost.latency_mean_s)} s per image"],
-                 ["peak memory", ", ".join(f"{k} {v}" for k, v in peaks.items() if v is not None)]]
+    rows = [list(row) for row in summary_rows(summary)]
     defect = list(ev.classes[1:])
     per_image = sorted(ev.per_image, key=lambda row: (row["defect_dice"] if row["defect_dice"] is not None else 2.0))
     shown = per_image[:200]

@@ -80,7 +80,7 @@ def write_report(study, out: Path, *, command: str = "") -> None:
     write_text(out / "results.csv", csv_text(rows))
     summary = aggregate(rows, list(HEADLINE_METRICS))
     shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
-                                       "pro", "image_auroc"])
+                                       "predicted_area_ratio", "fp_area_fraction", "pro", "image_auroc"])
              if any(s[m] is not None for s in summary)]  # e.g. no image AUROC when every test image has defects
     log = out / "commands.log"
     ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
