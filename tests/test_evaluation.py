@@ -324,6 +324,17 @@ def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):
     assert code == 1 and "no metrics.json" in err
     code, _, err = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "missing.yaml")
     assert code == 1 and "no such study file" in err
+    (tmp_path / "train.yaml").write_text("model: {encoder: resnet10t}\ndata: {root: /nowhere}\n")
+    (tmp_path / "study.yaml").write_text("train_config: train.yaml\nbackbones: [{name: r}]\nlabeled: [2]\n"
+                                         "seeds: [0]\n")
+    code, _, err = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "study.yaml", "--out", tmp_path / "b",
+                           "--report-only")
+    assert code == 1 and "no finished cells yet" in err and not (tmp_path / "b" / "report.html").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "benchmark", tmp_path / "study.yaml", "--set", "optim.lrr=1")
+    assert code == 1 and "optim.lrr" in err
+    study = load_study(tmp_path / "study.yaml", [f"data.root={data}", "training.epochs=3"])
+    cfg_overrides = study.cells()[0].overrides(study)
+    assert f"data.root={data}" in cfg_overrides and "training.epochs=3" in cfg_overrides
 
 
 # --- benchmark study ------------------------------------------------------------------------------------------

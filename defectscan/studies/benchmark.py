@@ -69,8 +69,9 @@ class Cell:
                 f"training.seed={self.seed}", f"data.subset_seed={self.seed}", "validation.test=false"]
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and check a study file; every problem is one line naming the file and the key."""
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read and check a study file; every problem is one line naming the file and the key. `overrides`
+    (`key=value`, e.g. the user's data.root) apply to every cell after the study's own `set`."""
     path = Path(path)
     if not path.is_file():
         raise DefectscanError(f"{path}: no such study file")
@@ -87,8 +88,9 @@ def load_study(path: str | Path) -> Study:
     train_config = (path.parent / spec.train_config).resolve()
     if not train_config.is_file():
         raise DefectscanError(f"{path}: train_config {train_config} does not exist")
-    return Study(path, spec.name or path.stem, train_config, list(spec.set), list(spec.backbones), list(spec.labeled),
-                 list(spec.seeds), spec.metric, spec.evaluate)
+    load_config(train_config, [*spec.set, *overrides])  # a bad key or value is found now, not in the first cell
+    return Study(path, spec.name or path.stem, train_config, [*spec.set, *overrides], list(spec.backbones),
+                 list(spec.labeled), list(spec.seeds), spec.metric, spec.evaluate)
 
 
 def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] = print,

@@ -71,12 +71,13 @@ def learning_curve_png(summary: list[dict], metric: str, title: str) -> bytes:
     return plots.learning_curves(series, f"test {metric.replace('_', ' ')}", title)
 
 
-def write_report(study, out: Path, *, command: str = "") -> None:
-    """results.csv, summary.json, summary.md, learning_curve.png and report.html from the finished cells."""
+def write_report(study, out: Path, *, command: str = "") -> bool:
+    """results.csv, summary.json, summary.md, learning_curve.png and report.html from the finished cells; False
+    (and nothing written) while no cell has finished."""
     out = Path(out)
     rows = collect_rows(study, out)
     if not rows:
-        return
+        return False
     write_text(out / "results.csv", csv_text(rows))
     summary = aggregate(rows, list(HEADLINE_METRICS))
     shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
@@ -118,6 +119,7 @@ def write_report(study, out: Path, *, command: str = "") -> None:
                     r["eval_seconds"]] for r in rows])
     write_text(out / "report.html", html)
     write_text(out / "summary.md", markdown_table(summary, shown))
+    return True
 
 
 def markdown_table(summary: list[dict], metrics: list[str]) -> str:
@@ -134,5 +136,7 @@ def markdown_table(summary: list[dict], metrics: list[str]) -> str:
 def _with_ci(s: dict, m: str) -> str:
     if s.get(m) is None:
         return "-"
+    if s.get("seeds", 0) < 2:  # one seed has no spread to show: an interval [x, x] would claim certainty
+        return f"{s[m]:.3f} (n=1)"
     lo, hi = s[f"{m}_ci"]
     return f"{s[m]:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -7,6 +7,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -42,7 +43,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None
+    root: Optional[str] = None  # stored absolute: a saved run resumes and evaluates from any working directory
     format: Literal["auto", "folder", "labelme", "coco", "mvtec"] = "auto"
     classes: Optional[list[str]] = None  # defect class names; default: from the data
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # of the labeled training images, without a val split of its own
@@ -51,6 +52,11 @@ class DataConfig(_Section):
     labeled: Optional[int] = Field(None, ge=1)  # train on the first N images of the nested labeled order
     labeled_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: int = 0
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: Optional[str]) -> Optional[str]:
+        return os.path.abspath(Path(root).expanduser()) if root else root
 
 
 class SamplingConfig(_Section):
