@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -10,6 +11,21 @@ import torch
 from defectscan.errors import DefectscanError
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Threads for torch's CPU kernels: `threads`, or every usable core (torch alone may count the host's)."""
+    n = threads or usable_cores()
+    torch.set_num_threads(n)
+    return n
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -247,3 +247,54 @@ def test_cli_train_and_data_check(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "res" / "s01" / "mask.png").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "train", "--data", data, "--set", "training.epoch=2")
     assert code == 1 and error_lines(err) == [error_lines(err)[0]] and "training.epoch" in err
+
+
+def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path, monkeypatch, capsys):
+    from test_cli import error_lines, run_cli
+
+    from defectscan.io.files import exclusive_lock
+
+    folder_dataset(tmp_path / "data", 3, size=96, seed=31)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "data", "--out", "run", "--epochs", "1"]
+    for item in TINY + ["data.val_fraction=0", "training.log_every=1", "optim.warmup_epochs=2"]:
+        args += ["--set", item]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "step 1/3 loss" in err and "steps/s, ETA" in err  # redirected output: a line per log_every steps
+    assert "warning: the warm-up (2.0 epochs) is not shorter than the run (1 epochs)" in err
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "step 2/3 loss" in log
+    run = tmp_path / "run"
+    history = (run / "metrics.csv").read_text()
+    # what a killed run leaves (pid long gone) is removed by the next process; a live process's files are kept
+    dead, live = run / ".last.99999999.x1y2.tmp.safetensors", run / f".last.{os.getpid()}.x1y2.tmp.safetensors"
+    dead.write_text("half")
+    live.write_text("half")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # data.root was stored absolute: resuming works from any directory
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run)
+    assert code == 0, err
+    assert "the run is complete (1 of 1 epochs)" in err and "--epochs N" in err
+    assert (run / "metrics.csv").read_text() == history
+    assert not dead.exists() and live.exists()
+    live.unlink()
+    # another process holds the run: --resume and a new run into it are refused, and nothing is touched
+    with exclusive_lock(run / ".lock", "run directory"):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run, "--epochs", "2")
+        assert code == 1 and len(error_lines(err)) == 1 and "another defectscan process" in err
+    assert (run / "metrics.csv").read_text() == history
+    (tmp_path / "fresh").mkdir()
+    with exclusive_lock(tmp_path / "fresh" / ".lock", "run directory"):
+        fresh_args = [{"run": tmp_path / "fresh", "data": tmp_path / "data"}.get(a, a) for a in args]
+        code, _, err = run_cli(monkeypatch, capsys, *fresh_args)
+        assert code == 1 and "another defectscan process" in err
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [".lock"]
+    # a finished run is extended by --resume --epochs N; other overrides are refused
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run, "--set", "optim.lr=0.1")
+    assert code == 1 and "except --epochs N" in err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run, "--epochs", "2")
+    assert code == 0 and "extending the run from 1 to 2 epochs" in err, err
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    assert load_config(run / "config.yaml").training.epochs == 2

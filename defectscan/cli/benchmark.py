@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from defectscan.cli.common import app, command_line, console, progress_bar, task_factory
+from defectscan.cli.common import app, apply_threads, command_line, console, progress_bar, task_factory, threads_option
 from defectscan.errors import DefectscanError
 
 
@@ -18,6 +18,7 @@ def benchmark(
     cell: Optional[str] = typer.Option(None, help="Run only this cell, e.g. resnet18__n20__s1."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished cells."),
     device: Optional[str] = typer.Option(None, help="Device for every cell (default: the training config's)."),
+    threads: Optional[int] = threads_option(),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset directory for every cell (sets data.root; "
                                         "default: the training config's)."),
     set_: List[str] = typer.Option([], "--set", help="Override a training config value in every cell, e.g. --set "
@@ -27,6 +28,7 @@ def benchmark(
     from defectscan.io.files import check_output_dir
     from defectscan.studies import load_study, run_study, write_report
 
+    apply_threads(threads)
     st = load_study(study, [*set_, *([f"data.root={data}"] if data is not None else [])])
     out_dir = check_output_dir(out or Path("runs") / "benchmark" / st.name)
     command = command_line()

@@ -32,6 +32,18 @@ def apply_max_pixels(value: int | None) -> None:
         set_max_pixels(value)
 
 
+def threads_option():
+    """`--threads`: CPU threads for the model (default: every core this process may use)."""
+    return typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: every core this "
+                        "process may use).")
+
+
+def apply_threads(value: int | None) -> None:
+    from defectscan.runtime import set_threads
+
+    set_threads(value)
+
+
 def wide_console() -> Console:
     """A stdout console at least 120 columns wide, for result tables."""
     return Console(width=max(120, Console().width))

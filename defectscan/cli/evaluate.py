@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (app, apply_max_pixels, command_line, console, max_pixels_option, progress_bar,
-                                   wide_console)
+from defectscan.cli.common import (app, apply_max_pixels, apply_threads, command_line, console, max_pixels_option,
+                                   progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -37,6 +37,7 @@ def evaluate(
     class_map: List[str] = typer.Option([], "--class-map", help="Score a dataset class as a model class whose name "
                                         "differs: DATASET_CLASS=MODEL_CLASS (repeatable; equal names match by themselves)."),
     max_pixels: Optional[int] = max_pixels_option(),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Pixel, region and image metrics plus cost, through the real tiled inference; writes metrics.json,
     per_image.csv and a self-contained report.html."""
@@ -51,6 +52,7 @@ def evaluate(
                      threshold=threshold, min_area=min_area, region_criterion=region_criterion,
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
     apply_max_pixels(max_pixels)
+    apply_threads(threads)
     pairs = [item.split("=", 1) for item in class_map]
     if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
         raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {class_map}")

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (app, apply_max_pixels, console, max_pixels_option, print_error, progress_bar,
-                                   wide_console)
+from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, print_error,
+                                   progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -31,6 +31,7 @@ def infer(
     preview_size: int = typer.Option(2048, help="Longest side of the overlay preview in px."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from sub-folders of directories."),
     max_pixels: Optional[int] = max_pixels_option(),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
@@ -42,6 +43,7 @@ def infer(
     opts = validated(InferOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device,
                      threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
     apply_max_pixels(max_pixels)
+    apply_threads(threads)
     paths = collect_images(images, recursive=recursive)
     check_output_dir(out)
     predictor = Predictor.from_checkpoint(model, opts)

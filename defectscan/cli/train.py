@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from defectscan.cli.common import app, apply_max_pixels, console, max_pixels_option, progress_bar, task_factory
+from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, progress_bar,
+                                   task_factory, threads_option)
 from defectscan.errors import DefectscanError
 
 
@@ -22,6 +23,7 @@ def train(
     labeled: Optional[int] = typer.Option(None, help="Train on the first N labeled images (nested subsets)."),
     device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
     max_pixels: Optional[int] = max_pixels_option(),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
     import time as _time
@@ -30,22 +32,28 @@ def train(
     from defectscan.training import RunDir, load_config, train as run_training
 
     apply_max_pixels(max_pixels)
+    apply_threads(threads)
     overrides = list(set_)
     for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
                        ("training.device", device)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if resume is not None:
-        if config is not None or overrides:
-            raise DefectscanError("--resume continues a run with its saved config.yaml; give no config or overrides")
-        cfg, run_dir = RunDir(resume).read_config(), resume
+        if config is not None or any(not o.startswith("training.epochs=") for o in overrides):
+            raise DefectscanError("--resume continues a run with its saved config.yaml; give no config or overrides "
+                                  "(except --epochs N, which extends the run)")
+        cfg, run_dir = RunDir(resume).read_config(overrides), resume
     else:
         cfg = load_config(config, overrides)
         run_dir = out or Path("runs") / f"{config.stem if config else 'train'}-{_time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(run_dir)
-    with progress_bar() as progress:
-        result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
-                              log=lambda msg: progress.console.print(msg, highlight=False))
+    if console.is_terminal:
+        with progress_bar() as progress:
+            result = run_training(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
+                                  log=lambda msg: progress.console.print(msg, highlight=False, markup=False))
+    else:  # redirected output: plain lines every training.log_every steps (a progress bar shows nothing until the end)
+        result = run_training(cfg, run_dir, resume=resume is not None,
+                              log=lambda msg: console.print(msg, highlight=False, markup=False))
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a (no validation split)"
     console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), best epoch {result.best_epoch} "
                   f"(val {cfg.training.select} {best}); checkpoint {RunDir(run_dir).checkpoint('best')}")

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp" + final.suffix, dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.{os.getpid()}.", suffix=".tmp" + final.suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should get the usual permissions
@@ -63,7 +64,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to `final`; it replaces `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
@@ -74,14 +75,84 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def swap_dir_into_place(new: Path, final: Path) -> None:
-    """Replace directory `final` (an earlier run's, if any) by the finished directory `new`, with renames only."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace directory `final` (an earlier run's, if any) by the finished directory `new`, with renames only.
+
+    Two processes writing the same output race here; each step tolerates the other's renames, and the last one
+    to finish wins with a complete directory.
+    """
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    for _ in range(20):
+        try:
+            os.replace(final, old)
+        except FileNotFoundError:
+            pass  # no earlier output, or another process just moved it away
+        try:
+            os.replace(new, final)
+            break
+        except OSError:  # another process put its output there between our two renames: move it aside again
+            continue
+    else:
+        raise DefectscanError(f"{final}: could not be replaced (another process keeps writing it)")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its files
+    return True
+
+
+_LEFTOVER = re.compile(r"^\.(?:.+)\.(?:(\d+)\.[^./]+\.(?:partial|tmp(?:\.[^./]*)?)|old-(\d+))$")
+
+
+def remove_leftovers(directory: str | Path) -> list[str]:
+    """Delete what killed defectscan processes left in `directory`: temporary files and `.partial` directories of
+    atomic writes, `.old-<pid>` directories of interrupted swaps. Only our own names, and only where the process
+    that made them is gone (a live writer's files are kept). Returns the names removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if not m or _pid_alive(int(m.group(1) or m.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on file `path` (created if needed) for the block; refused at once if another
+    process holds it. The lock goes away with the process, so a killed run never leaves a stale lock."""
+    path = Path(path)
+    fh = open(path, "a+b")
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DefectscanError(f"{path.parent}: another defectscan process is using this {what}; wait for it "
+                                  f"to finish or choose another directory") from None
+        yield
+    finally:
+        fh.close()
 
 
 def check_output_dir(path: str | Path) -> Path:

@@ -90,6 +90,7 @@ class TrainingConfig(_Section):
     early_stop: int = Field(0, ge=0)  # stop after this many validations without improvement; 0: never
     select: Literal["iou", "dice"] = "iou"  # validation metric that picks the best checkpoint (mean over classes)
     half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
+    log_every: int = Field(25, ge=0)  # a train.log line every N steps (loss, lr, steps/s, ETA); 0: per epoch only
 
 
 class ValidationConfig(_Section):

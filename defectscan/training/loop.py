@@ -7,6 +7,7 @@ CPU a run resumed from its last epoch checkpoint ends with the same weights as a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -100,19 +101,27 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
           progress_factory: Callable[[str, int], Callable[[int, dict], None]] | None = None) -> TrainResult:
     """Train as configured into `run_dir`. `progress_factory(description, total)` returns an update callback."""
     run = RunDir(run_dir)
-    if resume:
-        if not run.is_run():
-            raise DefectscanError(f"{run.path}: nothing to resume (no config.yaml; not a run directory)")
-        if not run.same_config(cfg):
-            raise DefectscanError(f"{run.path}: the configuration differs from the run's config.yaml; resume with "
-                                  f"the same settings (or start a new run)")
-    elif not run.is_empty():
-        raise DefectscanError(f"{run.path}: run directory exists and is not empty; use --resume or another --out")
+    stack = contextlib.ExitStack()
+
+    def check_directory() -> None:
+        if resume:
+            if not run.is_run():
+                raise DefectscanError(f"{run.path}: nothing to resume (no config.yaml; not a run directory)")
+            if not run.same_config(cfg, ignore=("training.epochs",)):
+                raise DefectscanError(f"{run.path}: the configuration differs from the run's config.yaml; resume "
+                                      f"with the same settings (only training.epochs may change, to extend a run)")
+        elif not run.is_empty():
+            raise DefectscanError(f"{run.path}: run directory exists and is not empty; use --resume or another --out")
+
+    check_directory()
+    if resume:  # the directory exists: hold it for the whole run
+        stack.enter_context(run.locked())
     log_file = None
     pending: list[str] = []
 
-    def say(msg: str) -> None:
-        log(msg)
+    def say(msg: str, *, step_line: bool = False) -> None:
+        if not (step_line and progress_factory is not None):  # a progress bar already shows the steps
+            log(msg)
         line = time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n"
         if log_file is None:  # nothing is written before the run's setup has succeeded
             pending.append(line)
@@ -122,14 +131,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
 
     def open_log() -> None:
         nonlocal log_file
+        if not resume:  # the first write: from here this process owns the directory
+            stack.enter_context(run.locked())
+            check_directory()  # a run that started beside this one may have filled it meanwhile
         log_file = run.open_log()
         log_file.writelines(pending)
 
-    try:
-        return _train(cfg, run, resume, say, open_log, progress_factory)
-    finally:
-        if log_file is not None:
-            log_file.close()
+    with stack:
+        try:
+            return _train(cfg, run, resume, say, open_log, progress_factory)
+        finally:
+            if log_file is not None:
+                log_file.close()
 
 
 def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[[], None],
@@ -154,6 +167,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                          {s.stem for s in splits.train} - {s.stem for s in train_samples},
                          [s.stem for s in splits.val], [s.stem for s in splits.test])
 
+    complete = False
     opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
     progress_state = {"epoch": 0, "best_metric": None, "best_epoch": 0, "bad_validations": 0, "history": [],
                       "seconds": 0.0}
@@ -165,7 +179,16 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             raise DefectscanError(f"{run.path}: saved state does not fit {spec.arch}/{spec.encoder}") from None
         opt.load_state_dict(saved["optimizer"])
         progress_state = saved["progress"]
-        say(f"resuming after epoch {progress_state['epoch']}")
+        done = progress_state["epoch"]
+        complete = done >= tc.epochs
+        if complete:
+            say(f"the run is complete ({done} of {tc.epochs} epochs); nothing to train. To train longer: "
+                f"defectscan train --resume {run.path} --epochs N (N > {done})")
+        elif run.read_config().training.epochs != tc.epochs:
+            say(f"extending the run from {run.read_config().training.epochs} to {tc.epochs} epochs: the learning "
+                f"rate follows the longer schedule from step {done * sc.steps_per_epoch} on")
+            run.write_config(cfg)
+        say(f"resuming after epoch {done}")
 
     def counter(description: str, total: int) -> Callable[[int, int], None] | None:
         """A (done, total) progress callback for the loops that report no extra values."""
@@ -189,6 +212,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     total_steps = tc.epochs * sc.steps_per_epoch
     warmup = int(round(oc.warmup_epochs * sc.steps_per_epoch))
+    if warmup >= total_steps:
+        say(f"warning: the warm-up ({oc.warmup_epochs} epochs) is not shorter than the run ({tc.epochs} epochs): the "
+            f"learning rate never reaches optim.lr; lower optim.warmup_epochs")
     pin = device.type == "cuda"
     history: list[dict] = progress_state["history"]
 
@@ -225,6 +251,12 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             losses.append(loss.item())
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
+            if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:
+                rate = (k + 1) / (time.perf_counter() - t_epoch)
+                left = (total_steps - step - 1) / rate
+                say(f"epoch {epoch}/{tc.epochs} step {k + 1}/{sc.steps_per_epoch} loss "
+                    f"{float(np.mean(losses[-tc.log_every:])):.4f} lr {lr:.3g} {rate:.2f} steps/s, ETA "
+                    f"{left / 60:.0f} min (training steps only)", step_line=True)
         row: dict[str, Any] = {"epoch": epoch, "step": first + sc.steps_per_epoch, "lr": round(lr, 8),
                                "train_loss": round(float(np.mean(losses)), 5),
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}
@@ -263,7 +295,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             break
 
     test = None
-    if splits.test and cfg.validation.test:
+    if splits.test and cfg.validation.test and not (complete and run.has_test_metrics()):
         best_model, best_spec, _ = load_checkpoint(run.checkpoint("best"))
         m = validate(best_model.to(device), best_spec, splits.test, "test")
         metrics = m.metrics().model_dump(mode="json", exclude={"cost"})  # no cost measured during training

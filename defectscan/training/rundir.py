@@ -12,17 +12,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
 
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import EVALUATION_DIR
-from defectscan.io.files import atomic_path, csv_text, read_csv, write_text
+from defectscan.io.files import atomic_path, csv_text, exclusive_lock, read_csv, remove_leftovers, write_text
 from defectscan.reporting import plots
 from defectscan.training.config import Config, load_config, same_as_saved
 
@@ -35,6 +36,7 @@ class RunDir:
     CURVES = "curves.png"
     TEST_METRICS = "test_metrics.json"
     LOG = "train.log"
+    LOCK = ".lock"  # held by the process training into this directory (see `locked`)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -53,7 +55,16 @@ class RunDir:
         return (self.path / self.CONFIG).is_file()
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        return not self.path.exists() or not any(p.name != self.LOCK for p in self.path.iterdir())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """This process alone trains into the directory (created if needed) inside the block; a second `train` or
+        `--resume` into it is refused with one line. Temporary files of killed runs are removed first."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.path / self.LOCK, "run directory"):
+            remove_leftovers(self.path)
+            yield
 
     def has_state(self) -> bool:
         return (self.path / self.STATE).is_file()
@@ -73,10 +84,13 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         write_text(self.path / self.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    def read_config(self) -> Config:
+    def read_config(self, overrides: Sequence[str] = ()) -> Config:
         if not self.is_run():
             raise DefectscanError(f"{self.path}: not a run directory (no {self.CONFIG})")
-        return load_config(self.path / self.CONFIG)
+        return load_config(self.path / self.CONFIG, list(overrides))
+
+    def has_test_metrics(self) -> bool:
+        return (self.path / self.TEST_METRICS).is_file()
 
     def same_config(self, cfg: Config, ignore: tuple[str, ...] = ()) -> bool:
         return same_as_saved(cfg, self.path / self.CONFIG, ignore=ignore)
