@@ -58,7 +58,7 @@ class _TiledRun(_Options):
 
     tile: Optional[int] = Field(None, ge=1)
     overlap: Optional[int] = Field(None, ge=0)
-    stitch: Stitch = "center"
+    stitch: Optional[Stitch] = None
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     amp: Amp = "auto"

@@ -197,7 +197,9 @@ def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
         (["--stitch", "max"], "option 'stitch'"),
         (["--preview-size", "0"], "option 'preview_size'"),
         (["--tile", "0"], "option 'tile'"),
-        (["--model", tmp_path / "nothing.safetensors"], "sidecar not found"),
+        (["--model", tmp_path / "nothing.safetensors"], "no such checkpoint (neither nothing.safetensors nor"),
+        (["--model", tmp_path / "gone" / "best.safetensors"], f"folder {tmp_path / 'gone'} does not exist"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
     ]
     spec = ModelSpec(encoder="resnet18", tile=256)
     save_checkpoint(build_model(spec), spec, tmp_path / "r18")
@@ -211,6 +213,18 @@ def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
         lines = error_lines(err)
         assert code == 1 and len(lines) == 1 and message in lines[0], (extra, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_stitch_mode_is_the_default_and_options_override_it(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    spec = ModelSpec(encoder="resnet10t", tile=256, overlap=64, stitch="gaussian",
+                     arch_kwargs={"decoder_channels": (32, 16, 16, 8, 8)})
+    save_checkpoint(build_model(spec), spec, tmp_path / "g")
+    for extra, expected in (([], "gaussian"), (["--stitch", "center"], "center")):
+        code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--model", tmp_path / "g.safetensors",
+                               "--out", tmp_path / "o", *extra)
+        assert code == 0, err
+        assert json.loads((tmp_path / "o" / "wafer" / "defects.json").read_text())["stitch"] == expected
 
 
 def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):

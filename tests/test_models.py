@@ -72,8 +72,11 @@ def test_damaged_or_foreign_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(bytes(raw))
     with pytest.raises(DefectscanError, match="checksum"):
         load_checkpoint(tmp_path / "c")
-    with pytest.raises(DefectscanError, match="sidecar not found"):
+    with pytest.raises(DefectscanError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "lonely.safetensors").write_bytes(b"x")  # weights without their sidecar
+    with pytest.raises(DefectscanError, match="sidecar not found"):
+        load_checkpoint(tmp_path / "lonely.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"x")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DefectscanError, match="not valid JSON"):

@@ -23,7 +23,7 @@ def evaluate(
     format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
     overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
-    stitch: str = typer.Option("center", help="center or gaussian."),
+    stitch: Optional[str] = typer.Option(None, help="center or gaussian (default: the checkpoint's)."),
     batch: int = typer.Option(4, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),

@@ -21,7 +21,8 @@ def infer(
     out: Path = typer.Option(Path("defectscan_results"), "--out", "-o", help="Output directory (one sub-directory per image)."),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
     overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
-    stitch: str = typer.Option("center", help="center (exact overlap-tile) or gaussian (weighted blending)."),
+    stitch: Optional[str] = typer.Option(None, help="center (exact overlap-tile) or gaussian (weighted blending); "
+                                         "default: the checkpoint's (how its training validated)."),
     batch: int = typer.Option(4, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold in [0, 1] (default: the checkpoint's)."),
@@ -50,7 +51,7 @@ def infer(
     for note in predictor.notes:
         console.print(f"[yellow]note:[/] {note}")
     table = Table(title=f"defectscan infer — {predictor.spec.arch}/{predictor.spec.encoder}, tile {predictor.tile[0]}, "
-                        f"overlap {predictor.overlap}, {stitch}")
+                        f"overlap {predictor.overlap}, {predictor.stitch}")
     class_cols = list(predictor.class_names.values())
     for col in ("image", "size", "tiles", "time", "MP/s", *class_cols, "defect area"):
         table.add_column(col, justify="left" if col == "image" else "right")

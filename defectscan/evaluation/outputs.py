@@ -111,6 +111,7 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     opts = options or EvalOptions()
     checkpoint, out = Path(checkpoint), Path(out)
     predictor = Predictor.from_checkpoint(checkpoint, opts.infer_options())
+    opts = opts.model_copy(update={"stitch": predictor.stitch})  # metrics.json records what was used
     spec = predictor.spec
     ds = load_dataset(data, data_format)
     mapping, notes = match_classes(ds.classes[1:], spec.defect_classes, class_map)

@@ -52,6 +52,7 @@ class Predictor:
         self.tile = validate_tile(opts.tile or spec.tile, spec.stride, model_name=describe(spec))
         self.overlap = spec.overlap if opts.overlap is None else opts.overlap
         self.threshold = spec.threshold if opts.threshold is None else opts.threshold  # both validated in [0, 1]
+        self.stitch = opts.stitch or spec.stitch
         plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
         self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta)
 
@@ -75,7 +76,7 @@ class Predictor:
     @property
     def notes(self) -> list[str]:
         caveat = center_stitch_caveat(self.spec)
-        if self.options.stitch == "center" and caveat:
+        if self.stitch == "center" and caveat:
             return [f"{caveat}: center stitching is not exact; consider --stitch gaussian"]
         return []
 
@@ -83,7 +84,7 @@ class Predictor:
                       overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """(C, H, W) uint8 probabilities through the tiling engine (tile/overlap: other than the options')."""
         return tiled_inference(self.tiles, image, tile=tile or self.tile,
-                               overlap=self.overlap if overlap is None else overlap, stitch=self.options.stitch,
+                               overlap=self.overlap if overlap is None else overlap, stitch=self.stitch,
                                batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
 
     def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None) -> Prediction:

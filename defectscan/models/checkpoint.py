@@ -78,6 +78,10 @@ def save_checkpoint(
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
     weights, sidecar = checkpoint_paths(path)
+    if not sidecar.parent.is_dir():
+        raise DefectscanError(f"{path}: no such checkpoint (folder {sidecar.parent} does not exist)")
+    if not sidecar.is_file() and not weights.is_file():
+        raise DefectscanError(f"{path}: no such checkpoint (neither {weights.name} nor {sidecar.name} exists)")
     if not sidecar.is_file():
         raise DefectscanError(f"{sidecar}: checkpoint sidecar not found (a defectscan checkpoint is <name>.safetensors + <name>.json)")
     if not weights.is_file():

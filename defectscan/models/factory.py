@@ -35,6 +35,7 @@ class ModelSpec:
     tile: int = 512
     overlap: int = 64
     threshold: float = 0.5
+    stitch: str = "center"  # how the run that made it stitched tiles (validation); infer/evaluate default to it
     mean: tuple[float, ...] | None = None  # input normalisation; default: what the encoder's ImageNet weights use
     std: tuple[float, ...] | None = None
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. encoder_depth, decoder_channels
@@ -58,6 +59,8 @@ class ModelSpec:
                 raise DefectscanError(f"model {name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
             raise DefectscanError(f"model threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.stitch not in ("center", "gaussian"):
+            raise DefectscanError(f"unknown stitch mode '{self.stitch}' (center or gaussian)")
         if self.head not in ("sigmoid", "softmax"):
             raise DefectscanError(f"unknown head '{self.head}' (sigmoid or softmax)")
         if not self.classes or (self.head == "softmax" and len(self.classes) < 2):

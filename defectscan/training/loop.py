@@ -56,6 +56,7 @@ def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
     classes = ClassMap.for_classes(ds.classes, cfg.model.head)
     spec = ModelSpec(arch=cfg.model.arch, encoder=cfg.model.encoder, classes=classes.channel_names, head=classes.head,
                      tile=cfg.model.tile, overlap=cfg.model.overlap, threshold=cfg.model.threshold,
+                     stitch=cfg.validation.stitch,
                      arch_kwargs=dict(cfg.model.arch_kwargs), encoder_kwargs=dict(cfg.model.encoder_kwargs))
     validate_tile(spec.tile, spec.stride, model_name=f"{spec.arch}/{spec.encoder}")
     if cfg.sampling.crop % spec.stride:
