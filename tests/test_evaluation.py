@@ -263,6 +263,7 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "evaluate", "-m", ckpt, "-d", data, "--split", "all",
                              "--seam-images", "0", "-o", tmp_path / "o")
     assert code == 0 and "region recall" in out and (tmp_path / "o" / "report.html").is_file()
+    assert "which of them the model was trained on is unknown" in err
 
 
 def _pitting_dataset(root: Path) -> Path:

@@ -298,3 +298,8 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
     assert code == 0 and "extending the run from 1 to 2 epochs" in err, err
     assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
     assert load_config(run / "config.yaml").training.epochs == 2
+    # evaluating every image of a run's dataset says how many of them the model trained on
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", run / "best.safetensors", "--data",
+                           tmp_path / "data", "--split", "all", "--seam-images", "0", "--out", tmp_path / "ev")
+    trained = len(json.loads((run / "splits.json").read_text())["train"])
+    assert code == 0 and f"{trained} of the 3 were training images of this model" in err, err

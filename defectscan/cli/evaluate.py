@@ -72,4 +72,6 @@ def evaluate(
     for name, value in summary_rows(result):
         table.add_row(escape(name), escape(value))
     wide_console().print(table)
+    if split == "all":
+        console.print(f"[yellow]note:[/] evaluated {escape(result.split_source)}")
     console.print(f"report: {out_dir / 'report.html'}")

@@ -45,7 +45,13 @@ def select_samples(ds: SegmentationDataset, split: str,
         raise DefectscanError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     labeled = ds.labeled
     if split == "all":
-        return labeled, "every labeled image"
+        if run_splits is None:
+            return labeled, ("every labeled image (which of them the model was trained on is unknown: not a "
+                             "training run's checkpoint)")
+        trained = set(run_splits[0].get("train", []))
+        seen = sum(s.stem in trained for s in labeled)
+        return labeled, (f"every labeled image; {seen} of the {len(labeled)} were training images of this model, "
+                         f"so these metrics are optimistic" if seen else "every labeled image (none was trained on)")
     if run_splits is not None:
         stems, source = run_splits
         wanted = set(stems.get(split, []))
