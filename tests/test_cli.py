@@ -68,10 +68,13 @@ def test_infer_directory_gaussian_tta_and_repeat_run_replaces_outputs(monkeypatc
     cv2.imwrite(str(src / "b.jpg"), image[100:, 50:])
     (src / "notes.txt").write_text("ignored")
     for _ in range(2):
-        code, _, err = run_cli(monkeypatch, capsys, "infer", src, "--out", tmp_path / "o", "--stitch", "gaussian",
+        code, out, err = run_cli(monkeypatch, capsys, "infer", src, "--out", tmp_path / "o", "--stitch", "gaussian",
                                "--tta", "--tile", "256", "--overlap", "64", "--threshold", "0.3")
         assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a", "b", "summary.csv"]
+    rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
+    assert [(r["output"], r["status"], r["width"]) for r in rows] == [("a", "ok", "300"), ("b", "ok", "398")]
+    assert "all 2 images" in out  # the console table's batch total
     meta = json.loads((tmp_path / "o" / "a" / "defects.json").read_text())
     assert (meta["width"], meta["height"], meta["stitch"], meta["tta"], meta["threshold"]) == (300, 200, "gaussian", True, 0.3)
 
@@ -162,7 +165,9 @@ def test_one_bad_image_among_good_ones_still_fails_the_run(monkeypatch, capsys, 
     bad = _truncated(tmp_path, "cut.png")
     code, _, err = run_cli(monkeypatch, capsys, "infer", path, bad, "--out", tmp_path / "o")
     assert code == 1 and "1 of 2 image(s) failed" in err
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["wafer"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.csv", "wafer"]
+    rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "failed"] and "cannot decode" in rows[1]["error"]
 
 
 def test_missing_and_unsupported_files_are_skipped_and_reported(monkeypatch, capsys, tmp_path, wafer):
@@ -172,7 +177,7 @@ def test_missing_and_unsupported_files_are_skipped_and_reported(monkeypatch, cap
                            "--out", tmp_path / "o")
     assert code == 1 and "2 of 3 image(s) failed" in err
     assert "gone.png: no such file" in err and "unsupported image format '.gif'" in err
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["wafer"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.csv", "wafer"]
 
 
 def test_directory_inputs_recurse_on_request_and_hint_at_images_folder(monkeypatch, capsys, tmp_path, wafer):

@@ -36,6 +36,7 @@ def infer(
 ) -> None:
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
+    from defectscan.inference.writers import batch_row, write_batch_summary
     from defectscan.io.files import check_output_dir
     from defectscan.io.images import open_image
     from defectscan.schemas import InferOptions, validated
@@ -55,7 +56,7 @@ def infer(
     class_cols = list(predictor.class_names.values())
     for col in ("image", "size", "tiles", "time", "MP/s", *class_cols, "defect area"):
         table.add_column(col, justify="left" if col == "image" else "right")
-    failures = 0
+    rows: list[dict] = []
     with progress_bar() as progress:
         for path, name in zip(paths, output_names(paths)):
             task = progress.add_task(escape(path.name), total=None)
@@ -64,18 +65,28 @@ def infer(
                 pred = predictor.predict(source, progress=lambda d, n: progress.update(task, completed=d, total=n))
                 write_prediction(predictor, path, source, pred, out / name)
             except DefectscanError as exc:
-                failures += 1
+                rows.append(batch_row(path, name, class_cols, error=str(exc)))
                 progress.update(task, description=f"[red]{escape(path.name)} (failed)")
                 print_error(exc)
                 continue
+            rows.append(batch_row(path, name, class_cols, pred))
             s = pred.summary
             table.add_row(escape(path.name), f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
                           f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
                           f"{100 * s['defect_area_fraction']:.3f}%")
-    if failures == len(paths):
+    done = [r for r in rows if r["status"] == "ok"]
+    failures = len(rows) - len(done)
+    if not done:
         console.print(f"[red]all {failures} image(s) failed; nothing written[/]")
         raise typer.Exit(1)
+    if len(rows) > 1:
+        table.add_section()
+        table.add_row(f"all {len(done)} images", "", str(sum(r["tiles"] for r in done)),
+                      f"{sum(r['seconds'] for r in done):.1f}s", "",
+                      *(str(sum(r[f"regions_{c}"] for r in done)) for c in class_cols), "", style="bold")
     wide_console().print(table)
-    console.print(f"outputs in {escape(str(out))}/" + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
+    summary = write_batch_summary(out, rows)
+    console.print(f"outputs in {escape(str(out))}/, one row per image in {escape(summary.name)}"
+                  + (f"; [red]{failures} of {len(paths)} image(s) failed[/]" if failures else ""))
     if failures:
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from defectscan.errors import DefectscanError
-from defectscan.io.files import atomic_dir, csv_text
+from defectscan.io.files import atomic_dir, csv_text, write_text
 from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource
 from defectscan.models import describe
 from defectscan.reporting.overlays import render_overlay
@@ -54,6 +54,24 @@ def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> No
 
 def _regions_csv(regions: Iterable[Region]) -> str:
     return csv_text([r.to_dict() for r in regions], fieldnames=list(REGION_FIELDS))
+
+
+BATCH_SUMMARY = "summary.csv"
+
+
+def batch_row(image: Path, output: str, class_names: list[str], pred=None, error: str | None = None) -> dict:
+    """One row of the batch summary (`summary.csv`): an image's outcome, its defect counts, or why it failed."""
+    s = pred.summary if pred is not None else {}
+    return {"image": str(image), "output": output if pred is not None else "", "status": "failed" if error else "ok",
+            "width": s.get("width"), "height": s.get("height"), "tiles": s.get("tiles"), "seconds": s.get("seconds"),
+            "regions": s.get("regions"), **{f"regions_{c}": s.get("regions_per_class", {}).get(c) for c in class_names},
+            "defect_area_fraction": s.get("defect_area_fraction"), "error": error or ""}
+
+
+def write_batch_summary(out: Path, rows: list[dict]) -> Path:
+    """`summary.csv` in the output directory: one row per input image of the run, failures included."""
+    write_text(out / BATCH_SUMMARY, csv_text(rows))
+    return out / BATCH_SUMMARY
 
 
 def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
