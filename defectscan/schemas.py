@@ -267,6 +267,15 @@ class EvalSummary(_Result):
     class_map: dict[str, str] = {}  # dataset class -> the model class it was scored as, where the names differ
     metrics: Metrics
 
+    @field_validator("images")
+    @classmethod
+    def _plain_names(cls, images: list[str]) -> list[str]:
+        """Image stems name files inside the evaluation directory (predictions/<stem>.png): never a path."""
+        for stem in images:
+            if not stem or stem in (".", "..") or "/" in stem or "\\" in stem:
+                raise ValueError(f"image names must be plain file stems, got {stem!r}")
+        return images
+
     def headline(self) -> dict[str, Any]:
         """The headline metrics by name (`HEADLINE_METRICS`), None where undefined."""
         return {name: get(self.metrics) for name, get in HEADLINE.items()}

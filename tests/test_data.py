@@ -405,3 +405,28 @@ def test_check_fails_without_labeled_images(monkeypatch, capsys, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"imagePath": "elsewhere.png", "shapes": []}))
     code, out, err = run_cli(monkeypatch, capsys, "data", "check", tmp_path, "--format", "labelme")
     assert code == 1 and "no labeled images" in out + err
+
+
+def test_annotation_paths_never_leave_the_dataset(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_image(tmp_path / "secret.png", _image(seed=5))  # outside the dataset, reachable by ../
+    write_image(root / "a.png", _image())
+    shapes = [{"label": "pit", "points": [[2, 2], [20, 2], [20, 20]], "shape_type": "polygon"}]
+    for name, image_path in (("a", "C:\\Users\\me\\labels\\a.png"), ("b", "../secret.png")):
+        (root / f"{name}.json").write_text(json.dumps({"imagePath": image_path, "shapes": shapes}))
+    ds = load_dataset(root)
+    problems = {Path(p.path).name: p for p in ds.problems}
+    # an absolute path from another machine: the dataset's image of that name, with a warning
+    assert not problems["a.json"].fatal and "leaves the dataset folder; using a.png" in problems["a.json"].message
+    # ../secret.png exists, but outside: not used, and an error
+    assert problems["b.json"].fatal and "'../secret.png' leaves the dataset folder" in problems["b.json"].message
+    assert all(s.image.resolve().is_relative_to(root.resolve()) for s in ds.samples)
+    coco = tmp_path / "coco"
+    write_image(coco / "images" / "x.png", _image())
+    (coco / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": str(tmp_path / "secret.png")}, {"id": 2, "file_name": "x.png"}],
+        "categories": [{"id": 1, "name": "pit"}], "annotations": []}))
+    ds = load_dataset(coco)
+    assert [s.image.name for s in ds.labeled] == ["x.png"]
+    assert any(p.fatal and "leaves the dataset folder" in p.message and "image id 1" in p.path for p in ds.problems)

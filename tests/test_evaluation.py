@@ -313,6 +313,12 @@ def test_compare_two_evaluations(tmp_path):
     assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3
     with pytest.raises(DefectscanError, match="no metrics.json"):
         compare([tmp_path / "d"], tmp_path / "cmp2")
+    # image names in metrics.json name files inside the evaluation directory: a path is refused, not followed
+    f = tmp_path / "b" / "evaluation" / "metrics.json"
+    f.write_text(f.read_text().replace('"images": [', '"images": ["../../outside", ', 1))
+    with pytest.raises(DefectscanError, match="plain file stems, got '../../outside'"):
+        compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp3")
+    assert not (tmp_path / "cmp3").exists()
 
 
 def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):

@@ -84,11 +84,12 @@ def load_coco(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
                 problems.append(Problem(where, f"image entry {i} ({json.dumps(entry)[:60]}) needs a file_name"))
                 continue
             name = entry["file_name"]
-            stem = Path(name.replace("\\", "/")).stem
             base = [path.parent / name, path.parent / "images" / name, root / name, root / "images" / name]
-            image = resolve_image(base, stem, by_stem)
+            n = len(problems)
+            image = resolve_image(root, name, base, by_stem, f"{where} (image id {entry.get('id')})", problems)
             if image is None:
-                problems.append(Problem(where, f"image '{name}' (id {entry.get('id')}) not found"))
+                if len(problems) == n:
+                    problems.append(Problem(where, f"image '{name}' (id {entry.get('id')}) not found"))
                 continue
             if image.stem in annotated:
                 problems.append(Problem(where, f"image {image.name} listed twice"))

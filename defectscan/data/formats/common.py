@@ -203,11 +203,35 @@ def declared_size(height: Any, width: Any, where: str, problems: list[Problem]) 
     return h, w
 
 
-def resolve_image(candidates: Sequence[Path], stem: str, by_stem: dict[str, Path]) -> Path | None:
+def resolve_image(root: Path, written: str, candidates: Sequence[Path], by_stem: dict[str, Path], where: str,
+                  problems: list[Problem]) -> Path | None:
+    """The dataset image an annotation names (`written`, tried at `candidates`), never a file outside the dataset.
+
+    A path that leaves the dataset folder (`../../x.png`, an absolute path from another machine) is reported:
+    the image of the same name inside the dataset is used with a warning when there is one, else it is an error.
+    Otherwise the first existing candidate, else the dataset image with the same stem.
+    """
+    inside_root = root.resolve()
+    stem = Path(written.replace("\\", "/")).stem
+    outside = None
     for c in candidates:
         if c.is_file() and c.suffix.lower() in SUPPORTED_SUFFIXES:
-            return c.resolve()
-    return by_stem.get(stem)
+            resolved = c.resolve()
+            if resolved.is_relative_to(inside_root):
+                return resolved
+            outside = resolved
+    if outside is None and written and (Path(written).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", written)
+                                        or ".." in Path(written.replace("\\", "/")).parts):
+        outside = written  # names a place outside the dataset that does not exist here
+    same_name = by_stem.get(stem)
+    if outside is not None:
+        if same_name is None:
+            problems.append(Problem(where, f"image path '{written}' leaves the dataset folder {root} and no image of "
+                                    "that name is inside it; annotation paths must stay inside the dataset"))
+            return None
+        problems.append(Problem(where, f"image path '{written}' leaves the dataset folder; using "
+                                f"{same_name.relative_to(inside_root)}, the dataset's image of that name", fatal=False))
+    return same_name
 
 
 def finish_vector(root: Path, fmt: str, by_stem: dict[str, Path], annotated: dict[str, Sample],
