@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -230,6 +231,20 @@ def test_checkpoint_stitch_mode_is_the_default_and_options_override_it(monkeypat
                                "--out", tmp_path / "o", *extra)
         assert code == 0, err
         assert json.loads((tmp_path / "o" / "wafer" / "defects.json").read_text())["stitch"] == expected
+
+
+def test_infer_cleans_what_killed_runs_left_and_nothing_else(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    out = tmp_path / "o"
+    dead_partial, dead_old = out / ".wafer.99999999.k3j2.partial", out / ".wafer.old-99999999"
+    live_partial = out / f".wafer.{os.getpid()}.k3j2.partial"  # a writer still running: not ours to remove
+    for d in (dead_partial, dead_old, live_partial):
+        d.mkdir(parents=True)
+        (d / "mask.png").write_bytes(b"half")
+    (out / ".keep").write_text("the user's")
+    code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--out", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted([".keep", live_partial.name, "summary.csv", "wafer"])
 
 
 def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):

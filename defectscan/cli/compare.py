@@ -18,9 +18,10 @@ def compare(
 ) -> None:
     """Compare evaluations across backbones: one table, accuracy-vs-cost plots and the same crops per model."""
     from defectscan.evaluation.compare import compare as run_compare
-    from defectscan.io.files import check_output_dir
+    from defectscan.io.files import check_output_dir, remove_leftovers
 
-    result = run_compare(dirs, check_output_dir(out))
+    remove_leftovers(check_output_dir(out).parent)  # of earlier runs killed while writing here
+    result = run_compare(dirs, out)
     table = Table(title=f"defectscan compare — {len(result['models'])} models")
     cols = ("model", "defect_dice", "pixel_ap", "region_recall", "pro", "mp_per_s", "parameters")
     for col in cols:

@@ -43,7 +43,7 @@ def evaluate(
     per_image.csv and a self-contained report.html."""
     from defectscan.evaluation import EVALUATION_DIR, run_evaluation
     from defectscan.evaluation.outputs import summary_rows
-    from defectscan.io.files import check_output_dir
+    from defectscan.io.files import check_output_dir, remove_leftovers
     from defectscan.schemas import EvalOptions, validated
     from defectscan.training import RunDir
 
@@ -58,6 +58,7 @@ def evaluate(
         raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {class_map}")
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
+    remove_leftovers(out_dir.parent)  # of earlier runs killed while writing here
     with progress_bar() as progress:
         task = progress.add_task(f"evaluating {model.name}", total=None)
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,

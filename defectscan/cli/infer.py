@@ -37,7 +37,7 @@ def infer(
     """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
     from defectscan.inference.writers import batch_row, write_batch_summary
-    from defectscan.io.files import check_output_dir
+    from defectscan.io.files import check_output_dir, remove_leftovers
     from defectscan.io.images import open_image
     from defectscan.schemas import InferOptions, validated
 
@@ -48,6 +48,7 @@ def infer(
     apply_threads(threads)
     paths = collect_images(images, recursive=recursive)
     check_output_dir(out)
+    remove_leftovers(out)  # of earlier runs killed while writing here
     predictor = Predictor.from_checkpoint(model, opts)
     for note in predictor.notes:
         console.print(f"[yellow]note:[/] {note}")
