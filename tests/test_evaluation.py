@@ -310,6 +310,8 @@ def test_compare_two_evaluations(tmp_path):
     assert result["warning"] is None
     html = (tmp_path / "cmp" / "compare.html").read_text()
     assert "Same crops" in html and html.count("data:image/jpeg;base64,") >= 3
+    assert "<th>defect Dice</th>" in html and "fp_regions_per_mp" not in html  # titles people read
+    assert 'class="best"' in html  # the best value of a column stands out
     assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3
     with pytest.raises(DefectscanError, match="no metrics.json"):
         compare([tmp_path / "d"], tmp_path / "cmp2")
@@ -435,3 +437,20 @@ def test_benchmark_presets_load(study):
     assert len(st.seeds) >= 3
     for cell in st.cells()[:: len(st.seeds)]:
         load_config(st.train_config, cell.overrides(st))
+
+
+def test_log_axes_are_labelled_with_plain_numbers():
+    from defectscan.reporting.plots import _plain_log_x, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([5, 20, 324], [0.2, 0.4, 0.6])
+    _plain_log_x(ax, [5, 20, 324])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "20", "324"]
+    assert all(t.get_text() == "" for t in ax.xaxis.get_minorticklabels())  # no 2x10^0 minor labels
+    ax.set_xlim(1e6, 3e7)
+    ax.set_xticks([1e6, 1e7])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1M", "10M"]
+    plt.close(fig)

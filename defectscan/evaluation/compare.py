@@ -22,6 +22,16 @@ from defectscan.reporting.html import png_bytes_uri, png_uri, render
 from defectscan.reporting.overlays import outcome_preview
 from defectscan.schemas import EvalSummary
 
+# Column titles people read, and which way is better (True: higher), for the best-value highlight
+METRIC_LABELS = {
+    "defect_iou": ("defect IoU", True), "defect_dice": ("defect Dice", True), "pixel_ap": ("pixel AP", True),
+    "pixel_auroc": ("pixel AUROC", True), "best_f1": ("best F1", True), "region_recall": ("region recall", True),
+    "fp_regions_per_mp": ("FP regions / MP", False), "predicted_area_ratio": ("predicted / true area", None),
+    "fp_area_fraction": ("FP area (of background)", False), "pro": ("PRO", True), "image_auroc": ("image AUROC", True),
+    "image_ap": ("image AP", True), "image_f1": ("image F1", True), "parameters": ("parameters", False),
+    "gflops_per_tile": ("GFLOPs / tile", False), "mp_per_s": ("MP / s", True), "latency_s": ("s / image", False),
+    "peak_rss_mb": ("peak RSS MB", False),
+}
 TABLE_METRICS = ["defect_iou", "defect_dice", "pixel_ap", "pixel_auroc", "best_f1", "region_recall",
                  "fp_regions_per_mp", "predicted_area_ratio", "fp_area_fraction", "pro", "image_auroc", "image_ap", "image_f1", "parameters", "gflops_per_tile",
                  "mp_per_s", "latency_s", "peak_rss_mb"]
@@ -81,6 +91,23 @@ def pick_crops(evals: list[EvalSummary], dirs: list[Path], ds, count: int = 4, w
     return crops
 
 
+def _best_cells(rows: list[dict], header: list[str]) -> list[list[bool]]:
+    """Per row and column: whether that cell holds the best value of its column (ties too; not for one model)."""
+    best = [[False] * len(header) for _ in rows]
+    if len(rows) < 2:
+        return best
+    for j, key in enumerate(header):
+        higher = METRIC_LABELS.get(key, (None, None))[1]
+        values = [r[key] for r in rows]
+        known = [v for v in values if isinstance(v, (int, float))]
+        if higher is None or not known:
+            continue
+        target = max(known) if higher else min(known)
+        for i, v in enumerate(values):
+            best[i][j] = v == target
+    return best
+
+
 def compare(dirs: list[str | Path], out: str | Path) -> dict:
     """Write compare.html, compare.json and compare.csv into `out` (atomically); returns the JSON content."""
     if len(dirs) < 1:
@@ -121,7 +148,8 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
             crops_html.append(row)
     header = ["model", *TABLE_METRICS]
     html = render("compare.html.j2", title="defectscan compare", count=len(evals), data=first.data,
-                  split=first.split, warning=warning, header=header, rows=[[r[k] for k in header] for r in rows],
+                  split=first.split, warning=warning, header=["model", *(METRIC_LABELS[k][0] for k in TABLE_METRICS)],
+                  rows=[[r[k] for k in header] for r in rows], best=_best_cells(rows, header),
                   scatters=scatters, crops=crops_html,
                   sources=[[r["model"], r["description"], r["dir"]] for r in rows])
     result = {"models": rows, "warning": warning or None}

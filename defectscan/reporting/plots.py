@@ -130,11 +130,28 @@ def learning_curves(series: dict[str, list[tuple[float, float, float, float]]], 
         x, y, lo, hi = zip(*sorted(pts))
         line, = ax.plot(x, y, marker="o", label=label)
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18)
-    ax.set_xscale("log")
+    _plain_log_x(ax, [p[0] for pts in series.values() for p in pts])  # ticks at the labeled counts studied
     ax.set(xlabel="labeled training images (log scale)", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig_png(fig, dpi=110)
+
+
+def _plain_log_x(ax, ticks: Sequence[float] | None = None) -> None:
+    """A log x axis labelled with plain numbers (5, 20, 324 or 2M), not 2x10^0 minor-tick labels."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def human(v: float, _pos: int = 0) -> str:
+        for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= div:
+                return f"{v / div:.3g}{suffix}"
+        return f"{v:.3g}"
+
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(sorted(set(ticks)))
+    ax.xaxis.set_major_formatter(FuncFormatter(human))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def scatter(points: Sequence[tuple[str, float, float, tuple[float, float] | None]], xlabel: str, ylabel: str,
@@ -151,7 +168,7 @@ def scatter(points: Sequence[tuple[str, float, float, tuple[float, float] | None
             ax.annotate(label, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if log_x:
-        ax.set_xscale("log")
+        _plain_log_x(ax)
     ax.grid(alpha=0.3)
     if points and not annotate:
         ax.legend(fontsize=8)
