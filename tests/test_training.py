@@ -303,3 +303,16 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
                            tmp_path / "data", "--split", "all", "--seam-images", "0", "--out", tmp_path / "ev")
     trained = len(json.loads((run / "splits.json").read_text())["train"])
     assert code == 0 and f"{trained} of the 3 were training images of this model" in err, err
+    # fine-tuning: a new run starts from every weight of a checkpoint of the same architecture
+    code, _, err = run_cli(monkeypatch, capsys, *[{"run": tmp_path / "tuned", "data": tmp_path / "data"}.get(a, a)
+                                                  for a in args], "--finetune", run / "best.safetensors",
+                           "--set", "training.epochs=1", "--set", "optim.lr=1e-12")
+    assert code == 0 and "starting from the weights of" in err, err
+    before, after = load_file(run / "last.safetensors"), load_file(tmp_path / "tuned" / "last.safetensors")
+    moved = max(float((before[k].float() - after[k].float()).abs().max()) for k in before
+                if before[k].is_floating_point() and "running" not in k and "num_batches" not in k)
+    assert moved < 1e-3  # a learning rate of 1e-12 leaves the loaded weights where they were
+    code, _, err = run_cli(monkeypatch, capsys, *[{"run": tmp_path / "other", "data": tmp_path / "data"}.get(a, a)
+                                                  for a in args], "--finetune", run / "best.safetensors",
+                           "--set", "model.encoder=resnet18")
+    assert code == 1 and "resnet18" in err and "encoder differs" in err

@@ -21,6 +21,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
     epochs: Optional[int] = typer.Option(None, help="Shortcut for --set training.epochs=N."),
     labeled: Optional[int] = typer.Option(None, help="Train on the first N labeled images (nested subsets)."),
+    finetune: Optional[Path] = typer.Option(None, "--finetune", help="Start from every weight of this checkpoint (same "
+                                            "architecture and classes); shortcut for --set model.init_checkpoint=PATH."),
     device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
@@ -35,7 +37,7 @@ def train(
     apply_threads(threads)
     overrides = list(set_)
     for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
-                       ("training.device", device)):
+                       ("training.device", device), ("model.init_checkpoint", finetune)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if resume is not None:

@@ -26,12 +26,19 @@ class ModelConfig(_Section):
     arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: Optional[str] = None  # none | imagenet | path to an encoder state dict
+    # fine-tuning: start from every weight of this defectscan checkpoint (same arch, encoder, classes, decoder)
+    init_checkpoint: Optional[str] = None
     head: Literal["auto", "sigmoid", "softmax"] = "auto"  # auto: sigmoid for one defect class, softmax for several
     tile: int = Field(512, ge=32)  # inference/validation tile
     overlap: int = Field(64, ge=0)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     arch_kwargs: dict = Field(default_factory=dict)  # decoder options, e.g. decoder_channels
     encoder_kwargs: dict = Field(default_factory=dict)  # e.g. drop_path_rate (timm), drop_path / pcm_norm (ViTAE)
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _absolute(cls, path: Optional[str]) -> Optional[str]:
+        return os.path.abspath(Path(path).expanduser()) if path else path
 
     @field_validator("overlap")
     @classmethod

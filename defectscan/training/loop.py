@@ -24,6 +24,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
 from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from defectscan.models.weights import match_state_dict
 from defectscan.runtime import autocast, resolve_amp, resolve_device
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
@@ -161,6 +162,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     augment = build_augment(cfg.augment)
     torch.manual_seed(tc.seed)
     model = build_model(spec, encoder_weights=None if resume else cfg.model.encoder_weights).to(device)
+    if cfg.model.init_checkpoint and not resume:  # fine-tuning: every weight from an earlier run
+        start, _, _ = load_checkpoint(cfg.model.init_checkpoint, expect=spec)
+        match_state_dict(model, start.state_dict(), source=cfg.model.init_checkpoint)
+        say(f"starting from the weights of {cfg.model.init_checkpoint}")
     open_log()
     if not resume:
         run.write_config(cfg)
