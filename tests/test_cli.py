@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +23,9 @@ from defectscan.data.synth import generate_wafer
 from _helpers import run_cli  # noqa: E402 - tests/ is on sys.path under pytest
 
 OUTPUT_FILES = {"defects.csv", "defects.json", "mask.png", "overlay.jpg"}
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def error_lines(err: str) -> list[str]:
@@ -284,7 +288,12 @@ def test_unwritable_outputs_are_refused_before_any_work(monkeypatch, capsys, tmp
         assert "Traceback" not in err
         code, _, err = run_cli(monkeypatch, capsys, "train", "--data", tmp_path, "--out", out)
         assert code == 1 and len(error_lines(err)) == 1 and str(blocker) in error_lines(err)[0], err
+        for command in (["evaluate", "--model", default_checkpoint(), "--data", tmp_path],
+                        ["compare", tmp_path], ["benchmark", ROOT / "configs" / "benchmark" / "bsdata_quick.yaml"]):
+            code, _, err = run_cli(monkeypatch, capsys, *command, "--out", out)
+            assert code == 1 and len(error_lines(err)) == 1 and str(blocker) in error_lines(err)[0], (command, err)
     assert blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing was started anywhere
 
 
 def test_checkpoint_sidecar_without_model_section_is_one_line(monkeypatch, capsys, tmp_path, wafer):

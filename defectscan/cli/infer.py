@@ -60,9 +60,10 @@ def infer(
     rows: list[dict] = []
     with progress_bar() as progress:
         for path, name in zip(paths, output_names(paths)):
-            task = progress.add_task(escape(path.name), total=None)
+            task = progress.add_task(f"{escape(path.name)}: reading", total=None)  # a huge PNG decodes for minutes
             try:
                 source = open_image(path)
+                progress.update(task, description=escape(path.name))
                 pred = predictor.predict(source, progress=lambda d, n: progress.update(task, completed=d, total=n))
                 write_prediction(predictor, path, source, pred, out / name)
             except DefectscanError as exc:
