@@ -93,3 +93,31 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_two_writers_of_one_output_directory_never_fail_or_mix(tmp_path):
+    """`infer` from two processes into one --out: each swap tolerates the other's renames; the last one wins whole."""
+    import threading
+
+    from defectscan.io.files import atomic_dir
+
+    final, errors = tmp_path / "out" / "wafer", []
+
+    def writer(tag: str) -> None:
+        try:
+            for i in range(40):
+                with atomic_dir(final) as tmp:
+                    for name in ("mask.png", "defects.json"):
+                        (tmp / name).write_text(f"{tag}{i}")
+        except Exception as exc:  # pragma: no cover - the failure this test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    contents = {(final / n).read_text() for n in ("mask.png", "defects.json")}
+    assert len(contents) == 1  # both files from the same write
+    assert sorted(p.name for p in final.parent.iterdir()) == ["wafer"]  # no partial or old folders left

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -80,7 +81,7 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
     Two processes writing the same output race here; each step tolerates the other's renames, and the last one
     to finish wins with a complete directory.
     """
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per call, even per thread
     for _ in range(20):
         try:
             os.replace(final, old)
@@ -108,7 +109,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_LEFTOVER = re.compile(r"^\.(?:.+)\.(?:(\d+)\.[^./]+\.(?:partial|tmp(?:\.[^./]*)?)|old-(\d+))$")
+_LEFTOVER = re.compile(r"^\.(?:.+)\.(?:(\d+)\.[^./]+\.(?:partial|tmp(?:\.[^./]*)?)|old-(\d+)(?:-[0-9a-f]+)?)$")
 
 
 def remove_leftovers(directory: str | Path) -> list[str]:
