@@ -81,10 +81,12 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
     Two processes writing the same output race here; each step tolerates the other's renames, and the last one
     to finish wins with a complete directory.
     """
-    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per call, even per thread
+    olds = []
     for _ in range(20):
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique, even per thread
         try:
             os.replace(final, old)
+            olds.append(old)
         except FileNotFoundError:
             pass  # no earlier output, or another process just moved it away
         try:
@@ -94,7 +96,8 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
             continue
     else:
         raise DefectscanError(f"{final}: could not be replaced (another process keeps writing it)")
-    shutil.rmtree(old, ignore_errors=True)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
