@@ -138,6 +138,8 @@ def _nan_tiff(tmp_path):
         (lambda d: _bomb(d, "bomb.png"), "header declares 100000 x 100000 px"),
         (lambda d: _bomb(d, "bomb.bmp"), "header declares 100000 x 100000 px"),
         (lambda d: _bomb(d, "bomb.jpg"), "header declares 65535 x 65535 px"),
+        (lambda d: _bomb(d, "bomb.jpg").rename(d / "innocent.png") or d / "innocent.png",  # the content decides
+         "header declares 65535 x 65535 px"),
         (lambda d: _nan_tiff(d), "2 pixels are NaN or infinite"),
         (lambda d: (d / "x.gif").write_bytes(b"GIF89a") and d / "x.gif", "unsupported image format"),
         (lambda d: (d / "fake.png").write_bytes(b"hello") and d / "fake.png", "cannot decode"),
@@ -240,15 +242,17 @@ def test_checkpoint_stitch_mode_is_the_default_and_options_override_it(monkeypat
 def test_infer_cleans_what_killed_runs_left_and_nothing_else(monkeypatch, capsys, tmp_path, wafer):
     path, _ = wafer
     out = tmp_path / "o"
-    dead_partial, dead_old = out / ".wafer.99999999.k3j2.partial", out / ".wafer.old-99999999"
-    live_partial = out / f".wafer.{os.getpid()}.k3j2.partial"  # a writer still running: not ours to remove
-    for d in (dead_partial, dead_old, live_partial):
+    dead_partial, dead_old = out / ".wafer.99999999.k3j2_x9q.partial", out / ".wafer.old-99999999-0a1b2c3d"
+    live_partial = out / f".wafer.{os.getpid()}.k3j2_x9q.partial"  # a writer still running: not ours to remove
+    users = [out / ".mozilla.old-2023", out / ".cache.123.notours.partial"]  # look alike, are not ours
+    for d in (dead_partial, dead_old, live_partial, *users):
         d.mkdir(parents=True)
         (d / "mask.png").write_bytes(b"half")
     (out / ".keep").write_text("the user's")
     code, _, err = run_cli(monkeypatch, capsys, "infer", path, "--out", out)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == sorted([".keep", live_partial.name, "summary.csv", "wafer"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".keep", live_partial.name, *(u.name for u in users),
+                                                            "summary.csv", "wafer"])
 
 
 def test_synth_command_writes_images_and_masks(monkeypatch, capsys, tmp_path):

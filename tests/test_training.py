@@ -268,7 +268,7 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
     run = tmp_path / "run"
     history = (run / "metrics.csv").read_text()
     # what a killed run leaves (pid long gone) is removed by the next process; a live process's files are kept
-    dead, live = run / ".last.99999999.x1y2.tmp.safetensors", run / f".last.{os.getpid()}.x1y2.tmp.safetensors"
+    dead, live = run / ".last.99999999.x1y2_abc.tmp.safetensors", run / f".last.{os.getpid()}.x1y2_abc.tmp.safetensors"
     dead.write_text("half")
     live.write_text("half")
     other = tmp_path / "elsewhere"

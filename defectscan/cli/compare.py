@@ -20,7 +20,7 @@ def compare(
     from defectscan.evaluation.compare import compare as run_compare
     from defectscan.io.files import check_output_dir, remove_leftovers
 
-    remove_leftovers(check_output_dir(out).parent)  # of earlier runs killed while writing here
+    remove_leftovers(check_output_dir(out).parent, out.name)  # what runs killed while writing this output left
     result = run_compare(dirs, out)
     table = Table(title=f"defectscan compare — {len(result['models'])} models")
     cols = ("model", "defect_dice", "pixel_ap", "region_recall", "pro", "mp_per_s", "parameters")

@@ -58,7 +58,7 @@ def evaluate(
         raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {class_map}")
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
-    remove_leftovers(out_dir.parent)  # of earlier runs killed while writing here
+    remove_leftovers(out_dir.parent, out_dir.name)  # what runs killed while writing this output left
     with progress_bar() as progress:
         task = progress.add_task(f"evaluating {model.name}", total=None)
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,

@@ -87,15 +87,18 @@ def match_classes(data_classes: Sequence[str], model_classes: Sequence[str],
             raise DefectscanError(f"--class-map {data_name}={model_name}: the model has no class '{model_name}' "
                                   f"(its classes: {', '.join(model_classes)})")
     mapping, notes = {}, []
-    unnamed = all(re.fullmatch(r"class_\d+", c) for c in data_classes)
+    # names a loader makes up when the data names none: class_1, class_2 (index masks), defect (0/255 masks); a
+    # model trained on such data under names given in its config (data.classes) is matched by index
+    unnamed = (all(re.fullmatch(r"class_\d+", c) for c in data_classes)
+               or (tuple(data_classes) == ("defect",) and len(model_classes) == 1))
     for i, name in enumerate(data_classes, start=1):
         if name in class_map:
             mapping[name] = class_map[name]
         elif name.lower() in model_by_lower:
             mapping[name] = model_by_lower[name.lower()]
-        elif unnamed and name == f"class_{i}" and i <= len(model_classes):
+        elif unnamed and i <= len(model_classes):
             mapping[name] = model_classes[i - 1]
-    if unnamed and mapping and not class_map:
+    if unnamed and mapping and not class_map and any(k != v for k, v in mapping.items()):
         notes.append(f"the dataset names no classes: mask value i is scored as the model's class i "
                      f"({', '.join(f'{k}={v}' for k, v in mapping.items())})")
     missing = [c for c in data_classes if c not in mapping]

@@ -105,26 +105,32 @@ def _pid_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
         return False
     except (PermissionError, OSError):
         return True  # exists (another user's) or cannot tell: keep its files
     return True
 
 
-_LEFTOVER = re.compile(r"^\.(?:.+)\.(?:(\d+)\.[^./]+\.(?:partial|tmp(?:\.[^./]*)?)|old-(\d+)(?:-[0-9a-f]+)?)$")
+def _leftover_pattern(name: str | None) -> re.Pattern:
+    """Names our atomic writes give their temporaries: `.<name>.<pid>.<8 random>.partial|.tmp<suffix>` (tempfile's
+    random part) and `.<name>.old-<pid>-<8 hex>`; `name` limits it to one output's."""
+    stem = re.escape(name) if name else r".+"
+    return re.compile(rf"^\.{stem}\.(?:(\d+)\.[a-z0-9_]{{8}}\.(?:partial|tmp(?:\.[^./]*)?)|old-(\d+)-[0-9a-f]{{8}})$")
 
 
-def remove_leftovers(directory: str | Path) -> list[str]:
-    """Delete what killed defectscan processes left in `directory`: temporary files and `.partial` directories of
-    atomic writes, `.old-<pid>` directories of interrupted swaps. Only our own names, and only where the process
-    that made them is gone (a live writer's files are kept). Returns the names removed."""
+def remove_leftovers(directory: str | Path, name: str | None = None) -> list[str]:
+    """Delete what killed defectscan processes left in `directory`: temporary files and `.partial` folders of
+    atomic writes, `.old-<pid>-<hex>` folders of interrupted swaps; with `name`, only those of that output (for
+    folders that hold other things, like the parent of an `evaluate --out`). Only where the process that made
+    them is gone on this machine (a live writer's files are kept). Returns the names removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    pattern = _leftover_pattern(name)
     removed = []
     for entry in directory.iterdir():
-        m = _LEFTOVER.match(entry.name)
+        m = pattern.match(entry.name)
         if not m or _pid_alive(int(m.group(1) or m.group(2))):
             continue
         if entry.is_dir() and not entry.is_symlink():

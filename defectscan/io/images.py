@@ -8,6 +8,7 @@ are memory-mapped, so only the regions being tiled are ever read from disk.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -86,34 +87,48 @@ def _jpeg_size(path: Path) -> tuple[int, int] | None:
             fh.seek(length - 2, os.SEEK_CUR)
 
 
-def header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) as the file's header declares it, without decoding; None when the header does not say."""
-    suffix = path.suffix.lower()
-    if suffix in (".jpg", ".jpeg"):
-        return _jpeg_size(path)
-    if suffix in (".tif", ".tiff"):
-        import tifffile
+def _tiff_size(path: Path) -> tuple[int, int, int] | None:
+    """(width, height, planes) of the first series, which is what tifffile reads: a stack counts every page."""
+    import tifffile
 
-        try:
-            with quiet_stderr(), tifffile.TiffFile(str(path)) as tif:
-                page = tif.pages[0]
-                return int(page.imagewidth), int(page.imagelength)
-        except Exception:  # not a readable TIFF: the decode reports it
-            return None
+    try:
+        with quiet_stderr(), tifffile.TiffFile(str(path)) as tif:
+            page, shape = tif.pages[0], tuple(tif.series[0].shape)
+            w, h = int(page.imagewidth), int(page.imagelength)
+    except Exception:  # not a readable TIFF: the decode reports it
+        return None
+    total = math.prod(shape) if shape else w * h
+    channels = int(page.samplesperpixel) if page.samplesperpixel else 1
+    return w, h, max(1, total // max(1, w * h * channels))
+
+
+def header_size(path: Path) -> tuple[int, int, int] | None:
+    """(width, height, planes) as the file's header declares it, from its content (not its suffix: a JPEG named
+    .png is still a JPEG), without decoding; None when the header is not one this reader knows."""
     with open(path, "rb") as fh:
         head = fh.read(32)
-    return _png_size(head) or _bmp_size(head)
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(path)
+    size = _png_size(head) or _bmp_size(head) or (_jpeg_size(path) if head[:2] == b"\xff\xd8" else None)
+    return (*size, 1) if size else None
 
 
 def check_pixel_limit(path: Path) -> None:
-    """Refuse an image whose header declares more pixels than the limit, before anything is allocated."""
+    """Refuse an image whose header declares more pixels than the limit, before anything is allocated; a file whose
+    header this reader does not know is refused too, since the decoder would allocate whatever it declares."""
     size = header_size(path)
+    if size is None:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return  # tifffile reads (and reports) it without trusting a size
+        raise DefectscanError(f"{path}: cannot decode image (its header is not that of a PNG, JPEG, BMP or TIFF)")
+    w, h, planes = size
     limit = max_pixels()
-    if size is not None and size[0] * size[1] > limit:
-        w, h = size
+    if w * h * planes > limit:
+        stack = f" x {planes} pages" if planes > 1 else ""
         raise DefectscanError(
-            f"{path}: header declares {w} x {h} px ({w * h / 1e6:,.0f} MP), over the limit of {limit / 1e6:,.0f} MP "
-            f"(a decompression bomb or a really huge image; raise it with --max-pixels or {MAX_PIXELS_ENV})"
+            f"{path}: header declares {w} x {h} px{stack} ({w * h * planes / 1e6:,.0f} MP), over the limit of "
+            f"{limit / 1e6:,.0f} MP (a decompression bomb or a really huge image; raise it with --max-pixels or "
+            f"{MAX_PIXELS_ENV})"
         )
 
 
