@@ -430,3 +430,18 @@ def test_annotation_paths_never_leave_the_dataset(tmp_path):
     ds = load_dataset(coco)
     assert [s.image.name for s in ds.labeled] == ["x.png"]
     assert any(p.fatal and "leaves the dataset folder" in p.message and "image id 1" in p.path for p in ds.problems)
+
+
+def test_symlinked_images_and_dotted_annotation_names(tmp_path):
+    store, root = tmp_path / "store", tmp_path / "data"
+    root.mkdir()
+    write_image(store / "big.png", _image())
+    (root / "big.png").symlink_to(store / "big.png")  # large datasets are often linked in from storage
+    write_image(root / "img.png", _image(seed=1))
+    write_image(root / "img.v2.png", _image(seed=2))
+    shapes = [{"label": "pit", "points": [[2, 2], [20, 2], [20, 20]], "shape_type": "polygon"}]
+    (root / "big.json").write_text(json.dumps({"imagePath": "big.png", "shapes": shapes}))
+    (root / "img.v2.json").write_text(json.dumps({"shapes": shapes}))  # no imagePath: the JSON's own name
+    ds = load_dataset(root)
+    assert not ds.problems
+    assert sorted(s.stem for s in ds.labeled) == ["big", "img.v2"]

@@ -85,11 +85,9 @@ def load_coco(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
                 continue
             name = entry["file_name"]
             base = [path.parent / name, path.parent / "images" / name, root / name, root / "images" / name]
-            n = len(problems)
-            image = resolve_image(root, name, base, by_stem, f"{where} (image id {entry.get('id')})", problems)
+            image = resolve_image(root, name, base, Path(name.replace("\\", "/")).stem, by_stem,
+                                  f"{where} (image id {entry.get('id')})", problems)
             if image is None:
-                if len(problems) == n:
-                    problems.append(Problem(where, f"image '{name}' (id {entry.get('id')}) not found"))
                 continue
             if image.stem in annotated:
                 problems.append(Problem(where, f"image {image.name} listed twice"))

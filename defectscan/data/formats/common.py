@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -203,34 +204,31 @@ def declared_size(height: Any, width: Any, where: str, problems: list[Problem]) 
     return h, w
 
 
-def resolve_image(root: Path, written: str, candidates: Sequence[Path], by_stem: dict[str, Path], where: str,
-                  problems: list[Problem]) -> Path | None:
-    """The dataset image an annotation names (`written`, tried at `candidates`), never a file outside the dataset.
+def resolve_image(root: Path, written: str, candidates: Sequence[Path], stem: str, by_stem: dict[str, Path],
+                  where: str, problems: list[Problem]) -> Path | None:
+    """The dataset image an annotation names (`written`, looked for at `candidates`, else the dataset image whose
+    stem is `stem`), never a file outside the dataset; a missing image is a problem.
 
-    A path that leaves the dataset folder (`../../x.png`, an absolute path from another machine) is reported:
-    the image of the same name inside the dataset is used with a warning when there is one, else it is an error.
-    Otherwise the first existing candidate, else the dataset image with the same stem.
+    Containment is judged on the path as written (normalised, symlinks not followed), so a dataset whose images are
+    symlinks to elsewhere still works. A path that leaves the dataset folder (`../../x.png`, an absolute path from
+    another machine) is reported: the dataset's image of the same name is used with a warning when there is one.
     """
-    inside_root = root.resolve()
-    stem = Path(written.replace("\\", "/")).stem
-    outside = None
+    inside = Path(os.path.abspath(root))
+    outside = bool(re.match(r"^[A-Za-z]:[\\/]", written))  # a Windows drive path from another machine
     for c in candidates:
-        if c.is_file() and c.suffix.lower() in SUPPORTED_SUFFIXES:
-            resolved = c.resolve()
-            if resolved.is_relative_to(inside_root):
-                return resolved
-            outside = resolved
-    if outside is None and written and (Path(written).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", written)
-                                        or ".." in Path(written.replace("\\", "/")).parts):
-        outside = written  # names a place outside the dataset that does not exist here
+        if not Path(os.path.normpath(os.path.abspath(c))).is_relative_to(inside):
+            outside = True
+        elif c.is_file() and c.suffix.lower() in SUPPORTED_SUFFIXES:
+            return c.resolve()
     same_name = by_stem.get(stem)
-    if outside is not None:
-        if same_name is None:
-            problems.append(Problem(where, f"image path '{written}' leaves the dataset folder {root} and no image of "
-                                    "that name is inside it; annotation paths must stay inside the dataset"))
-            return None
-        problems.append(Problem(where, f"image path '{written}' leaves the dataset folder; using "
-                                f"{same_name.relative_to(inside_root)}, the dataset's image of that name", fatal=False))
+    if outside and same_name is None:
+        problems.append(Problem(where, f"image path '{written}' leaves the dataset folder {root} and no image of that "
+                                "name is inside it; annotation paths must stay inside the dataset"))
+    elif outside:
+        problems.append(Problem(where, f"image path '{written}' leaves the dataset folder; using {same_name.name}, "
+                                "the dataset's image of that name", fatal=False))
+    elif same_name is None:
+        problems.append(Problem(where, f"annotated image '{written}' not found"))
     return same_name
 
 

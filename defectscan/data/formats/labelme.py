@@ -48,12 +48,10 @@ def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDatas
             problems.append(Problem(str(path), f"imagePath {json.dumps(image_path)[:60]} is not a file name"))
             continue
         stem = path.stem
-        n = len(problems)
-        image = resolve_image(root, image_path or stem, [path.parent / image_path] if image_path else [], by_stem,
-                              str(path), problems)
+        image = resolve_image(root, image_path or stem, [path.parent / image_path] if image_path else [],
+                              Path(image_path.replace("\\", "/")).stem if image_path else stem, by_stem, str(path),
+                              problems)
         if image is None:
-            if len(problems) == n:
-                problems.append(Problem(str(path), f"annotated image '{image_path or stem}' not found"))
             continue
         if image.stem in annotated:
             problems.append(Problem(str(path), f"second annotation for {image.name} (also {annotated[image.stem].annotation})"))
