@@ -316,3 +316,31 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
                                                   for a in args], "--finetune", run / "best.safetensors",
                            "--set", "model.encoder=resnet18")
     assert code == 1 and "resnet18" in err and "encoder differs" in err
+
+
+def test_resume_of_an_early_stopped_run_trains_nothing(tmp_path):
+    data = folder_dataset(tmp_path / "data", 3, size=96, seed=32)
+    overrides = TINY + [f"data.root={data}", "data.val_fraction=0.34", "data.test_fraction=0", "training.epochs=2"]
+    run = tmp_path / "run"
+    train(load_config(None, overrides), run, log=lambda m: None)
+    # make it a run of 4 planned epochs that early stopping ended after epoch 2 (which validations trigger that
+    # depends on the metric; the saved state is what --resume reads)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 2", "epochs: 4")
+                                     .replace("early_stop: 0", "early_stop: 1"))
+    state = torch.load(run / "last_state.pt", weights_only=True)
+    progress = json.loads(state["progress"])
+    progress["bad_validations"] = 1
+    state["progress"] = json.dumps(progress)
+    torch.save(state, run / "last_state.pt")
+    history = (run / "metrics.csv").read_text()
+    said = []
+    result = train(load_config(run / "config.yaml"), run, resume=True, log=said.append)
+    assert any("the run is stopped early (2 of 4 epochs)" in m for m in said), said
+    assert result.epochs_run == 2 and (run / "metrics.csv").read_text() == history
+    with pytest.raises(DefectscanError, match="already trained 2 epochs; --epochs 1 cannot undo them"):
+        train(load_config(run / "config.yaml", ["training.epochs=1"]), run, resume=True, log=lambda m: None)
+    # a longer schedule extends it, with its patience back
+    said = []
+    train(load_config(run / "config.yaml", ["training.epochs=5"]), run, resume=True, log=said.append)
+    assert any("extending the run from 4 to 5 epochs" in m for m in said), said
+    assert len((run / "metrics.csv").read_text().splitlines()) >= 4  # at least one more epoch was trained

@@ -40,10 +40,12 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
-    """Rows as CSV text with a header (the first row's keys unless given), one row per line."""
+    """Rows as CSV text with a header (every key of the rows, in first-seen order, unless given), one row per line;
+    a row without a column (e.g. written by an older version) leaves it empty."""
     buf = io.StringIO()
     if rows or fieldnames:
-        w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=fieldnames or list(dict.fromkeys(k for r in rows for k in r)),
+                           lineterminator="\n", restval="")
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()

@@ -185,16 +185,23 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             raise DefectscanError(f"{run.path}: saved state does not fit {spec.arch}/{spec.encoder}") from None
         opt.load_state_dict(saved["optimizer"])
         progress_state = saved["progress"]
-        done = progress_state["epoch"]
-        complete = done >= tc.epochs
+        done, planned = progress_state["epoch"], run.read_config().training.epochs
+        stopped = bool(tc.early_stop) and progress_state["bad_validations"] >= tc.early_stop
+        if tc.epochs < done:
+            raise DefectscanError(f"{run.path}: the run has already trained {done} epochs; --epochs {tc.epochs} "
+                                  "cannot undo them")
+        complete = (done >= tc.epochs) or (stopped and tc.epochs == planned)
         if complete:
-            say(f"the run is complete ({done} of {tc.epochs} epochs); nothing to train. To train longer: "
+            how = "stopped early" if done < tc.epochs else "complete"
+            say(f"the run is {how} ({done} of {tc.epochs} epochs); nothing to train. To train longer: "
                 f"defectscan train --resume {run.path} --epochs N (N > {done})")
-        elif run.read_config().training.epochs != tc.epochs:
-            say(f"extending the run from {run.read_config().training.epochs} to {tc.epochs} epochs: the learning "
-                f"rate follows the longer schedule from step {done * sc.steps_per_epoch} on")
+        elif planned != tc.epochs:
+            progress_state["bad_validations"] = 0  # an extended run gets its patience back
+            say(f"extending the run from {planned} to {tc.epochs} epochs: the learning rate follows the longer "
+                f"schedule from step {done * sc.steps_per_epoch} on")
             run.write_config(cfg)
-        say(f"resuming after epoch {done}")
+        if not complete:
+            say(f"resuming after epoch {done}")
 
     def counter(description: str, total: int) -> Callable[[int, int], None] | None:
         """A (done, total) progress callback for the loops that report no extra values."""
@@ -224,7 +231,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     pin = device.type == "cuda"
     history: list[dict] = progress_state["history"]
 
-    for epoch in range(progress_state["epoch"] + 1, tc.epochs + 1):
+    for epoch in range(tc.epochs + 1 if complete else progress_state["epoch"] + 1, tc.epochs + 1):
         t_epoch = time.perf_counter()
         torch.manual_seed(tc.seed * 100_003 + epoch)  # dropout/drop-path draws depend on the epoch only
         first = (epoch - 1) * sc.steps_per_epoch
