@@ -361,6 +361,8 @@ BAD_DATASETS = {
                             "annotation 7: RLE runs cover 15 pixels, the 48x40 image has 1920"),
     "coco-rle-other-size": (lambda r: _coco(r, segmentation={"size": [80, 48], "counts": [3840]}),
                             "annotation 7: RLE is for a 48x80 image, not 48x40"),
+    "coco-list-id": (lambda r: _coco(r, categories=[{"id": [1], "name": "scratch"}]), "category 0 ({\"id\": [1]"),
+    "folder-classes-json-empty": (lambda r: _folder(r, classes_json="{}"), "expected a list of class names"),
     "folder-stray-mask-value": (lambda r: _folder(r, mask_values=(0, 255, 7)), "unexpected mask value(s) 7"),
     "folder-classes-json-malformed": (lambda r: _folder(r, classes_json='{"klasses": 2}'),
                                       "expected a list of class names, {\"classes\": [names]}"),  # brackets survive rich
@@ -377,12 +379,13 @@ def test_malformed_dataset_files_are_named_by_check_and_refused_by_train(monkeyp
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     code, out, err = run_cli(monkeypatch, capsys, "data", "check", root)
     assert code == 1 and "Traceback" not in out + err
-    assert message in out + err and bad_file.name in out + err, out + err
+    shown = str(bad_file.relative_to(root)) if bad_file.name != "classes.json" else bad_file.name
+    assert message in out + err and shown in out + err, out + err
     code, _, err = run_cli(monkeypatch, capsys, "train", "--data", root, "--out", tmp_path / "run",
                            "--set", "model.encoder=resnet18")
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    assert bad_file.name in lines[0], lines
+    assert str(bad_file) in lines[0], lines
     assert not (tmp_path / "run").exists()  # refused before a run folder exists
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the dataset is left as it was
 

@@ -7,7 +7,6 @@ rest of the file still loads, so `data check` lists every problem at once.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +14,8 @@ from typing import Any, Sequence
 from defectscan.data.annotations import Shape, rle_problem
 from defectscan.data.dataset import Problem, Sample, SegmentationDataset
 from defectscan.io.images import SUPPORTED_SUFFIXES
-from defectscan.data.formats.common import (SPLIT_NAMES, annotation_files, declared_size, duplicate_stems, files,
-                                            finish_vector, resolve_image)
+from defectscan.data.formats.common import (SPLIT_NAMES, annotation_files, declared_size, duplicate_stems, excerpt,
+                                            files, finish_vector, is_number, resolve_image)
 
 
 def _coco_shapes(ann: dict, label: str, size: tuple[int, int] | None, where: str,
@@ -33,13 +32,13 @@ def _coco_shapes(ann: dict, label: str, size: tuple[int, int] | None, where: str
         problems.append(Problem(where, f"{what} has no segmentation (box only); skipped", fatal=False))
         return []
     if not isinstance(seg, list) or not all(isinstance(poly, list) for poly in seg):
-        problems.append(Problem(where, f"{what}: segmentation {json.dumps(seg)[:60]} is neither a list of polygons "
+        problems.append(Problem(where, f"{what}: segmentation {excerpt(seg)} is neither a list of polygons "
                                 "nor an RLE object"))
         return []
     shapes = []
     for poly in seg:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
-            problems.append(Problem(where, f"{what}: polygon {json.dumps(poly)[:60]} holds non-numbers"))
+        if not all(is_number(v) for v in poly):
+            problems.append(Problem(where, f"{what}: polygon {excerpt(poly)} holds non-numbers"))
             continue
         pts = [(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly) - 1, 2)]
         shape = Shape(label=label, kind="polygon", points=pts, corner_origin=True)
@@ -51,6 +50,10 @@ def _coco_shapes(ann: dict, label: str, size: tuple[int, int] | None, where: str
     return shapes
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 def _categories(data: dict, where: str, problems: list[Problem]) -> dict[Any, str]:
     categories = {}
     raw = data.get("categories") or []
@@ -58,8 +61,9 @@ def _categories(data: dict, where: str, problems: list[Problem]) -> dict[Any, st
         problems.append(Problem(where, "'categories' is not a list"))
         return {}
     for i, c in enumerate(raw):
-        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str) or not c["name"].strip():
-            problems.append(Problem(where, f"category {i} ({json.dumps(c)[:60]}) needs an id and a name"))
+        if (not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str)
+                or not c["name"].strip()):
+            problems.append(Problem(where, f"category {i} ({excerpt(c)}) needs an id and a name"))
             continue
         categories[c["id"]] = c["name"].strip()
     return categories
@@ -80,8 +84,9 @@ def load_coco(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
         categories = _categories(data, where, problems)
         images: dict[Any, Sample] = {}
         for i, entry in enumerate(data["images"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-                problems.append(Problem(where, f"image entry {i} ({json.dumps(entry)[:60]}) needs a file_name"))
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not _is_id(entry.get("id")):
+                problems.append(Problem(where, f"image entry {i} ({excerpt(entry)}) needs a file_name and a "
+                                        "number or text id"))
                 continue
             name = entry["file_name"]
             base = [path.parent / name, path.parent / "images" / name, root / name, root / "images" / name]
@@ -96,10 +101,11 @@ def load_coco(root: Path, classes: Sequence[str] | None) -> SegmentationDataset:
                                  problems)
             images[entry.get("id")] = annotated[image.stem] = Sample(
                 image=image, stem=image.stem, label="shapes", annotation=path, size=size, split=split)
-        known_ids = {e.get("id") for e in data["images"] if isinstance(e, dict)}
+        known_ids = {e.get("id") for e in data["images"] if isinstance(e, dict) and _is_id(e.get("id"))}
         for ann in data["annotations"]:
-            if not isinstance(ann, dict):
-                problems.append(Problem(where, f"annotation {json.dumps(ann)[:60]} is not an object"))
+            if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or not _is_id(ann.get("category_id")):
+                problems.append(Problem(where, f"annotation {excerpt(ann)} needs an image_id and a category_id "
+                                        "(numbers or text)"))
                 continue
             sample = images.get(ann.get("image_id"))
             if sample is None:

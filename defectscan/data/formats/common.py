@@ -130,8 +130,21 @@ def duplicate_stems(images: list[Path], problems: list[Problem]) -> dict[str, Pa
     return by_stem
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def excerpt(value: Any, length: int = 60) -> str:
+    """A JSON value shortened for a one-line problem message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= length else text[: length - 3] + "..."
+
+
 def _classes_from_indexed(path: Path, pairs: list[tuple[int, str]]) -> list[str]:
     """Names ordered by their index; the indices must run 0..N or 1..N (index 0 may be the background)."""
+    if not pairs:
+        raise DefectscanError(f"{path}: no classes in it")
     pairs.sort()
     indices = [i for i, _ in pairs]
     start = indices[0] if indices else 0
@@ -165,12 +178,12 @@ def classes_file(root: Path) -> list[str] | None:
         if problems:
             raise DefectscanError(f"{path}: {problems[0].message}")
         names = data.get("classes", data) if isinstance(data, dict) else data
-        if isinstance(names, dict) and all(str(k).isdigit() for k in names):
+        if isinstance(names, dict) and names and all(str(k).isdecimal() for k in names):
             names = _classes_from_indexed(path, [(int(k), v) for k, v in names.items()]) if all(
                 isinstance(v, str) for v in names.values()) else None
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
             raise DefectscanError(f"{path}: expected a list of class names, {{\"classes\": [names]}} or "
-                                  f"{{\"1\": name, ...}}; got {json.dumps(data)[:80]}")
+                                  f"{{\"1\": name, ...}}; got {excerpt(data)}")
         return [n.strip() for n in names]
     return None
 
@@ -181,8 +194,7 @@ def point_pairs(raw: Any) -> list[tuple[float, float]] | None:
         return None
     pts = []
     for p in raw:
-        if not (isinstance(p, (list, tuple)) and len(p) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(is_number(v) for v in p)):
             return None
         pts.append((float(p[0]), float(p[1])))
     return pts
@@ -193,8 +205,7 @@ def declared_size(height: Any, width: Any, where: str, problems: list[Problem]) 
     if height is None and width is None:
         return None
     def whole(v: Any) -> int | None:
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v == int(v)
-              and v > 0)
+        ok = is_number(v) and math.isfinite(v) and v == int(v) and v > 0
         return int(v) if ok else None
     h, w = whole(height), whole(width)
     if h is None or w is None:

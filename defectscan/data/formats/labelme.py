@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -10,8 +9,8 @@ from typing import Sequence
 from defectscan.data.annotations import Shape
 from defectscan.data.dataset import Problem, Sample, SegmentationDataset
 from defectscan.io.images import SUPPORTED_SUFFIXES
-from defectscan.data.formats.common import (annotation_files, declared_size, duplicate_stems, files, finish_vector,
-                                            point_pairs, resolve_image)
+from defectscan.data.formats.common import (annotation_files, declared_size, duplicate_stems, excerpt, files,
+                                            finish_vector, point_pairs, resolve_image)
 
 
 def _labelme_shapes(data: dict, path: Path, problems: list[Problem]) -> list[Shape]:
@@ -27,7 +26,7 @@ def _labelme_shapes(data: dict, path: Path, problems: list[Problem]) -> list[Sha
         points = point_pairs(raw.get("points") or [])
         if points is None:
             problems.append(Problem(str(path), f"shape {i} ('{raw.get('label', '')}'): points "
-                                    f"{json.dumps(raw.get('points'))[:60]} are not [x, y] number pairs"))
+                                    f"{excerpt(raw.get('points'))} are not [x, y] number pairs"))
             continue
         shape = Shape(label=str(raw.get("label", "")), kind=str(raw.get("shape_type") or "polygon"), points=points)
         why = shape.problem() or ("shape without a label" if not shape.label else None)
@@ -45,7 +44,7 @@ def load_labelme(root: Path, classes: Sequence[str] | None) -> SegmentationDatas
     for path, data in annotation_files(root, "labelme", problems):
         image_path = data.get("imagePath") or ""
         if not isinstance(image_path, str):
-            problems.append(Problem(str(path), f"imagePath {json.dumps(image_path)[:60]} is not a file name"))
+            problems.append(Problem(str(path), f"imagePath {excerpt(image_path)} is not a file name"))
             continue
         stem = path.stem
         image = resolve_image(root, image_path or stem, [path.parent / image_path] if image_path else [],
