@@ -198,6 +198,16 @@ def test_directory_inputs_recurse_on_request_and_hint_at_images_folder(monkeypat
     code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data", "--recursive", "--out", tmp_path / "o")
     assert code == 0, err
     assert (tmp_path / "o" / "a" / "mask.png").is_file()
+    # results written inside the searched folder, and hidden folders, are not inputs of the next run
+    (tmp_path / "data" / ".cache").mkdir()
+    (tmp_path / "data" / ".cache" / "thumb.png").write_bytes(path.read_bytes())
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data", "--recursive", "--out",
+                           tmp_path / "data" / "results")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "infer", tmp_path / "data", "--recursive", "--out",
+                           tmp_path / "data" / "results")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "data" / "results").iterdir()) == ["a", "summary.csv"]
 
 
 def test_bad_options_and_checkpoints(monkeypatch, capsys, tmp_path, wafer):
@@ -312,3 +322,10 @@ def test_checkpoint_sidecar_without_model_section_is_one_line(monkeypatch, capsy
                                "--out", tmp_path / "o")
         assert code == 1 and len(error_lines(err)) == 1 and "m.json" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_output_names_are_unique_against_every_name_given():
+    from defectscan.inference import output_names
+
+    names = output_names([Path("x/a.png"), Path("y/a.png"), Path("a_2.png"), Path("b.jpg")])
+    assert names == ["a", "a_2", "a_2_2", "b"] and len(set(names)) == 4

@@ -46,7 +46,7 @@ def infer(
                      threshold=threshold, tta=tta, amp=amp, min_area=min_area, preview_size=preview_size)
     apply_max_pixels(max_pixels)
     apply_threads(threads)
-    paths = collect_images(images, recursive=recursive)
+    paths = collect_images(images, recursive=recursive, exclude=out)
     check_output_dir(out)
     remove_leftovers(out)  # of earlier runs killed while writing here
     predictor = Predictor.from_checkpoint(model, opts)

@@ -74,8 +74,9 @@ def write_batch_summary(out: Path, rows: list[dict]) -> Path:
     return out / BATCH_SUMMARY
 
 
-def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
-    """Expand directories into their supported image files (sorted; sub-folders too when `recursive`).
+def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
+    """Expand directories into their supported image files (sorted; sub-folders too when `recursive`, leaving out
+    hidden files and folders and the output folder `exclude`, so a run never reads its own or earlier results).
 
     Files are kept as given, even when missing or unsupported: opening each one reports its own error, so one bad
     file does not stop the others. A directory without images is an error, with a hint where images may be.
@@ -86,8 +87,11 @@ def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False) -> 
         if not p.is_dir():
             paths.append(p)
             continue
+        skip = exclude.resolve() if exclude is not None else None
         files = p.rglob("*") if recursive else p.iterdir()
-        found = sorted(f for f in files if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+        found = sorted(f for f in files if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                       and not (skip is not None and f.resolve().is_relative_to(skip)))
         if not found:
             subdirs = sorted(d.name for d in p.iterdir() if d.is_dir())
             hint = (f"; did you mean {p / 'images'}?" if "images" in subdirs
@@ -98,11 +102,17 @@ def collect_images(inputs: Iterable[str | Path], *, recursive: bool = False) -> 
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """One output directory name per image: the stem, made unique when two inputs share it."""
-    names, seen = [], {}
+    """One output directory name per image: the stem, made unique (stem_2, stem_3, ...) against every name already
+    given, so `a`, `a` and a real `a_2` never share a folder."""
+    names: list[str] = []
+    used: set[str] = set()
     for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        names.append(p.stem if n == 0 else f"{p.stem}_{n + 1}")
+        name, n = p.stem, 1
+        while name in used:
+            n += 1
+            name = f"{p.stem}_{n}"
+        used.add(name)
+        names.append(name)
     return names
+
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
 import re
@@ -83,7 +84,7 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
     Two processes writing the same output race here; each step tolerates the other's renames, and the last one
     to finish wins with a complete directory.
     """
-    olds = []
+    olds: list[Path] = []
     for _ in range(20):
         old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique, even per thread
         try:
@@ -94,10 +95,23 @@ def swap_dir_into_place(new: Path, final: Path) -> None:
         try:
             os.replace(new, final)
             break
-        except OSError:  # another process put its output there between our two renames: move it aside again
-            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # not a race: give the earlier output back
+                _restore(olds, final)
+                raise DefectscanError(f"{final}: cannot be replaced ({exc.strerror})") from None
+            # another process put its output there between our two renames: move it aside again
     else:
+        _restore(olds, final)
         raise DefectscanError(f"{final}: could not be replaced (another process keeps writing it)")
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(olds: list[Path], final: Path) -> None:
+    """Put the output this swap moved aside back, if nothing took its place meanwhile."""
+    if olds and not final.exists():
+        with contextlib.suppress(OSError):
+            os.replace(olds.pop(), final)
     for old in olds:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -148,7 +162,10 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on file `path` (created if needed) for the block; refused at once if another
     process holds it. The lock goes away with the process, so a killed run never leaves a stale lock."""
     path = Path(path)
-    fh = open(path, "a+b")
+    try:
+        fh = open(path, "a+b")
+    except OSError as exc:
+        raise DefectscanError(f"{path}: cannot create the lock file of this {what} ({exc.strerror})") from None
     try:
         try:
             if os.name == "nt":
@@ -159,9 +176,12 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
                 import fcntl
 
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DefectscanError(f"{path.parent}: another defectscan process is using this {what}; wait for it "
-                                  f"to finish or choose another directory") from None
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DefectscanError(f"{path.parent}: another defectscan process is using this {what}; wait for "
+                                      f"it to finish or choose another directory") from None
+            raise DefectscanError(f"{path.parent}: cannot lock this {what} ({exc.strerror}; some network file "
+                                  "systems do not support locks: use a local directory)") from None
         yield
     finally:
         fh.close()
