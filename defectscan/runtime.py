@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -13,12 +15,30 @@ from defectscan.errors import DefectscanError
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs a container's quota allows (`docker --cpus`), from cgroup v2 or v1; None without a quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())  # v1: -1 without a quota
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask (taskset, cpusets) and a container's CPU quota, not the
+    host's count that torch alone may see."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def set_threads(threads: int | None) -> int:

@@ -177,3 +177,13 @@ def test_folder_of_synthetic_data_is_usable_by_the_predictor(tmp_path):
     a = p.predict(image).probs
     b = p.predict(ImageSource(image)).probs
     assert (a == b).all()
+
+
+def test_usable_cores_follow_a_container_quota(monkeypatch):
+    import defectscan.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert runtime.usable_cores() == 2  # 1.5 CPUs of quota: two threads, not the four the mask allows
+    monkeypatch.setattr(runtime, "_cgroup_cpu_limit", lambda: None)
+    assert runtime.usable_cores() == 4

@@ -344,3 +344,15 @@ def test_resume_of_an_early_stopped_run_trains_nothing(tmp_path):
     train(load_config(run / "config.yaml", ["training.epochs=5"]), run, resume=True, log=said.append)
     assert any("extending the run from 4 to 5 epochs" in m for m in said), said
     assert len((run / "metrics.csv").read_text().splitlines()) >= 4  # at least one more epoch was trained
+
+
+def test_paths_given_as_options_are_not_read_as_yaml(tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    data = folder_dataset(tmp_path / "lot #2", 2, size=96, seed=33)  # '#' starts a YAML comment
+    args = ["train", "--data", data, "--out", tmp_path / "null", "--epochs", "1"]
+    for item in TINY + ["data.val_fraction=0", "data.test_fraction=0"]:
+        args += ["--set", item]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert load_config(tmp_path / "null" / "config.yaml").data.root == str(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,7 +30,7 @@ def benchmark(
     from defectscan.studies import load_study, run_study, write_report
 
     apply_threads(threads)
-    st = load_study(study, [*set_, *([f"data.root={data}"] if data is not None else [])])
+    st = load_study(study, [*set_, *([f"data.root={json.dumps(str(data))}"] if data is not None else [])])
     out_dir = check_output_dir(out or Path("runs") / "benchmark" / st.name)
     command = command_line()
     if report_only:

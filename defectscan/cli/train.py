@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -38,8 +39,8 @@ def train(
     overrides = list(set_)
     for key, value in (("data.root", data), ("training.epochs", epochs), ("data.labeled", labeled),
                        ("training.device", device), ("model.init_checkpoint", finetune)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+        if value is not None:  # paths go in quoted: `lot #2`, `null` or `2024` are folder names, not YAML
+            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, Path) else value}")
     if resume is not None:
         if config is not None or any(not o.startswith("training.epochs=") for o in overrides):
             raise DefectscanError("--resume continues a run with its saved config.yaml; give no config or overrides "

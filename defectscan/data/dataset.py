@@ -119,7 +119,10 @@ class SegmentationDataset:
                 shape = self.load_image(sample).shape[:2]
             return np.zeros(shape, np.uint8)
         if sample.label == "shapes":
-            size = sample.size or shape
+            if shape is not None and sample.size is not None and tuple(sample.size) != tuple(shape):
+                raise DefectscanError(f"{sample.annotation}: annotation is for a {sample.size[1]}x{sample.size[0]} "
+                                      f"image, {sample.image.name} is {shape[1]}x{shape[0]}")
+            size = shape or sample.size  # the real image's size wins over a declared one
             if size is None:
                 size = self.load_image(sample).shape[:2]
             try:

@@ -134,11 +134,9 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
     first = evals[0]
     if Path(first.data).is_dir():
         try:
-            ds = load_dataset(first.data, first.format)
-            ds = ds.seen_as(first.metrics.confusion.classes,  # as the evaluation scored it (see match_classes)
-                            {c: first.class_map.get(c, c) for c in ds.classes[1:]})
+            ds = load_dataset(first.data, first.format)  # its own classes: the crops show any defect vs none
             crops = pick_crops(evals, eval_dirs, ds)
-        except (DefectscanError, KeyError):  # the dataset moved or changed since: the report goes without crops
+        except DefectscanError:  # the dataset moved or changed since: the report goes without crops
             crops = []
         for c in crops:
             row = [{"uri": png_uri(c["image"], quality=88), "caption": c["name"]}]

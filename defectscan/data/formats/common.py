@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 from defectscan.data.dataset import Problem, Sample, SegmentationDataset
 from defectscan.errors import DefectscanError
-from defectscan.io.images import SUPPORTED_SUFFIXES
+from defectscan.io.images import SUPPORTED_SUFFIXES, max_pixels
 
 
 FORMATS = ("folder", "labelme", "coco", "mvtec")
@@ -211,6 +211,10 @@ def declared_size(height: Any, width: Any, where: str, problems: list[Problem]) 
     if h is None or w is None:
         problems.append(Problem(where, f"declared image size {json.dumps(width)} x {json.dumps(height)} is not two "
                                 "positive whole numbers"))
+        return None
+    if h * w > max_pixels():  # a mask of that size would be allocated before the image is ever read
+        problems.append(Problem(where, f"declared image size {w} x {h} is over the pixel limit "
+                                f"({max_pixels() / 1e6:,.0f} MP; see --max-pixels)"))
         return None
     return h, w
 
