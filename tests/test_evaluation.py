@@ -454,3 +454,13 @@ def test_log_axes_are_labelled_with_plain_numbers():
     fig.canvas.draw()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1M", "10M"]
     plt.close(fig)
+
+
+def test_best_cells_follow_each_metrics_direction():
+    from defectscan.evaluation.compare import _best_cells
+
+    rows = [{"model": "a", "defect_dice": 0.5, "fp_regions_per_mp": 2.0, "predicted_area_ratio": 1.0},
+            {"model": "b", "defect_dice": 0.7, "fp_regions_per_mp": 3.0, "predicted_area_ratio": 5.0}]
+    header = ["model", "defect_dice", "fp_regions_per_mp", "predicted_area_ratio"]
+    assert _best_cells(rows, header) == [[False, False, True, False], [False, True, False, False]]
+    assert _best_cells(rows[:1], header) == [[False] * 4]  # one model: nothing to compare

@@ -21,7 +21,7 @@ from defectscan.models.factory import ModelSpec, build_model, describe
 from defectscan.models.weights import load_state_file, match_state_dict
 
 FORMAT = "defectscan-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model section records its stitch mode
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
