@@ -19,6 +19,11 @@ def print_error(message: object) -> None:
     console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
 
 
+def print_note(message: object) -> None:
+    """`note: ...` on stderr (escaped like `print_error`)."""
+    console.print(f"[yellow]note:[/] {escape(str(message))}", highlight=False)
+
+
 def max_pixels_option():
     """`--max-pixels`: the image-size limit of every command that reads images (see io.images.max_pixels)."""
     return typer.Option(None, "--max-pixels", min=1, help="Refuse images larger than this many pixels, read from the "

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import (app, apply_max_pixels, apply_threads, command_line, console, max_pixels_option,
-                                   progress_bar, threads_option, wide_console)
+                                   print_note, progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -65,7 +65,7 @@ def evaluate(
                                 run_splits=run.split_source() if run else None,
                                 progress=lambda d, n: progress.update(task, completed=d, total=n),
                                 command=command_line(), class_map={a.strip(): b.strip() for a, b in pairs},
-                                log=lambda note: console.print(f"[yellow]note:[/] {escape(note)}"))
+                                log=print_note)
     table = Table(title=f"defectscan evaluate — {escape(result.model)}, {result.metrics.images} images "
                         f"({escape(result.split_source)})")
     table.add_column("metric")
@@ -74,5 +74,5 @@ def evaluate(
         table.add_row(escape(name), escape(value))
     wide_console().print(table)
     if split == "all":
-        console.print(f"[yellow]note:[/] evaluated {escape(result.split_source)}")
+        print_note(f"evaluated {result.split_source}")
     console.print(f"report: {out_dir / 'report.html'}")

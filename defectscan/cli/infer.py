@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, print_error,
-                                   progress_bar, threads_option, wide_console)
+                                   print_note, progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -51,7 +51,7 @@ def infer(
     remove_leftovers(out)  # of earlier runs killed while writing here
     predictor = Predictor.from_checkpoint(model, opts)
     for note in predictor.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        print_note(note)
     table = Table(title=f"defectscan infer — {predictor.spec.arch}/{predictor.spec.encoder}, tile {predictor.tile[0]}, "
                         f"overlap {predictor.overlap}, {predictor.stitch}")
     class_cols = list(predictor.class_names.values())

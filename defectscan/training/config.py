@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
 from defectscan.schemas import describe_validation_error, error_key
+
+
+# A path stored absolute (against the working directory when the config is read): a saved run resumes and evaluates
+# from any working directory.
+AbsolutePath = Annotated[str, AfterValidator(lambda p: os.path.abspath(Path(p).expanduser()) if p else p)]
 
 
 class _Section(BaseModel):
@@ -27,18 +32,13 @@ class ModelConfig(_Section):
     encoder: str = "resnet34"
     encoder_weights: Optional[str] = None  # none | imagenet | path to an encoder state dict
     # fine-tuning: start from every weight of this defectscan checkpoint (same arch, encoder, classes, decoder)
-    init_checkpoint: Optional[str] = None
+    init_checkpoint: Optional[AbsolutePath] = None
     head: Literal["auto", "sigmoid", "softmax"] = "auto"  # auto: sigmoid for one defect class, softmax for several
     tile: int = Field(512, ge=32)  # inference/validation tile
     overlap: int = Field(64, ge=0)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     arch_kwargs: dict = Field(default_factory=dict)  # decoder options, e.g. decoder_channels
     encoder_kwargs: dict = Field(default_factory=dict)  # e.g. drop_path_rate (timm), drop_path / pcm_norm (ViTAE)
-
-    @field_validator("init_checkpoint")
-    @classmethod
-    def _absolute(cls, path: Optional[str]) -> Optional[str]:
-        return os.path.abspath(Path(path).expanduser()) if path else path
 
     @field_validator("overlap")
     @classmethod
@@ -50,7 +50,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None  # stored absolute: a saved run resumes and evaluates from any working directory
+    root: Optional[AbsolutePath] = None
     format: Literal["auto", "folder", "labelme", "coco", "mvtec"] = "auto"
     classes: Optional[list[str]] = None  # defect class names; default: from the data
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # of the labeled training images, without a val split of its own
@@ -59,11 +59,6 @@ class DataConfig(_Section):
     labeled: Optional[int] = Field(None, ge=1)  # train on the first N images of the nested labeled order
     labeled_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: int = 0
-
-    @field_validator("root")
-    @classmethod
-    def _absolute(cls, root: Optional[str]) -> Optional[str]:
-        return os.path.abspath(Path(root).expanduser()) if root else root
 
 
 class SamplingConfig(_Section):
