@@ -218,8 +218,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         predictor = Predictor(net, net_spec, opts.infer_options())
         return evaluate(predictor, ds, samples, opts, progress=counter(description, len(samples)))
 
-    images, masks = _load_pairs(ds, train_samples, counter("loading images", len(train_samples)))
-    crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
+    if not complete:  # a finished run resumed has nothing to train: its images need not be decoded
+        images, masks = _load_pairs(ds, train_samples, counter("loading images", len(train_samples)))
+        crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
