@@ -329,3 +329,15 @@ def test_output_names_are_unique_against_every_name_given():
 
     names = output_names([Path("x/a.png"), Path("y/a.png"), Path("a_2.png"), Path("b.jpg")])
     assert names == ["a", "a_2", "a_2_2", "b"] and len(set(names)) == 4
+
+
+def test_bundled_model_finds_the_defects_of_an_unseen_wafer():
+    """A guard on the shipped weights: seed 5100 was never trained on (the preset uses 10000-14002)."""
+    from defectscan.inference import Predictor
+    from defectscan.metrics import region_stats
+
+    image, mask = generate_wafer(1024, seed=5100)
+    pred = Predictor.from_checkpoint(None).predict(image)
+    found = region_stats(mask > 0, pred.mask > 0, None)
+    assert found.gt_regions == 10
+    assert found.found >= 8 and found.false_positive_regions <= 6  # measured: 9 found, 3 false (1.0 MP)
