@@ -74,7 +74,8 @@ def select_samples(ds: SegmentationDataset, split: str,
 def match_classes(data_classes: Sequence[str], model_classes: Sequence[str],
                   class_map: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """Which model class each dataset defect class is scored as: `class_map` (dataset name -> model name) first,
-    then equal names (ignoring case); unnamed folder classes (class_1, class_2, ...) by index. Returns the mapping
+    then equal names (ignoring case); names a loader invented (class_1, class_2, ...; `defect` for one class) by
+    index. Returns the mapping
     and notes; a dataset class left without a model class is an error naming both sides, since scoring it as
     background would make every metric silently wrong."""
     class_map = dict(class_map or {})
