@@ -311,7 +311,7 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
     before, after = load_file(run / "last.safetensors"), load_file(tmp_path / "tuned" / "last.safetensors")
     moved = max(float((before[k].float() - after[k].float()).abs().max()) for k in before
                 if before[k].is_floating_point() and "running" not in k and "num_batches" not in k)
-    assert moved < 1e-3  # a learning rate of 1e-12 leaves the loaded weights where they were
+    assert moved < 1e-6  # measured ~1e-12: a learning rate of 1e-12 leaves the loaded weights where they were
     code, _, err = run_cli(monkeypatch, capsys, *[{"run": tmp_path / "other", "data": tmp_path / "data"}.get(a, a)
                                                   for a in args], "--finetune", run / "best.safetensors",
                            "--set", "model.encoder=resnet18")
