@@ -464,3 +464,21 @@ def test_best_cells_follow_each_metrics_direction():
     header = ["model", "defect_dice", "fp_regions_per_mp", "predicted_area_ratio"]
     assert _best_cells(rows, header) == [[False, False, True, False], [False, True, False, False]]
     assert _best_cells(rows[:1], header) == [[False] * 4]  # one model: nothing to compare
+
+
+def test_benchmark_never_clears_a_cell_another_process_holds(tmp_path):
+    from defectscan.io.files import exclusive_lock
+
+    (tmp_path / "train.yaml").write_text("model: {encoder: resnet10t}\ndata: {root: /nowhere}\n")
+    (tmp_path / "study.yaml").write_text("train_config: train.yaml\nbackbones: [{name: r}]\nlabeled: [2]\nseeds: [0]\n")
+    study = load_study(tmp_path / "study.yaml")
+    run = tmp_path / "out" / "cells" / "r__n2__s0" / "run"
+    run.mkdir(parents=True)
+    (run / "half.txt").write_text("a cell stopped before its setup finished")
+    with exclusive_lock(run / ".lock", "run directory"):
+        with pytest.raises(DefectscanError, match="another defectscan process"):
+            run_study(study, tmp_path / "out", log=lambda m: None)
+    assert (run / "half.txt").exists()
+    with pytest.raises(DefectscanError, match="no such dataset"):  # cleared, then the (missing) data is the error
+        run_study(study, tmp_path / "out", log=lambda m: None)
+    assert not (run / "half.txt").exists()

@@ -106,8 +106,11 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         return json.loads(row_file.read_text()), False
     run = RunDir(cell_dir / "run")
     resume = run.is_run()
-    if run.path.exists() and not resume:
-        shutil.rmtree(run.path)  # a cell stopped before its setup finished: nothing worth keeping
+    if run.path.exists() and not resume:  # a cell stopped before its setup finished: nothing worth keeping,
+        with run.locked():  # unless another benchmark process is setting it up right now (then: one clear line)
+            for entry in run.path.iterdir():
+                if entry.name != RunDir.LOCK:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     log(f"cell {cell.name}: {'resuming' if resume else 'training'}")
     train(cfg, run.path, resume=resume, log=log, progress_factory=progress_factory)
     ev = study.evaluate
