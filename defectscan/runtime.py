@@ -63,6 +63,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What a forward pass computes in, for output metadata: float32, or mixed with bfloat16 / float16."""
+    return {None: "float32", torch.bfloat16: "mixed bfloat16", torch.float16: "mixed float16"}[amp_dtype]
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `amp` on `device`, or None for full float32.
 

@@ -265,6 +265,7 @@ class EvalSummary(_Result):
     options: EvalOptions
     trained_on_images: Optional[int] = None
     class_map: dict[str, str] = {}  # dataset class -> the model class it was scored as, where the names differ
+    precision: Optional[str] = None  # what the forward passes computed in (float32, mixed bfloat16, ...)
     metrics: Metrics
 
     @field_validator("images")

@@ -71,7 +71,10 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} threads; batch 1, float32, CPU", file=sys.stderr)
+    from defectscan.io.provenance import cpu_bf16, cpu_name
+
+    print(f"torch {torch.__version__}, {args.threads} threads; batch 1, float32, CPU: {cpu_name()} "
+          f"(bf16: {cpu_bf16()})", file=sys.stderr)
     rows = []
     for dec in args.decoders:
         for enc in args.encoders:

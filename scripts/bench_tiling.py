@@ -118,13 +118,12 @@ def main() -> None:
             print(f"monai is not installed: skipping {', '.join(skipped)} (pip install monai)")
         cases = [c for c in cases if not c.startswith("monai")]
 
-    import platform
-
     import torch
 
     from defectscan.data.synth import generate_wafer
+    from defectscan.io.provenance import cpu_bf16, cpu_name
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {cpu_name()} (bf16: {cpu_bf16()}), "
           f"{os.cpu_count()} CPUs; Unet-resnet18, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,7 @@ def test_infer_with_bundled_model_writes_every_output(monkeypatch, capsys, tmp_p
     assert {f"prob_{c}.png" for c in ("scratch", "particle", "crack", "stain", "edge_chip")} <= names
     table = json.loads((res / "defects.json").read_text())
     assert table["width"] == table["height"] == 448 and table["tiles"] == 1
+    assert table["precision"] == "float32"  # --amp auto: reduced precision only on CUDA (for now)
     mask = cv2.imread(str(res / "mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (448, 448) and mask.dtype == np.uint8 and set(np.unique(mask)) <= set(range(6))
     with open(res / "defects.csv") as fh:
@@ -341,3 +342,11 @@ def test_bundled_model_finds_the_defects_of_an_unseen_wafer():
     found = region_stats(mask > 0, pred.mask > 0, None)
     assert found.gt_regions == 10
     assert found.found >= 8 and found.false_positive_regions <= 6  # measured: 9 found, 3 false (1.0 MP)
+
+
+def test_the_precision_used_is_recorded(monkeypatch, capsys, tmp_path, wafer):
+    path, _ = wafer
+    code, out, err = run_cli(monkeypatch, capsys, "infer", path, "--out", tmp_path / "o", "--amp", "bf16")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "wafer" / "defects.json").read_text())["precision"] == "mixed bfloat16"
+    assert "mixed bfloat16" in out  # in the table's title

@@ -296,6 +296,7 @@ def test_evaluate_matches_classes_by_name_and_refuses_unmatched(tmp_path, monkey
     assert code == 0 and "Pitting -> defect" in err
     summary = EvalSummary.read(tmp_path / "o" / "metrics.json")
     assert summary.class_map == {"Pitting": "defect"}
+    assert summary.precision == "float32" and "(bf16: " in summary.hardware  # what ran, on what CPU features
     truth = summary.metrics.confusion.rows_truth_cols_prediction
     assert sum(truth[1]) == 2 * 23 * 23  # the Pitting rectangles are scored as defect pixels, not as background
 

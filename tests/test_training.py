@@ -264,7 +264,8 @@ def test_run_directory_lock_leftovers_resume_from_elsewhere_and_extend(tmp_path,
     assert "step 1/3 loss" in err and "steps/s, ETA" in err  # redirected output: a line per log_every steps
     assert "warning: the warm-up (2.0 epochs) is not shorter than the run (1 epochs)" in err
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "step 2/3 loss" in log
+    assert "step 2/3 loss" in log and "(bf16: " in log and "float32" in log
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["extra"]["precision"] == "float32"
     run = tmp_path / "run"
     history = (run / "metrics.csv").read_text()
     # what a killed run leaves (pid long gone) is removed by the next process; a live process's files are kept

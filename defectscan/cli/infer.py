@@ -53,7 +53,7 @@ def infer(
     for note in predictor.notes:
         print_note(note)
     table = Table(title=f"defectscan infer — {predictor.spec.arch}/{predictor.spec.encoder}, tile {predictor.tile[0]}, "
-                        f"overlap {predictor.overlap}, {predictor.stitch}")
+                        f"overlap {predictor.overlap}, {predictor.stitch}, {predictor.precision}")
     class_cols = list(predictor.class_names.values())
     for col in ("image", "size", "tiles", "time", "MP/s", *class_cols, "defect area"):
         table.add_column(col, justify="left" if col == "image" else "right")

@@ -146,7 +146,7 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],
             hardware=hardware(), versions=library_versions(), created=time.strftime("%Y-%m-%d %H:%M:%S"),
             command=command, options=opts, trained_on_images=predictor.meta.get("extra", {}).get("train_images"),
-            class_map={k: v for k, v in mapping.items() if k != v},
+            class_map={k: v for k, v in mapping.items() if k != v}, precision=predictor.precision,
             metrics=ev.metrics())
         (tmp / METRICS_FILE).write_text(summary.to_json(), encoding="utf-8")
         (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")

@@ -21,7 +21,7 @@ from defectscan.inference.postprocess import ClassMap, segment
 from defectscan.io.images import ImageSource
 from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat
-from defectscan.runtime import resolve_device
+from defectscan.runtime import precision_name, resolve_device
 from defectscan.schemas import InferOptions, Region
 from defectscan.tiling import plan_tiles, tiled_inference, validate_tile
 
@@ -67,6 +67,11 @@ class Predictor:
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         return cls(model, spec, options, checkpoint=path, meta=meta)
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in (float32, mixed bfloat16, mixed float16): recorded in every output."""
+        return precision_name(self.tiles.amp_dtype)
 
     @property
     def class_names(self) -> dict[int, str]:

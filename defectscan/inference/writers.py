@@ -32,7 +32,7 @@ def write_prediction(predictor, image_path: Path, source: ImageSource, pred, out
         table = {
             "image": str(image_path), "model": describe(p.spec), "checkpoint": str(p.checkpoint),
             "threshold": p.threshold, "tile": list(p.tile), "overlap": p.overlap,
-            "stitch": p.stitch, "tta": opts.tta, "min_area_px": opts.min_area,
+            "stitch": p.stitch, "tta": opts.tta, "min_area_px": opts.min_area, "precision": p.precision,
             "mask_encoding": "0/255" if len(names) == 1 else "class index",
             "classes": {str(c): n for c, n in names.items()},
             **pred.summary,

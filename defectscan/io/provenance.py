@@ -28,9 +28,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere): detected at run time, since the same
+    machine type has come with AMX-BF16 (Intel Xeon) and without it (AMD EPYC)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16() -> str:
+    """Native bfloat16 support of this CPU: 'AMX-BF16 + AVX512-BF16', 'AVX512-BF16', or 'none'."""
+    flags = cpu_flags()
+    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return " + ".join(found) or "none"
+
+
 def hardware() -> str:
-    """CPU, torch threads and the GPU if any, in one line."""
+    """CPU (with its native bf16 support), torch threads and the GPU if any, in one line."""
     import torch
 
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu_name()}, {torch.get_num_threads()} threads{gpu}"
+    return f"{cpu_name()} (bf16: {cpu_bf16()}), {torch.get_num_threads()} threads{gpu}"

@@ -25,7 +25,8 @@ from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
 from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from defectscan.models.weights import match_state_dict
-from defectscan.runtime import autocast, resolve_amp, resolve_device
+from defectscan.io.provenance import hardware
+from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
@@ -158,6 +159,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     spec = model_spec_for(cfg, ds)
     device = resolve_device(tc.device)
     amp_dtype = resolve_amp(tc.amp, device)
+    say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}")
     loss_fn = build_loss(cfg.loss, spec.head, len(spec.classes))
     augment = build_augment(cfg.augment)
     torch.manual_seed(tc.seed)
@@ -293,7 +295,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         progress_state["epoch"] = epoch
         progress_state["seconds"] += time.perf_counter() - t_epoch
         extra = {"run": str(run.path.name), "epoch": epoch, "metrics": row, "dataset": str(ds.root),
-                 "train_images": len(train_samples)}
+                 "train_images": len(train_samples), "precision": precision_name(amp_dtype)}
         half = tc.half_checkpoints
         if improved:
             save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=extra)
