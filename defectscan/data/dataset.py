@@ -89,8 +89,9 @@ class SegmentationDataset:
         return [p for p in self.problems if p.fatal]
 
     @property
-    def class_index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
+    def file_class_index(self) -> dict[str, int]:
+        """Class name -> its value in the dataset's own files (its classes before any `seen_as`)."""
+        return {c: i for i, c in enumerate(self.file_classes or self.classes)}
 
     def require_usable(self) -> None:
         """Raise a one-line error when the dataset cannot be trained on."""
@@ -126,7 +127,7 @@ class SegmentationDataset:
             if size is None:
                 size = self.load_image(sample).shape[:2]
             try:
-                return rasterize(sample.shapes, size, {c: i for i, c in enumerate(classes)})
+                return rasterize(sample.shapes, size, self.file_class_index)
             except ValueError as exc:  # an RLE that does not fit the image
                 raise DefectscanError(f"{sample.annotation}: {sample.image.name}: {exc}") from None
         mask = read_mask_file(sample.mask_path)
