@@ -59,6 +59,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
     cfg = load_config(None, ["optim.lr=3e-4", "data.classes=[a, b]", "training.epochs=7"])
     assert cfg.optim.lr == 3e-4 and cfg.data.classes == ["a", "b"] and cfg.training.epochs == 7
+    assert load_config(None, ["training.amp=off"]).training.amp == "off"  # YAML's bare `off` is the boolean false
 
 
 def test_config_base_inheritance(tmp_path):

@@ -94,6 +94,11 @@ class TrainingConfig(_Section):
     half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
     log_every: int = Field(25, ge=0)  # a train.log line every N steps (loss, lr, steps/s, ETA); 0: per epoch only
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` (amp: off, --set training.amp=off) as false
+
 
 class ValidationConfig(_Section):
     stitch: Literal["center", "gaussian"] = "center"
