@@ -5,10 +5,15 @@
 
 Every case runs in a fresh process (peak RSS from getrusage is per process and includes ~1 GB of imports and
 model) on the same synthetic wafer, loaded as uint8 RGB before timing starts. Model: smp Unet-resnet18, random
-init, 1 class, eval mode, float32. Times are end to end from the uint8 image to a uint8 probability map:
+init, 1 class, eval mode, float32; channels-last for floor and ours (defectscan's CPU default for CNNs), the plain
+model for MONAI (its default). Times are end to end from the uint8 image to a uint8 probability map:
 
 - floor: only the model's forward passes over exactly the tiles our engine uses (extraction untimed);
 - ours / ours-gaussian: `defectscan.tiling.tiled_inference`, center / gaussian stitching;
+- ours-bf16: as ours, with bfloat16 autocast (`--amp bf16`);
+- cli-1class / cli-5class: `defectscan infer image.png` end to end (PNG decode, tiling, segmentation, all
+  outputs written) with a random 1-class / 5-class Unet-resnet18 checkpoint, as a user runs it; time is the
+  command's wall time including start-up, peak RSS is the command's own (getrusage of the child);
 - monai-gaussian / monai-constant: float32 input tensor + `sliding_window_inference` (overlap 64/512) + sigmoid
   + uint8 conversion. Needs `pip install monai` (the `bench` extra); skipped when it is missing.
 """
@@ -27,12 +32,44 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = ("floor", "ours", "ours-gaussian", "monai-gaussian", "monai-constant")
-DEFAULT_CASES = ("floor", "ours", "monai-gaussian", "monai-constant")
+CASES = ("floor", "ours", "ours-gaussian", "ours-bf16", "monai-gaussian", "monai-constant", "cli-1class", "cli-5class")
+DEFAULT_CASES = ("floor", "ours", "ours-bf16", "monai-gaussian", "monai-constant", "cli-1class", "cli-5class")
+CLI_AMP = "off"  # the cli cases measure memory in float32 (the precision MONAI runs in); --cli-amp changes it
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+def run_cli_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int, amp: str) -> dict:
+    """`defectscan infer` on a PNG in a child process: wall time and the child's own peak RSS."""
+    import torch
+    import segmentation_models_pytorch as smp  # noqa: F401  (same import cost as the other cases)
+
+    from defectscan.models import ModelSpec, build_model, save_checkpoint
+    from defectscan.io.images import open_image
+
+    classes = ("defect",) if case == "cli-1class" else ("scratch", "particle", "crack", "stain", "edge_chip")
+    spec = ModelSpec(arch="unet", encoder="resnet18", classes=classes if len(classes) == 1 else ("background", *classes),
+                     head="sigmoid" if len(classes) == 1 else "softmax", tile=tile, overlap=overlap)
+    torch.manual_seed(0)
+    work = Path(image_path).parent
+    ckpt = work / f"{case}.safetensors"
+    save_checkpoint(build_model(spec), spec, ckpt)
+    h, w = open_image(image_path).shape
+    out = work / f"out-{case}"
+    cmd = [sys.executable, "-m", "defectscan", "infer", image_path, "--model", str(ckpt), "--out", str(out),
+           "--batch", str(batch), "--threads", str(threads), "--amp", amp]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    summary = json.loads(next(out.glob("*/defects.json")).read_text())
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    return {"case": case, "size": h, "tiles": summary["tiles"], "seconds": seconds,
+            "image_seconds": summary["seconds"], "precision": summary["precision"], "peak_rss_gb": rss,
+            "output": f"{len(list(next(out.glob('*/')).iterdir()))} files, {w}x{h}"}
 
 
 def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int) -> dict:
@@ -47,7 +84,9 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = smp.Unet("resnet18", encoder_weights=None, classes=1).eval()
-    image = np.load(image_path)  # uint8 (H, W, 3), fully in memory like a decoded PNG
+    if case == "floor" or case.startswith("ours"):  # defectscan's CPU default for CNNs; MONAI gets the plain model
+        model = model.to(memory_format=torch.channels_last)
+    image = np.load(image_path.replace(".png", ".npy"))  # uint8 (H, W, 3), fully in memory like a decoded PNG
     h, w = image.shape[:2]
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -64,14 +103,15 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
                 arr = np.stack([read_tile(source, layout.rows.origin(iy), layout.cols.origin(ix), *layout.tile_shape)
                                 for iy, ix in chunk])
                 x = (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 - mean) / std
-                x = x.contiguous()
+                x = x.contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 model(x)
                 spent += time.perf_counter() - t0
         result["seconds"] = spent
     elif case.startswith("ours"):
         t0 = time.perf_counter()
-        predict = TorchTiles(model, head="sigmoid", mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu")
+        predict = TorchTiles(model, head="sigmoid", mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
+                             amp="bf16" if case == "ours-bf16" else "off")
         out = tiled_inference(predict, image, tile=tile, overlap=overlap, batch_size=batch,
                               stitch="gaussian" if case == "ours-gaussian" else "center")
         result["seconds"] = time.perf_counter() - t0
@@ -100,13 +140,18 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cli-amp", default=CLI_AMP, help="--amp of the cli cases (default: off, i.e. float32)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     ap.add_argument("--_image", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._case:  # child process: one case, result as JSON on stdout
-        print(json.dumps(run_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads)))
+        if args._case.startswith("cli"):
+            res = run_cli_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads, args.cli_amp)
+        else:
+            res = run_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads)
+        print(json.dumps(res))
         return
 
     cases = list(args.cases)
@@ -121,6 +166,7 @@ def main() -> None:
     import torch
 
     from defectscan.data.synth import generate_wafer
+    from defectscan.io.images import write_image
     from defectscan.io.provenance import cpu_bf16, cpu_name
 
     print(f"torch {torch.__version__}, {args.threads} threads, {cpu_name()} (bf16: {cpu_bf16()}), "
@@ -128,11 +174,15 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            image_path = str(Path(tmp) / f"wafer_{size}.npy")
-            np.save(image_path, generate_wafer(size, seed=3)[0])
+            image_path = str(Path(tmp) / f"wafer_{size}.png")
+            wafer = generate_wafer(size, seed=3)[0]
+            np.save(image_path.replace(".png", ".npy"), wafer)
+            write_image(image_path, wafer)
+            del wafer
             for case in cases:
                 cmd = [sys.executable, __file__, "--_case", case, "--_image", image_path, "--tile", str(args.tile),
-                       "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads)]
+                       "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads),
+                       "--cli-amp", args.cli_amp]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{size} {case}: FAILED\n{proc.stderr[-2000:]}")
@@ -141,17 +191,21 @@ def main() -> None:
                 results.append(res)
                 print(f"  {size}^2 {case:15s} {res['seconds']:8.1f} s  peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
             os.remove(image_path)
+            os.remove(image_path.replace(".png", ".npy"))
 
-    print("\n| image | tiles | case | time (s) | time / floor | peak RSS (GB) | RSS / MONAI gaussian |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| image | tiles | case | time (s) | MP/s | time / floor | speed / MONAI gaussian | peak RSS (GB) "
+          "| RSS / MONAI gaussian |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         rows = [r for r in results if r["size"] == size]
         floor = next((r["seconds"] for r in rows if r["case"] == "floor"), None)
-        monai = next((r["peak_rss_gb"] for r in rows if r["case"] == "monai-gaussian"), None)
+        monai = next((r for r in rows if r["case"] == "monai-gaussian"), None)
         for r in rows:
             ratio = f"{r['seconds'] / floor:.3f}" if floor else "-"
-            mem = f"{r['peak_rss_gb'] / monai:.2f}" if monai and r["case"] != "floor" else "-"
-            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_gb']:.2f} | {mem} |")
+            speed = f"{monai['seconds'] / r['seconds']:.2f}" if monai else "-"
+            mem = f"{r['peak_rss_gb'] / monai['peak_rss_gb']:.2f}" if monai and r["case"] != "floor" else "-"
+            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.1f} | {size * size / 1e6 / r['seconds']:.3f} "
+                  f"| {ratio} | {speed} | {r['peak_rss_gb']:.2f} | {mem} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -163,12 +163,12 @@ def test_evaluate_equals_sklearn_on_the_pixels_it_scored(tmp_path):
     ds = load_dataset(dataset_with_clean_images(tmp_path / "d"))
     spec = ModelSpec(arch="unet", encoder="resnet10t", classes=("defect",), tile=64, overlap=16)
     model = DarkIsDefect()
-    predictor = Predictor(model, spec, InferOptions(min_area=1))
+    predictor = Predictor(model, spec, InferOptions(min_area=1, amp="off"))
     ev = evaluate(predictor, ds, ds.labeled, EvalOptions(device="cpu", seam_images=1, examples=2, min_area=1))
     scores, truth, img_scores, img_truth = [], [], [], []
     for s in ds.labeled:
         image = ds.load_image(s)
-        p = tiled_inference(TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std), image, tile=64,
+        p = tiled_inference(TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off"), image, tile=64,
                             overlap=16, align=32)[0]
         gt = ds.load_mask(s, image.shape[:2]) > 0
         scores.append(p.ravel())

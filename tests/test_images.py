@@ -10,6 +10,7 @@ import tifffile
 from defectscan.errors import DefectscanError
 from defectscan.io.files import atomic_path
 from defectscan.io.images import open_image, read_image, write_image
+from defectscan.io.png import PngRowWriter
 
 
 def rgb(h=40, w=60, seed=0):
@@ -82,6 +83,22 @@ def test_missing_unsupported_and_garbage_files(tmp_path):
         open_image(tmp_path / "fake.png")
     with pytest.raises(DefectscanError, match="is a directory"):
         open_image(tmp_path)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_row_writer_matches_the_image_in_any_strips(tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    img = rng.integers(0, 256, (71, 45, 3) if channels == 3 else (71, 45), dtype=np.uint8)
+    img[10:40] = 7  # long runs, as in probability maps
+    with PngRowWriter(tmp_path / "a.png", 71, 45, channels) as png:
+        for y0, y1 in ((0, 1), (1, 30), (30, 71)):
+            png.write(img[y0:y1])
+    assert (read_image(tmp_path / "a.png") == (img if channels == 3 else np.repeat(img[..., None], 3, 2))).all()
+    with pytest.raises(ValueError, match="10 of 71 rows"):
+        with PngRowWriter(tmp_path / "b.png", 71, 45, channels) as png:
+            png.write(img[:10])
+    with pytest.raises(ValueError, match="do not fit"):
+        PngRowWriter(tmp_path / "c.png", 71, 44, channels).write(img[:3])
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

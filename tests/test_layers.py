@@ -80,12 +80,15 @@ def test_predictor_from_checkpoint_and_written_outputs(tmp_path):
     image = _image()
     pred = p.predict(image)
     assert pred.mask.min() >= 1  # threshold 0: every pixel is a defect of class 1 or 2 (sigmoid channel c = class c+1)
-    out = write_prediction(p, tmp_path / "x.png", ImageSource(image), pred, tmp_path / "out")
+    out = tmp_path / "out"
+    summary = write_prediction(p, tmp_path / "x.png", ImageSource(image), out)
     names = sorted(f.name for f in out.iterdir())
     assert names == ["defects.csv", "defects.json", "mask.png", "overlay.jpg", "prob_pit.png", "prob_scratch.png"]
     prob_pit = cv2.imread(str(out / "prob_pit.png"), cv2.IMREAD_UNCHANGED)
-    assert (prob_pit == pred.probs[1]).all()
+    assert (prob_pit == pred.probs[1]).all()  # streamed outputs equal the in-memory prediction
+    assert (cv2.imread(str(out / "mask.png"), cv2.IMREAD_UNCHANGED) == pred.mask).all()
     table = json.loads((out / "defects.json").read_text())
+    assert table["defects"] == [r.to_dict() for r in pred.regions] and summary["regions"] == len(pred.regions)
     assert table["classes"] == {"1": "scratch", "2": "pit"} and table["mask_encoding"] == "class index"
     assert max(cv2.imread(str(out / "overlay.jpg")).shape[:2]) <= 64
 

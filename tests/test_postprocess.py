@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import pytest
 
-from defectscan.inference.postprocess import ClassMap, defect_score, segment
+from defectscan.inference.postprocess import ClassMap, StripSegmenter, defect_score, segment
 
 SOFTMAX = ClassMap("softmax", ("background", "scratch", "particle"))
 BINARY = ClassMap("sigmoid", ("defect",))
@@ -84,3 +86,47 @@ def test_class_map_is_the_one_channel_rule():
     assert ClassMap.for_classes(("background", "pit")) == ClassMap("sigmoid", ("pit",))
     assert ClassMap.for_classes(("background", "a", "b")) == ClassMap("softmax", ("background", "a", "b"))
     assert ClassMap.for_classes(("background", "a", "b"), "sigmoid") == ClassMap("sigmoid", ("a", "b"))
+
+
+def _whole_image_reference(probs, classes, threshold, min_area):
+    """The mask rule written naively: one labelling of the whole image, one loop per region."""
+    score = defect_score(probs, classes.head)
+    binary = (score >= round(threshold * 255)).astype(np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
+    mask, rows = np.zeros(score.shape, np.uint8), []
+    for lab in range(1, n):
+        inside = labels == lab
+        if inside.sum() < min_area:
+            continue
+        votes = [probs[c][inside].sum() for c in classes.defect_channels]
+        cid = classes.class_id(classes.defect_channels[int(np.argmax(votes))])
+        mask[inside] = cid
+        x, y, w, h, area = stats[lab]
+        rows.append((y, x, cid, w, h, area, round(centroids[lab, 0], 2), round(centroids[lab, 1], 2),
+                     round(score[inside].max() / 255, 4), score[inside].mean() / 255))
+    return mask, sorted(rows, key=lambda r: r[:2])
+
+
+@pytest.mark.parametrize("strip_rows", [1, 3, 17, 1000])
+def test_strip_segmentation_equals_whole_image_labelling(strip_rows):
+    """Regions that cross strip borders (U shapes joined only below, diagonal touches) come out as one region with
+    the same box, area, centroid, score and class as labelling the whole image at once; so does the mask."""
+    rng = np.random.default_rng(strip_rows)
+    field = cv2.GaussianBlur(rng.standard_normal((90, 120, 2)).astype(np.float32), (0, 0), 2.0)
+    evidence = 1 / (1 + np.exp(-(3 * field / field.std() - 3)))  # blobs of two classes, touching here and there
+    probs = np.zeros((3, 90, 120), np.uint8)
+    probs[1:] = (evidence.transpose(2, 0, 1) * 127).round()
+    probs[0] = 255 - probs[1] - probs[2]
+    seg = StripSegmenter(SOFTMAX, 0.45, min_area=3)
+    for y0 in range(0, 90, strip_rows):
+        seg.add(probs[:, y0 : y0 + strip_rows])
+    regions = seg.finish()
+    mask = np.concatenate([m for _, m in seg.mask_rows()])
+    ref_mask, ref = _whole_image_reference(probs, SOFTMAX, 0.45, 3)
+    assert len(ref) > 5 and (mask == ref_mask).all()
+    got = [(r.y, r.x, r.class_id, r.width, r.height, r.area_px, r.centroid_x, r.centroid_y, r.score_max)
+           for r in regions]
+    assert got == [r[:9] for r in ref]
+    assert np.allclose([r.score_mean for r in regions], [r[9] for r in ref], atol=6e-5)
+    assert [r.id for r in regions] == list(range(1, len(regions) + 1))
+    assert (segment(probs, SOFTMAX, 0.45, min_area=3)[0] == ref_mask).all()

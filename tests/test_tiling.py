@@ -15,7 +15,7 @@ from torch import nn
 from defectscan.errors import DefectscanError
 from defectscan.inference import TorchTiles
 from defectscan.models.registry import IMAGENET_MEAN, IMAGENET_STD
-from defectscan.tiling import plan_tiles, tiled_inference
+from defectscan.tiling import plan_tiles, tiled_inference, tiled_rows
 from defectscan.tiling.readers import _reflect
 
 
@@ -39,6 +39,7 @@ class SmallFCN(nn.Module):
 
 
 def tiles(model: nn.Module, head: str = "sigmoid", **kwargs) -> TorchTiles:
+    kwargs.setdefault("amp", "off")  # exactness checks compare with float32 references (auto is bf16 on some CPUs)
     return TorchTiles(model, head=head, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", **kwargs)
 
 
@@ -111,6 +112,21 @@ def test_center_stitching_equals_whole_image_inference(shape):
     out = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, out_dtype=np.float32, batch_size=3)
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("stitch", ["center", "gaussian"])
+def test_rows_come_in_order_one_tile_row_at_a_time(stitch):
+    """`tiled_rows` yields each output row once, top to bottom, in blocks no taller than a tile, and they are the
+    rows of the whole map: a caller can write them out and never hold the image's probabilities."""
+    model = SmallFCN().eval()
+    image = random_image(301, 157)
+    whole = tiled_inference(tiles(model), image, tile=64, overlap=32, align=4, stitch=stitch)
+    top = 0
+    for y0, block in tiled_rows(tiles(model), image, tile=64, overlap=32, align=4, stitch=stitch):
+        assert y0 == top and block.shape[0] == whole.shape[0] and block.shape[2] == 157 and block.shape[1] <= 64
+        assert (block == whole[:, y0 : y0 + block.shape[1]]).all()
+        top += block.shape[1]
+    assert top == 301
 
 
 def test_gaussian_stitching_difference_is_measured_and_small():
@@ -205,6 +221,17 @@ def test_bad_backend_options_are_clear_errors(kwargs, message):
         pytest.skip("a CUDA device exists here")
     with pytest.raises(DefectscanError, match=message):
         TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, **{"device": "cpu", **kwargs})
+
+
+def test_amp_auto_is_float32_on_cpus_even_with_native_bf16(monkeypatch):
+    """bf16 autocast moved BSData's defect IoU by -0.019 (README): on a CPU it is an explicit choice."""
+    import defectscan.runtime as rt
+
+    cpu = torch.device("cpu")
+    for support in ("AVX512-BF16", "none"):
+        monkeypatch.setattr(rt, "cpu_bf16", lambda: support)
+        assert rt.resolve_amp("auto", cpu) is None and rt.resolve_amp("bf16", cpu) == torch.bfloat16
+    assert TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu").amp_dtype is None
 
 
 def test_wrong_output_size_model_is_an_error():

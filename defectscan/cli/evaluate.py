@@ -26,7 +26,7 @@ def evaluate(
     stitch: Optional[str] = typer.Option(None, help="center or gaussian (default: the checkpoint's)."),
     batch: int = typer.Option(4, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
+    amp: str = typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA, float32 on CPUs: bf16 changed results, see README), off, bf16, fp16."),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
     min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),
     region_criterion: str = typer.Option("coverage", help="A true region is found when its coverage or iou reaches --region-threshold."),

@@ -27,7 +27,7 @@ def infer(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold in [0, 1] (default: the checkpoint's)."),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
-    amp: str = typer.Option("auto", help="Mixed precision: auto (CUDA only), off, bf16, fp16."),
+    amp: str = typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA, float32 on CPUs: bf16 changed results, see README), off, bf16, fp16."),
     min_area: int = typer.Option(4, help="Drop defect regions smaller than this many pixels."),
     preview_size: int = typer.Option(2048, help="Longest side of the overlay preview in px."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from sub-folders of directories."),
@@ -64,15 +64,14 @@ def infer(
             try:
                 source = open_image(path)
                 progress.update(task, description=escape(path.name))
-                pred = predictor.predict(source, progress=lambda d, n: progress.update(task, completed=d, total=n))
-                write_prediction(predictor, path, source, pred, out / name)
+                s = write_prediction(predictor, path, source, out / name,
+                                     progress=lambda d, n: progress.update(task, completed=d, total=n))
             except DefectscanError as exc:
                 rows.append(batch_row(path, name, class_cols, error=str(exc)))
                 progress.update(task, description=f"[red]{escape(path.name)} (failed)")
                 print_error(exc)
                 continue
-            rows.append(batch_row(path, name, class_cols, pred))
-            s = pred.summary
+            rows.append(batch_row(path, name, class_cols, s))
             table.add_row(escape(path.name), f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
                           f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
                           f"{100 * s['defect_area_fraction']:.3f}%")

@@ -26,11 +26,19 @@ def activate(logits: torch.Tensor, head: Head) -> torch.Tensor:
     return logits
 
 
+def _weights_channels_last(model: nn.Module) -> bool:
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:  # a real conv kernel: formats differ
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 class TorchTiles:
     """A torch segmentation network as a tile predictor: (B, th, tw, 3) uint8 -> (B, C, th, tw) float32.
 
     The model is used where it is and as it is: nothing here moves it, changes its mode or its memory format
-    (callers put it in eval mode). `device` defaults to the device of the model's parameters.
+    (callers put it in eval mode). `device` defaults to the device of the model's parameters, `channels_last` to
+    the memory format of its convolution weights (inputs in another format than the weights cost a conversion).
     """
 
     def __init__(self, model: nn.Module, *, head: Head = "sigmoid", mean: Sequence[float], std: Sequence[float],
@@ -42,7 +50,7 @@ class TorchTiles:
         self.model, self.head, self.tta = model, head, tta
         self.device = resolve_device(device)
         self.amp_dtype = resolve_amp(amp, self.device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = _weights_channels_last(model) if channels_last is None else channels_last
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std_t), mean_t / std_t  # (x/255 - mean)/std as one multiply-add

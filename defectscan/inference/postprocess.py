@@ -10,10 +10,12 @@ alternating fragments.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from defectscan.schemas import Region
 
@@ -86,51 +88,144 @@ def defect_score(probs: np.ndarray, head: str) -> np.ndarray:
 
 
 
+class StripSegmenter:
+    """The mask rule, applied to probabilities that arrive as row strips, top to bottom, in memory that does not
+    grow with the image beyond 1 bit per pixel and a few numbers per region.
+
+    Pass 1 (`add`): each strip is thresholded and labelled (8-connected); labels touching the previous strip's
+    last row are linked; per label it keeps sums (area, coordinates, score, class votes), minima and maxima.
+    `finish` joins linked labels into regions (exactly the regions of labelling the whole image at once) and
+    decides each region's class. Pass 2 (`mask_rows`): each strip is labelled again from its stored bits (same
+    input, same labels; checked) and painted with its region's class.
+    """
+
+    # per-label statistics, one column each; votes (one column per defect channel) follow
+    X0, Y0, X1, Y1, AREA, SUM_X, SUM_Y, SCORE_SUM, SCORE_MAX = range(9)
+
+    def __init__(self, classes: ClassMap, threshold: float, *, min_area: int = 1) -> None:
+        self.classes, self.level, self.min_area = classes, score_to_u8(threshold), min_area
+        self.height, self.labels_used = 0, 0
+        self.strips: list[tuple[int, int, int, np.ndarray | None, int, int, int]] = []
+        self.stats: list[np.ndarray] = []
+        self.links: list[np.ndarray] = []
+        self.last_row: np.ndarray | None = None  # global labels of the previous strip's last row
+        self.label_class: np.ndarray | None = None
+
+    def add(self, probs: np.ndarray) -> np.ndarray:
+        """Take the next (C, rows, W) uint8 probability strip; returns its (rows, W) uint8 defect score."""
+        if self.label_class is not None:
+            raise RuntimeError("StripSegmenter.add after finish")
+        _, rows, width = probs.shape
+        y0, offset = self.height, self.labels_used
+        self.height += rows
+        score = defect_score(probs, self.classes.head)
+        binary = (score >= self.level).view(np.uint8)
+        if not binary.any():
+            self.strips.append((y0, rows, width, None, offset, 0, 0))
+            self.last_row = None
+            return score
+        n, labels, stats, _ = _label(binary)
+        ys, xs = np.nonzero(labels)
+        labs = labels[ys, xs]
+        per_label = lambda weights: np.bincount(labs, weights=weights, minlength=n)[1:]  # noqa: E731
+        values = score[ys, xs]
+        maxima = np.zeros(n)
+        np.maximum.at(maxima, labs, values)
+        st = stats[1:].astype(np.float64)
+        left, top = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP] + y0
+        area = st[:, cv2.CC_STAT_AREA]
+        self.stats.append(np.column_stack([
+            left, top, left + st[:, cv2.CC_STAT_WIDTH], top + st[:, cv2.CC_STAT_HEIGHT], area,
+            per_label(xs), per_label(ys) + y0 * area, per_label(values), maxima[1:],
+            *(per_label(probs[c][ys, xs]) for c in self.classes.defect_channels),
+        ]))
+        first = np.where(labels[0] > 0, labels[0] + offset, 0)
+        if self.last_row is not None:  # 8-connectivity: pixel x above touches x-1, x and x+1 below
+            for dx in (-1, 0, 1):
+                a = self.last_row[max(0, -dx) : width - max(0, dx)]
+                b = first[max(0, dx) : width - max(0, -dx)]
+                both = (a > 0) & (b > 0)
+                if both.any():
+                    self.links.append(np.unique(np.stack([a[both], b[both]], 1), axis=0))
+        self.last_row = np.where(labels[-1] > 0, labels[-1] + offset, 0)
+        self.strips.append((y0, rows, width, np.packbits(binary), offset, n, int(labels.sum(dtype=np.int64))))
+        self.labels_used += n - 1
+        return score
+
+    def finish(self) -> list[Region]:
+        """Join the strips' labels into regions; returns the region table (ids in reading order of their boxes)."""
+        count = self.labels_used
+        self.label_class = np.zeros(count + 1, np.uint8)
+        if count == 0:
+            return []
+        if self.links:
+            pairs = np.concatenate(self.links) - 1
+            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
+            regions_n, region_of = connected_components(graph, directed=False)
+        else:
+            regions_n, region_of = count, np.arange(count)
+        st = np.concatenate(self.stats)
+        total = lambda col: np.bincount(region_of, weights=st[:, col], minlength=regions_n)  # noqa: E731
+        lo = np.full((regions_n, 2), np.inf)
+        np.minimum.at(lo, region_of, st[:, [self.X0, self.Y0]])
+        hi = np.zeros((regions_n, 3))
+        np.maximum.at(hi, region_of, st[:, [self.X1, self.Y1, self.SCORE_MAX]])
+        first_label = np.full(regions_n, count)
+        np.minimum.at(first_label, region_of, np.arange(count))  # raster order of a region's first pixel
+        area = total(self.AREA)
+        votes = np.stack([total(col) for col in range(self.SCORE_MAX + 1, st.shape[1])], axis=1)
+        class_ids = np.array([self.classes.class_id(c) for c in self.classes.defect_channels], np.uint8)
+        region_class = np.where(area >= self.min_area, class_ids[votes.argmax(1)], 0).astype(np.uint8)
+        self.label_class[1:] = region_class[region_of]
+        sum_x, sum_y, score_sum = total(self.SUM_X), total(self.SUM_Y), total(self.SCORE_SUM)
+        names = self.classes.defect_names
+        regions = []
+        for k in sorted(np.flatnonzero(region_class), key=lambda k: (lo[k, 1], lo[k, 0], first_label[k])):
+            a, cid = int(area[k]), int(region_class[k])
+            regions.append(Region(
+                id=len(regions) + 1, class_id=cid, class_name=names[cid], x=int(lo[k, 0]), y=int(lo[k, 1]),
+                width=int(hi[k, 0] - lo[k, 0]), height=int(hi[k, 1] - lo[k, 1]), area_px=a,
+                centroid_x=round(sum_x[k] / a, 2), centroid_y=round(sum_y[k] / a, 2),
+                score_max=round(hi[k, 2] / 255.0, 4), score_mean=round(score_sum[k] / 255.0 / a, 4),
+            ))
+        return regions
+
+    def mask_rows(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(y0, (rows, W) uint8 class-id mask) per strip, top to bottom, after `finish`."""
+        if self.label_class is None:
+            raise RuntimeError("StripSegmenter.mask_rows before finish")
+        for y0, rows, width, bits, offset, n, checksum in self.strips:
+            if bits is None:
+                yield y0, np.zeros((rows, width), np.uint8)
+                continue
+            binary = np.unpackbits(bits, count=rows * width).reshape(rows, width)
+            m, labels, _, _ = _label(binary)
+            if m != n or int(labels.sum(dtype=np.int64)) != checksum:
+                raise RuntimeError("connected-component labels differ between two passes over the same strip")
+            lut = np.concatenate([[0], self.label_class[offset + 1 : offset + n]]).astype(np.uint8)
+            yield y0, lut[labels]
+
+
+def _label(binary: np.ndarray):
+    return cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
+
+
 def segment(
     probs: np.ndarray, classes: ClassMap, threshold: float, *, min_area: int = 1
 ) -> tuple[np.ndarray, list[Region], np.ndarray]:
     """(class-index mask, regions, defect score) from (C, H, W) uint8 probabilities: the mask rule of `infer`.
 
     Mask values are class ids (see `ClassMap`); 0 is background. Regions smaller than `min_area` px are left out
-    of both. Statistics are computed on the foreground pixels only (usually well under 1% of the image), never as
-    full-size float arrays.
+    of both. A pixel's region takes the class with the largest probability mass over the region (see module
+    docstring). Works strip by strip (`StripSegmenter`): no full-size temporary beyond the outputs.
     """
-    channels = classes.defect_channels
-    class_ids = np.array([classes.class_id(c) for c in channels])
-    names = classes.defect_names
-    score = defect_score(probs, classes.head)
-    binary = (score >= score_to_u8(threshold)).view(np.uint8)
-    mask = np.zeros(score.shape, np.uint8)
-    if not binary.any():
-        return mask, [], score
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
-    del binary
-    ys, xs = np.nonzero(labels)
-    labs = labels[ys, xs]
-    del labels
-    # class vote: probability mass of each defect class per region
-    votes = np.stack([np.bincount(labs, weights=probs[c][ys, xs], minlength=n) for c in channels], axis=1)
-    region_class = np.zeros(n, np.uint8)
-    region_class[1:] = class_ids[votes[1:].argmax(1)]
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False
-    region_class[~keep] = 0
-    mask[ys, xs] = region_class[labs]
-
-    vals = score[ys, xs].astype(np.float64) / 255.0
-    sums = np.bincount(labs, weights=vals, minlength=n)
-    maxima = np.zeros(n)
-    np.maximum.at(maxima, labs, vals)
-    regions = []
-    for lab in np.flatnonzero(keep):
-        x, y, w, h, area = (int(v) for v in stats[lab])
-        cid = int(region_class[lab])
-        regions.append(Region(
-            id=0, class_id=cid, class_name=names[cid], x=x, y=y, width=w, height=h, area_px=area,
-            centroid_x=round(float(centroids[lab, 0]), 2), centroid_y=round(float(centroids[lab, 1]), 2),
-            score_max=round(float(maxima[lab]), 4), score_mean=round(float(sums[lab] / area), 4),
-        ))
-    regions.sort(key=lambda r: (r.y, r.x))
-    for i, r in enumerate(regions, 1):
-        r.id = i
+    _, h, w = probs.shape
+    seg = StripSegmenter(classes, threshold, min_area=min_area)
+    score = np.empty((h, w), np.uint8)
+    for y0 in range(0, h, STRIP_ROWS):
+        score[y0 : y0 + STRIP_ROWS] = seg.add(probs[:, y0 : y0 + STRIP_ROWS])
+    regions = seg.finish()
+    mask = np.empty((h, w), np.uint8)
+    for y0, rows in seg.mask_rows():
+        mask[y0 : y0 + len(rows)] = rows
     return mask, regions, score

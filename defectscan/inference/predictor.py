@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,10 +20,10 @@ from defectscan.inference.backends import TorchTiles
 from defectscan.inference.postprocess import ClassMap, segment
 from defectscan.io.images import ImageSource
 from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
-from defectscan.models.factory import center_stitch_caveat
+from defectscan.models.factory import center_stitch_caveat, prefers_channels_last
 from defectscan.runtime import precision_name, resolve_device
 from defectscan.schemas import InferOptions, Region
-from defectscan.tiling import plan_tiles, tiled_inference, validate_tile
+from defectscan.tiling import plan_tiles, tiled_inference, tiled_rows, validate_tile
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Prediction:
 
 
 class Predictor:
-    """A model with its spec and options; `predict` one image at a time (`write_prediction` writes the outputs).
+    """A model with its spec and options; `predict` one image at a time (`write_prediction` streams one image's
+    outputs to files).
 
     Built from a checkpoint (`from_checkpoint`: the predictor owns the model and puts it on the device), or around
     a caller's model (training validation: the model is used where it is and in the mode the caller set).
@@ -64,7 +65,7 @@ class Predictor:
         model, spec, meta = load_checkpoint(path)
         device = resolve_device(options.device)
         model = model.to(device).eval()
-        if device.type == "cuda":
+        if prefers_channels_last(spec, device.type):
             model = model.to(memory_format=torch.channels_last)
         return cls(model, spec, options, checkpoint=path, meta=meta)
 
@@ -92,20 +93,30 @@ class Predictor:
                                overlap=self.overlap if overlap is None else overlap, stitch=self.stitch,
                                batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
 
+    def probability_rows(self, image: ImageSource | np.ndarray,
+                         progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """The same probabilities as (y0, (C, rows, W) uint8) strips, top to bottom, as the engine finishes them."""
+        return tiled_rows(self.tiles, image, tile=self.tile, overlap=self.overlap, stitch=self.stitch,
+                          batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
+
+    def summary(self, shape: tuple[int, int], seconds: float, regions: list[Region]) -> dict:
+        """Per-image figures of defects.json, the infer table and summary.csv."""
+        h, w = shape
+        return {
+            "width": w, "height": h, "tiles": len(plan_tiles(h, w, self.tile, self.overlap, self.spec.stride)),
+            "seconds": round(seconds, 3), "megapixels_per_second": round(h * w / 1e6 / max(seconds, 1e-9), 3),
+            "regions": len(regions),
+            "regions_per_class": {n: sum(r.class_id == c for r in regions) for c, n in self.class_names.items()},
+            "defect_area_fraction": round(sum(r.area_px for r in regions) / (h * w), 8),  # = mask pixels
+        }
+
     def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """Probabilities, mask, regions and score of one image, all in memory (see `write_prediction` for huge
+        images: it streams)."""
         source = source if isinstance(source, ImageSource) else ImageSource(np.asarray(source))
         t0 = time.perf_counter()
-        layout = plan_tiles(source.height, source.width, self.tile, self.overlap, self.spec.stride)
         probs = self.probabilities(source, progress=progress)
         mask, regions, score = segment(probs, self.classes, self.threshold, min_area=self.options.min_area)
         seconds = time.perf_counter() - t0
-        h, w = source.shape
-        defect_px = int(np.count_nonzero(mask))
-        summary = {
-            "width": w, "height": h, "tiles": len(layout), "seconds": round(seconds, 3),
-            "megapixels_per_second": round(h * w / 1e6 / max(seconds, 1e-9), 3),
-            "regions": len(regions),
-            "regions_per_class": {n: sum(r.class_id == c for r in regions) for c, n in self.class_names.items()},
-            "defect_area_fraction": round(defect_px / (h * w), 8),
-        }
-        return Prediction(probs, mask, regions, score, len(layout), seconds, summary)
+        summary = self.summary(source.shape, seconds, regions)
+        return Prediction(probs, mask, regions, score, summary["tiles"], seconds, summary)

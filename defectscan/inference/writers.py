@@ -2,45 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
 
 from defectscan.errors import DefectscanError
+from defectscan.inference.postprocess import StripSegmenter
 from defectscan.io.files import atomic_dir, csv_text, write_text
 from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource
+from defectscan.io.png import PngRowWriter
 from defectscan.models import describe
-from defectscan.reporting.overlays import render_overlay
+from defectscan.reporting.overlays import MaskPreview, render_overlay
 from defectscan.schemas import REGION_FIELDS, Region
 
 
-def write_prediction(predictor, image_path: Path, source: ImageSource, pred, out_dir: Path) -> Path:
-    """Outputs of a `Predictor`'s `Prediction` for one image, as one atomic directory: prob_<class>.png per class,
-    mask.png, overlay.jpg, defects.json and defects.csv."""
+def write_prediction(predictor, image_path: Path, source: ImageSource, out_dir: Path,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run `predictor` on one image and write its outputs as one atomic directory: prob_<class>.png per class,
+    mask.png, overlay.jpg, defects.json and defects.csv. Returns the summary (defects.json without the defects).
+
+    Everything streams: probability rows are PNG-encoded and segmented as the tiling engine finishes them, and the
+    mask is painted strip by strip after the regions are joined, so memory holds the decoded image, one tile row
+    of probabilities and 1 bit per pixel, not full-size maps. `seconds` counts until every file is written.
+    """
     p, opts = predictor, predictor.options
     names = p.class_names
+    h, w = source.shape
+    t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        for cid, name in names.items():
-            _imwrite(tmp / f"prob_{_safe(name)}.png", pred.probs[p.classes.channel(cid)])
-        mask = pred.mask * np.uint8(255) if len(names) == 1 else pred.mask
-        _imwrite(tmp / "mask.png", mask)
-        overlay = render_overlay(source, pred.mask, pred.regions, class_names=names, max_side=opts.preview_size)
+        seg = StripSegmenter(p.classes, p.threshold, min_area=opts.min_area)
+        with contextlib.ExitStack() as files:
+            probs = {p.classes.channel(c): files.enter_context(PngRowWriter(tmp / f"prob_{_safe(n)}.png", h, w))
+                     for c, n in names.items()}
+            for _, block in p.probability_rows(source, progress=progress):
+                for channel, png in probs.items():
+                    png.write(block[channel])
+                seg.add(block)
+        regions = seg.finish()
+        preview = MaskPreview(h, w, opts.preview_size)
+        with PngRowWriter(tmp / "mask.png", h, w) as png:
+            for y0, mask in seg.mask_rows():
+                png.write(mask * np.uint8(255) if len(names) == 1 else mask)
+                preview.add(y0, mask)
+        overlay = render_overlay(source, preview, regions, class_names=names)
         _imwrite(tmp / "overlay.jpg", overlay[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (tmp / "defects.csv").write_text(_regions_csv(regions), encoding="utf-8")
+        summary = p.summary((h, w), time.perf_counter() - t0, regions)
         table = {
             "image": str(image_path), "model": describe(p.spec), "checkpoint": str(p.checkpoint),
             "threshold": p.threshold, "tile": list(p.tile), "overlap": p.overlap,
             "stitch": p.stitch, "tta": opts.tta, "min_area_px": opts.min_area, "precision": p.precision,
             "mask_encoding": "0/255" if len(names) == 1 else "class index",
             "classes": {str(c): n for c, n in names.items()},
-            **pred.summary,
-            "defects": [r.to_dict() for r in pred.regions],
+            **summary,
+            "defects": [r.to_dict() for r in regions],
         }
         (tmp / "defects.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-        (tmp / "defects.csv").write_text(_regions_csv(pred.regions), encoding="utf-8")
-    return out_dir
+    return summary
 
 
 def _safe(name: str) -> str:
@@ -59,10 +82,11 @@ def _regions_csv(regions: Iterable[Region]) -> str:
 BATCH_SUMMARY = "summary.csv"
 
 
-def batch_row(image: Path, output: str, class_names: list[str], pred=None, error: str | None = None) -> dict:
+def batch_row(image: Path, output: str, class_names: list[str], summary: dict | None = None,
+              error: str | None = None) -> dict:
     """One row of the batch summary (`summary.csv`): an image's outcome, its defect counts, or why it failed."""
-    s = pred.summary if pred is not None else {}
-    return {"image": str(image), "output": output if pred is not None else "", "status": "failed" if error else "ok",
+    s = summary or {}
+    return {"image": str(image), "output": output if summary is not None else "", "status": "failed" if error else "ok",
             "width": s.get("width"), "height": s.get("height"), "tiles": s.get("tiles"), "seconds": s.get("seconds"),
             "regions": s.get("regions"), **{f"regions_{c}": s.get("regions_per_class", {}).get(c) for c in class_names},
             "defect_area_fraction": s.get("defect_area_fraction"), "error": error or ""}

@@ -186,5 +186,17 @@ def center_stitch_caveat(spec: ModelSpec) -> str | None:
     return None
 
 
+def prefers_channels_last(spec: ModelSpec, device_type: str) -> bool:
+    """Whether to run this model in channels-last memory format on `device_type` ('cpu', 'cuda', ...).
+
+    Measured on a 2-core AMD EPYC, Unet, float32 inference at 512 px: channels-last is 1.39x faster for ResNet-34,
+    1.43x for ResNet-18, 1.36x for EfficientNet-Lite0 and 1.20x for ViTAE-T-win, but 1.16x slower for Swin-T
+    (its convolution is only the patch embedding; the rest is token matrices). On CUDA it is the usual choice.
+    """
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and encoder_info(spec.encoder).family != "transformer"
+
+
 def describe(spec: ModelSpec) -> str:
     return f"{spec.arch}/{spec.encoder} ({spec.head}, classes: {', '.join(spec.defect_classes)})"

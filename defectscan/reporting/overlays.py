@@ -46,9 +46,33 @@ def any_pool(binary: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndar
     return cv2.resize(binary.view(np.uint8) * np.uint8(255), (shape[1], shape[0]), interpolation=cv2.INTER_AREA) > 0
 
 
+class MaskPreview:
+    """Per-class masks at preview scale, built from a class-id mask strip by strip (`add`), so the full-size mask
+    need never exist: a preview pixel has a class when any pixel of its block has it (a 1-px defect stays visible)."""
+
+    def __init__(self, height: int, width: int, max_side: int) -> None:
+        self.factor = preview_factor(height, width, max_side)
+        self.shape = (-(-height // self.factor), -(-width // self.factor))
+        self.col_starts = np.arange(0, width, self.factor)
+        self.layers: dict[int, np.ndarray] = {}
+
+    def add(self, y0: int, mask_rows: np.ndarray) -> None:
+        """Rows [y0, y0 + len(mask_rows)) of the (H, W) uint8 class-id mask, in any order and any strip height."""
+        present = np.flatnonzero(np.bincount(mask_rows.ravel(), minlength=1))
+        for cid in present[present > 0]:
+            m = mask_rows == cid
+            if self.factor > 1:
+                m = np.logical_or.reduceat(m, self.col_starts, axis=1)
+                block = np.arange(y0, y0 + len(m)) // self.factor
+                m = np.logical_or.reduceat(m, np.flatnonzero(np.r_[True, np.diff(block) > 0]), axis=0)
+            top = y0 // self.factor
+            layer = self.layers.setdefault(int(cid), np.zeros(self.shape, bool))
+            layer[top : top + len(m)] |= m
+
+
 def render_overlay(
     source: ImageSource,
-    mask: np.ndarray,
+    mask: np.ndarray | MaskPreview,
     regions: list[Region],
     *,
     class_names: dict[int, str] | None = None,
@@ -56,14 +80,22 @@ def render_overlay(
     alpha: float = 0.45,
     min_visible: int = 12,
 ) -> np.ndarray:
-    """RGB preview: defect pixels tinted and outlined per class; regions under `min_visible` preview px boxed."""
-    factor = preview_factor(*source.shape, max_side)
+    """RGB preview: defect pixels tinted and outlined per class; regions under `min_visible` preview px boxed.
+
+    `mask` is the (H, W) class-id mask or a `MaskPreview` already fed with it (then `max_side` is the preview's).
+    """
+    if not isinstance(mask, MaskPreview):
+        preview = MaskPreview(*source.shape, max_side)
+        preview.add(0, mask)
+        mask = preview
+    factor = mask.factor
     base = downscale(source, factor)
-    shape = base.shape[:2]
     tint = base.copy()
     contours = []
     for cid in sorted({r.class_id for r in regions}):
-        m = any_pool(mask == cid, factor, shape)
+        m = mask.layers.get(cid)
+        if m is None:
+            continue
         color = class_color(cid)
         tint[m] = color
         cs, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

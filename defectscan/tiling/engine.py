@@ -1,5 +1,6 @@
 """Streaming tiled inference: slice a huge image into overlapping tiles, hand batches of tiles to any predict
-function, and stitch the probabilities into one full-resolution map in bounded memory.
+function, and stitch the probabilities into full-resolution rows in bounded memory (`tiled_rows`), or into one
+map (`tiled_inference`).
 
 The engine knows nothing about the model: `predict` is any callable from a uint8 tile batch to probabilities
 (a torch network wrapped by `defectscan.inference.TorchTiles`, an ONNX session, a remote service). It never
@@ -8,7 +9,7 @@ moves, converts or switches the mode of a caller's model.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ class TilePredictor(Protocol):
     def __call__(self, tiles: torch.Tensor) -> Scores: ...
 
 
-def tiled_inference(
+def tiled_rows(
     predict: Callable[[torch.Tensor], Scores],
     image: ImageSource | np.ndarray,
     *,
@@ -37,13 +38,13 @@ def tiled_inference(
     stitch: StitchMode = "center",
     batch_size: int = 4,
     align: int = 32,
-    out: np.ndarray | None = None,
     out_dtype: type | np.dtype = np.uint8,
     sigma_scale: float = 0.125,
     pin_memory: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """Run `predict` over `image` tile by tile and return the stitched (C, H, W) probability map.
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Run `predict` over `image` tile by tile and yield the stitched probabilities as (y0, (C, rows, W)) blocks,
+    top to bottom, as soon as each is final: memory holds one tile row of output, whatever the image size.
 
     Args:
         predict: tiles (B, th, tw, 3) uint8 -> probabilities (B, C, th, tw); see `TilePredictor`.
@@ -52,8 +53,7 @@ def tiled_inference(
         stitch: 'center' (exact overlap-tile) or 'gaussian' (weighted blending); see `defectscan.tiling.stitching`.
         batch_size: tiles per call of `predict`.
         align: output stride of the network; tile sizes and tile steps are multiples of it.
-        out: optional preallocated (C, H, W) output, e.g. a `numpy.memmap` for images larger than RAM.
-        out_dtype: uint8 (probability * 255, rounded), float16 or float32; ignored when `out` is given.
+        out_dtype: uint8 (probability * 255, rounded), float16 or float32.
         sigma_scale: Gaussian sigma as a fraction of the tile size (gaussian mode).
         pin_memory: read tiles into pinned buffers (faster copies to a GPU); default: `predict.pin_memory` if set.
         progress: called as progress(done_tiles, total_tiles) after every batch.
@@ -65,6 +65,8 @@ def tiled_inference(
     layout = plan_tiles(source.height, source.width, tile, overlap, align)
     pin = bool(getattr(predict, "pin_memory", False)) if pin_memory is None else pin_memory
 
+    ready: list[tuple[int, np.ndarray]] = []
+    emit = lambda y0, block: ready.append((y0, block))  # noqa: E731
     stitcher: CenterStitcher | GaussianStitcher | None = None
     done = 0
     for chunk, batch in TilePrefetcher(source, layout, batch_size, pin=pin):
@@ -77,17 +79,41 @@ def tiled_inference(
                 "tiled inference needs (tiles, classes, height, width) at full resolution"
             )
         if stitcher is None:
-            shape = (probs.shape[1], source.height, source.width)
-            if out is None:
-                out = np.zeros(shape, dtype=out_dtype)
-            elif out.shape != shape:
-                raise DefectscanError(f"output array has shape {out.shape}, expected {shape}")
-            stitcher = CenterStitcher(layout, out) if stitch == "center" else GaussianStitcher(layout, out, sigma_scale)
+            channels = probs.shape[1]
+            stitcher = (CenterStitcher(layout, channels, out_dtype, emit) if stitch == "center"
+                        else GaussianStitcher(layout, channels, out_dtype, emit, sigma_scale))
         for (iy, ix), p in zip(chunk, probs):
             stitcher.add(iy, ix, p)
         done += len(chunk)
         if progress is not None:
             progress(done, len(layout))
-    assert stitcher is not None and out is not None  # a layout always has at least one tile
+        yield from ready
+        ready.clear()
+    assert stitcher is not None  # a layout always has at least one tile
     stitcher.finish()
+    yield from ready
+
+
+def tiled_inference(
+    predict: Callable[[torch.Tensor], Scores],
+    image: ImageSource | np.ndarray,
+    *,
+    out: np.ndarray | None = None,
+    out_dtype: type | np.dtype = np.uint8,
+    **options,
+) -> np.ndarray:
+    """The whole stitched (C, H, W) probability map of `tiled_rows` (same options) as one array.
+
+    Args:
+        out: optional preallocated (C, H, W) output, e.g. a `numpy.memmap` for images larger than RAM.
+        out_dtype: uint8 (probability * 255, rounded), float16 or float32; ignored when `out` is given.
+    """
+    source = image if isinstance(image, ImageSource) else ImageSource(np.asarray(image))
+    for y0, block in tiled_rows(predict, source, out_dtype=out.dtype if out is not None else out_dtype, **options):
+        if out is None:
+            out = np.empty((block.shape[0], *source.shape), dtype=out_dtype)
+        elif out.shape != (block.shape[0], *source.shape):
+            raise DefectscanError(f"output array has shape {out.shape}, expected {(block.shape[0], *source.shape)}")
+        out[:, y0 : y0 + block.shape[1]] = block
+    assert out is not None
     return out

@@ -1,5 +1,8 @@
 """Stitching tile predictions into one map.
 
+Both emit finished rows in order, as soon as no later tile can change them, so a caller can write them out (or
+segment them) strip by strip and never hold the whole map.
+
 * ``center`` (overlap-tile): each output pixel comes from the one tile that owns it, where it lies furthest from
   the tile border. For a convolutional network whose effective receptive field is within ``p = overlap // 2``
   this reproduces whole-image inference exactly; it is also the fastest and needs no float accumulator.
@@ -11,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -41,21 +44,35 @@ def _quantize(p: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
     return p.to(torch.float16 if dtype == np.float16 else torch.float32)
 
 
-class CenterStitcher:
-    """Writes each tile's owned region straight into the output: no accumulator at all."""
+Emit = Callable[[int, np.ndarray], None]  # (first image row, (C, rows, W) final block), called in row order
 
-    def __init__(self, layout: TileLayout, out: np.ndarray) -> None:
-        self.layout, self.out = layout, out
+
+class CenterStitcher:
+    """Each tile writes its owned region into a strip one tile row high; the strip is final, and emitted, when the
+    next tile row starts. No float accumulator, and never more than one strip of the output in memory."""
+
+    def __init__(self, layout: TileLayout, channels: int, dtype: np.dtype, emit: Emit) -> None:
+        self.layout, self.channels, self.dtype, self.emit = layout, channels, np.dtype(dtype), emit
+        self.row, self.strip = -1, None
 
     def add(self, iy: int, ix: int, probs: torch.Tensor) -> None:
         rows, cols = self.layout.rows, self.layout.cols
+        if iy != self.row:
+            self._flush()
+            y0, y1 = rows.owned(iy)
+            self.row, self.strip = iy, np.empty((self.channels, y1 - y0, cols.length), self.dtype)
         (y0, y1), (x0, x1) = rows.owned(iy), cols.owned(ix)
         ly, lx = y0 - rows.origin(iy), x0 - cols.origin(ix)
         crop = probs[:, ly : ly + (y1 - y0), lx : lx + (x1 - x0)]
-        self.out[:, y0:y1, x0:x1] = _quantize(crop, self.out.dtype).cpu().numpy()
+        self.strip[:, :, x0:x1] = _quantize(crop, self.dtype).cpu().numpy()
+
+    def _flush(self) -> None:
+        if self.strip is not None:
+            self.emit(self.layout.rows.owned(self.row)[0], self.strip)
+            self.strip = None
 
     def finish(self) -> None:
-        pass
+        self._flush()
 
 
 class GaussianStitcher:
@@ -63,11 +80,11 @@ class GaussianStitcher:
 
     Weights are separable and the tiles form a full grid, so the normaliser (sum of weights) is the outer product
     of two 1-D sums: no full-size weight map. Rows above the next tile row's first row are final; they are
-    normalised, written to the output and the strip shifts up.
+    normalised, emitted and the strip shifts up.
     """
 
-    def __init__(self, layout: TileLayout, out: np.ndarray, sigma_scale: float) -> None:
-        self.layout, self.out = layout, out
+    def __init__(self, layout: TileLayout, channels: int, dtype: np.dtype, emit: Emit, sigma_scale: float) -> None:
+        self.layout, self.dtype, self.emit = layout, np.dtype(dtype), emit
         rows, cols = layout.rows, layout.cols
         self.gy, self.gx = _gaussian_1d(rows.tile, sigma_scale), _gaussian_1d(cols.tile, sigma_scale)
         self.weight = torch.from_numpy(np.outer(self.gy, self.gx))
@@ -79,7 +96,7 @@ class GaussianStitcher:
         self.norm_x = np.zeros(span_x, np.float32)
         for k in range(cols.count):
             self.norm_x[k * cols.step : k * cols.step + cols.tile] += self.gx
-        self.strip = np.zeros((out.shape[0], rows.tile, span_x), np.float32)
+        self.strip = np.zeros((channels, rows.tile, span_x), np.float32)
         self.row = 0
 
     def add(self, iy: int, ix: int, probs: torch.Tensor) -> None:
@@ -100,7 +117,7 @@ class GaussianStitcher:
         if y1 > y0:
             norm = self.norm_y[y0:y1, None] * self.norm_x[None, x0:x1]
             block = self.strip[:, y0 - top : y1 - top, x0:x1] / norm
-            self.out[:, y0 - rows.pad : y1 - rows.pad] = _quantize(torch.from_numpy(block), self.out.dtype).numpy()
+            self.emit(y0 - rows.pad, _quantize(torch.from_numpy(block), self.dtype).numpy())
         if not final:
             keep = rows.tile - rows.step
             self.strip[:, :keep] = self.strip[:, rows.step :]

@@ -87,7 +87,7 @@ class TrainingConfig(_Section):
     epochs: int = Field(30, ge=1)
     seed: int = 0
     device: str = "auto"
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto (CUDA only), off, bf16, fp16
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto (mixed precision on CUDA only), off, bf16, fp16
     val_every: int = Field(1, ge=1)
     early_stop: int = Field(0, ge=0)  # stop after this many validations without improvement; 0: never
     select: Literal["iou", "dice"] = "iou"  # validation metric that picks the best checkpoint (mean over classes)
