@@ -223,14 +223,14 @@ def test_bad_backend_options_are_clear_errors(kwargs, message):
         TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, **{"device": "cpu", **kwargs})
 
 
-def test_amp_auto_is_float32_on_cpus_even_with_native_bf16(monkeypatch):
-    """bf16 autocast moved BSData's defect IoU by -0.019 (README): on a CPU it is an explicit choice."""
-    import defectscan.runtime as rt
+def test_amp_auto_is_float32_on_cpus():
+    """bf16 autocast moved BSData's defect IoU by -0.019 (README): on a CPU, with or without native bf16
+    instructions, it is an explicit choice."""
+    from defectscan.runtime import resolve_amp
 
     cpu = torch.device("cpu")
-    for support in ("AVX512-BF16", "none"):
-        monkeypatch.setattr(rt, "cpu_bf16", lambda: support)
-        assert rt.resolve_amp("auto", cpu) is None and rt.resolve_amp("bf16", cpu) == torch.bfloat16
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16
     assert TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu").amp_dtype is None
 
 
