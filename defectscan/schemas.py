@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer)
 
 from defectscan.errors import DefectscanError
 
 EVAL_SCHEMA_VERSION = 1
 Stitch = Literal["center", "gaussian"]
-Amp = Literal["auto", "off", "bf16", "fp16"]
+# YAML reads a bare `off` (amp: off, --set training.amp=off) as the boolean false: it means "off"
+Amp = Annotated[Literal["auto", "off", "bf16", "fp16"], BeforeValidator(lambda v: "off" if v is False else v)]
 M = TypeVar("M", bound=BaseModel)
 
 

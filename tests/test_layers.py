@@ -68,6 +68,7 @@ def test_predictor_options_are_validated_before_any_work():
         validated(InferOptions, preview_size=0)
     with pytest.raises(DefectscanError, match="option 'stitch'"):
         validated(EvalOptions, stitch="median")
+    assert EvalOptions.model_validate({"amp": False}).amp == "off"  # a study YAML's bare `amp: off`
 
 
 def test_predictor_from_checkpoint_and_written_outputs(tmp_path):

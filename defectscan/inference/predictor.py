@@ -90,14 +90,17 @@ class Predictor:
                       overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """(C, H, W) uint8 probabilities through the tiling engine (tile/overlap: other than the options')."""
         return tiled_inference(self.tiles, image, tile=tile or self.tile,
-                               overlap=self.overlap if overlap is None else overlap, stitch=self.stitch,
-                               batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
+                               overlap=self.overlap if overlap is None else overlap, **self._engine, progress=progress)
 
     def probability_rows(self, image: ImageSource | np.ndarray,
                          progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """The same probabilities as (y0, (C, rows, W) uint8) strips, top to bottom, as the engine finishes them."""
-        return tiled_rows(self.tiles, image, tile=self.tile, overlap=self.overlap, stitch=self.stitch,
-                          batch_size=self.options.batch_size, align=self.spec.stride, progress=progress)
+        return tiled_rows(self.tiles, image, tile=self.tile, overlap=self.overlap, **self._engine, progress=progress)
+
+    @property
+    def _engine(self) -> dict:
+        """Tiling-engine options every call shares."""
+        return {"stitch": self.stitch, "batch_size": self.options.batch_size, "align": self.spec.stride}
 
     def summary(self, shape: tuple[int, int], seconds: float, regions: list[Region]) -> dict:
         """Per-image figures of defects.json, the infer table and summary.csv."""

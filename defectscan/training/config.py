@@ -15,7 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from defectscan.errors import DefectscanError
-from defectscan.schemas import describe_validation_error, error_key
+from defectscan.schemas import Amp, describe_validation_error, error_key
 
 
 # A path stored absolute (against the working directory when the config is read): a saved run resumes and evaluates
@@ -87,17 +87,12 @@ class TrainingConfig(_Section):
     epochs: int = Field(30, ge=1)
     seed: int = 0
     device: str = "auto"
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto (mixed precision on CUDA only), off, bf16, fp16
+    amp: Amp = "auto"  # auto (mixed precision on CUDA only), off, bf16, fp16
     val_every: int = Field(1, ge=1)
     early_stop: int = Field(0, ge=0)  # stop after this many validations without improvement; 0: never
     select: Literal["iou", "dice"] = "iou"  # validation metric that picks the best checkpoint (mean over classes)
     half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
     log_every: int = Field(25, ge=0)  # a train.log line every N steps (loss, lr, steps/s, ETA); 0: per epoch only
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        return "off" if value is False else value  # YAML reads a bare `off` (amp: off, --set training.amp=off) as false
 
 
 class ValidationConfig(_Section):

@@ -23,9 +23,9 @@ from defectscan.data.sampling import CropDataset, IndexRange, build_augment
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
+from defectscan.io.provenance import hardware
 from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from defectscan.models.weights import match_state_dict
-from defectscan.io.provenance import hardware
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
