@@ -9,7 +9,8 @@ import tifffile
 
 from defectscan.errors import DefectscanError
 from defectscan.io.files import atomic_path
-from defectscan.io.images import open_image, read_image, write_image
+from defectscan.io import images
+from defectscan.io.images import StreamedImageSource, open_image, read_image, write_image
 from defectscan.io.png import PngRowWriter
 
 
@@ -83,6 +84,79 @@ def test_missing_unsupported_and_garbage_files(tmp_path):
         open_image(tmp_path / "fake.png")
     with pytest.raises(DefectscanError, match="is a directory"):
         open_image(tmp_path)
+
+
+@pytest.fixture
+def stream_everything(monkeypatch):
+    """Decode PNG/JPEG files row by row from the first pixel (the real threshold is 2^24 px)."""
+    if images._vips() is None:
+        pytest.skip("libvips (pyvips) cannot be loaded here")
+    monkeypatch.setattr(images, "STREAM_MIN_PIXELS", 1)
+
+
+def _smooth(h, w, seed=0):
+    return cv2.GaussianBlur(rgb(h, w, seed), (9, 9), 3)  # compressible, so JPEG blocks look like real images
+
+
+@pytest.mark.parametrize("kind", ["rgb", "jpeg", "gray", "gray16", "rgba", "gray_alpha", "palette"])
+def test_streamed_decode_equals_opencv_whole_decode(tmp_path, stream_everything, monkeypatch, kind):
+    from PIL import Image
+
+    img = _smooth(97, 130)
+    p = tmp_path / ("a.jpg" if kind == "jpeg" else "a.png")
+    if kind in ("rgb", "jpeg"):
+        cv2.imwrite(str(p), img[..., ::-1])
+    elif kind == "gray":
+        cv2.imwrite(str(p), img[..., 0])
+    elif kind == "gray16":
+        cv2.imwrite(str(p), img[..., 0].astype(np.uint16) * 13)  # 12-bit data: the value scale needs the maximum
+    elif kind == "rgba":
+        cv2.imwrite(str(p), np.dstack([img[..., ::-1], img[..., 0]]))
+    else:
+        Image.fromarray(img).convert("LA" if kind == "gray_alpha" else "P").save(p)
+    src = open_image(p)
+    assert isinstance(src, StreamedImageSource)
+    monkeypatch.setattr(images, "STREAM_MIN_PIXELS", 1 << 40)
+    whole = open_image(p)
+    assert not isinstance(whole, StreamedImageSource)
+    expected = whole.to_rgb8()
+    assert np.array_equal(src.read(0, 97, 0, 130), expected)
+    # tile-like access: overlapping bands downwards, columns in any order, reflected rows at both borders
+    for y0 in (0, 30, 31, 60, 90):
+        assert np.array_equal(src.read(y0, min(97, y0 + 40), 50, 80), expected[y0 : y0 + 40, 50:80])
+    rows, cols = np.array([2, 1, 0, 1, 2]), np.array([5, 4, 3])
+    assert np.array_equal(src.read_rows(rows, cols), expected[rows][:, cols])
+
+
+def test_streamed_source_holds_only_the_band_asked_for_and_restarts_for_an_earlier_row(tmp_path, stream_everything):
+    img = _smooth(300, 64)
+    cv2.imwrite(str(tmp_path / "a.png"), img[..., ::-1])
+    src = open_image(tmp_path / "a.png")
+    assert src.passes == 1
+    for y0 in range(0, 300, 20):  # like tile rows: each band overlaps the previous one
+        assert np.array_equal(src.read(y0, min(300, y0 + 40), 0, 64), img[y0 : y0 + 40])
+        assert src._held.shape[0] <= 40
+    assert src.passes == 1
+    assert np.array_equal(src.read(0, 10, 0, 64), img[:10])  # the overlay's second pass over the image
+    assert src.passes == 2
+    assert np.array_equal(src.read(250, 300, 0, 64), img[250:])  # skipping ahead decodes on, no restart
+    assert src.passes == 2 and src._held.shape[0] == 50
+
+
+def test_streamed_png_truncated_or_corrupt_is_a_one_line_error(tmp_path, stream_everything, capfd):
+    p = tmp_path / "cut.png"
+    cv2.imwrite(str(p), rgb(200, 200))
+    p.write_bytes(p.read_bytes()[:-2000])
+    with pytest.raises(DefectscanError, match="cannot decode") as err:
+        open_image(p)  # refused before any tile is read, not minutes into tiling
+    assert "\n" not in str(err.value)
+    data = bytearray(cv2.imencode(".png", rgb(200, 200))[1].tobytes())
+    data[3000:3100] = b"\x00" * 100  # damaged inside the image data, file ends properly
+    p.write_bytes(bytes(data))
+    with pytest.raises(DefectscanError, match="cannot decode") as err:
+        open_image(p).to_rgb8()
+    assert "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -130,3 +130,19 @@ def test_strip_segmentation_equals_whole_image_labelling(strip_rows):
     assert np.allclose([r.score_mean for r in regions], [r[9] for r in ref], atol=6e-5)
     assert [r.id for r in regions] == list(range(1, len(regions) + 1))
     assert (segment(probs, SOFTMAX, 0.45, min_area=3)[0] == ref_mask).all()
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_region_tables_are_written_region_by_region_as_whole_file_dumps_would_be(tmp_path, n):
+    import json
+
+    from defectscan.inference.writers import write_region_tables
+    from defectscan.io.files import csv_text
+    from defectscan.schemas import REGION_FIELDS, Region
+
+    regions = [Region(i + 1, 1, "scratch", i, 2 * i, 3, 4, 12, i + 0.5, 2.25, 0.9, 0.75) for i in range(n)]
+    head = {"image": "a.png", "classes": {"1": "scratch"}, "tile": [512, 512], "regions": n}
+    write_region_tables(tmp_path / "d.json", tmp_path / "d.csv", head, regions)
+    rows = [r.to_dict() for r in regions]
+    assert (tmp_path / "d.json").read_text() == json.dumps({**head, "defects": rows}, indent=2) + "\n"
+    assert (tmp_path / "d.csv").read_text() == csv_text(rows, fieldnames=list(REGION_FIELDS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import time
 from pathlib import Path
@@ -51,19 +52,38 @@ def write_prediction(predictor, image_path: Path, source: ImageSource, out_dir: 
                 preview.add(y0, mask)
         overlay = render_overlay(source, preview, regions, class_names=names)
         _imwrite(tmp / "overlay.jpg", overlay[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-        (tmp / "defects.csv").write_text(_regions_csv(regions), encoding="utf-8")
         summary = p.summary((h, w), time.perf_counter() - t0, regions)
-        table = {
+        head = {
             "image": str(image_path), "model": describe(p.spec), "checkpoint": str(p.checkpoint),
             "threshold": p.threshold, "tile": list(p.tile), "overlap": p.overlap,
             "stitch": p.stitch, "tta": opts.tta, "min_area_px": opts.min_area, "precision": p.precision,
             "mask_encoding": "0/255" if len(names) == 1 else "class index",
             "classes": {str(c): n for c, n in names.items()},
             **summary,
-            "defects": [r.to_dict() for r in regions],
         }
-        (tmp / "defects.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        write_region_tables(tmp / "defects.json", tmp / "defects.csv", head, regions)
     return summary
+
+
+def write_region_tables(json_path: Path, csv_path: Path, head: dict, regions: list[Region]) -> None:
+    """defects.json (`head` plus a "defects" list) and defects.csv, written region by region: a noisy model can
+    find hundreds of thousands of regions, whose dicts and whole-file strings would cost more than the image.
+    The JSON text is exactly `json.dumps({**head, "defects": [...]}, indent=2)`."""
+    with open(csv_path, "w", encoding="utf-8", newline="") as fh:
+        rows = csv.DictWriter(fh, fieldnames=list(REGION_FIELDS), lineterminator="\n", restval="")
+        rows.writeheader()
+        for r in regions:
+            rows.writerow(r.to_dict())
+    text = json.dumps({**head, "defects": []}, indent=2)
+    with open(json_path, "w", encoding="utf-8") as fh:
+        if not regions:
+            fh.write(text + "\n")
+            return
+        fh.write(text[: -len("[]\n}")] + "[\n")
+        for i, r in enumerate(regions):
+            item = json.dumps(r.to_dict(), indent=2).replace("\n", "\n    ")
+            fh.write(("    " if i == 0 else ",\n    ") + item)
+        fh.write("\n  ]\n}\n")
 
 
 def _safe(name: str) -> str:
@@ -73,10 +93,6 @@ def _safe(name: str) -> str:
 def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> None:
     if not cv2.imwrite(str(path), np.ascontiguousarray(img), params or []):
         raise DefectscanError(f"{path}: could not write output")
-
-
-def _regions_csv(regions: Iterable[Region]) -> str:
-    return csv_text([r.to_dict() for r in regions], fieldnames=list(REGION_FIELDS))
 
 
 BATCH_SUMMARY = "summary.csv"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -180,34 +181,41 @@ class ImageSource:
     def __init__(self, data: np.ndarray, *, bgr: bool = False, name: str = "image") -> None:
         if data.ndim == 3 and data.shape[2] == 1:
             data = data[:, :, 0]
-        if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (3, 4)):
-            raise DefectscanError(f"{name}: unsupported image layout {data.shape} (expected HxW, HxWx3 or HxWx4)")
-        if data.shape[0] == 0 or data.shape[1] == 0:
-            raise DefectscanError(f"{name}: image is empty ({data.shape})")
-        if not (data.dtype == np.uint8 or np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
-            raise DefectscanError(f"{name}: unsupported pixel type {data.dtype}")
+        self._describe(data.shape, data.dtype, bgr=bgr, name=name)
         self.data = data
-        self.bgr = bgr
-        self.name = name
-        self.height, self.width = int(data.shape[0]), int(data.shape[1])
         try:
             self._offset, self._scale = _value_scale(data)
         except DefectscanError as exc:
             raise DefectscanError(f"{name}: float image: {exc}") from None
 
+    def _describe(self, shape: tuple[int, ...], dtype: np.dtype, *, bgr: bool, name: str) -> None:
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
+            raise DefectscanError(f"{name}: unsupported image layout {shape} (expected HxW, HxWx3 or HxWx4)")
+        if shape[0] == 0 or shape[1] == 0:
+            raise DefectscanError(f"{name}: image is empty ({shape})")
+        if not (dtype == np.uint8 or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise DefectscanError(f"{name}: unsupported pixel type {dtype}")
+        self.bgr = bgr
+        self.name = name
+        self.height, self.width = int(shape[0]), int(shape[1])
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.height, self.width
 
+    def _rows(self, r0: int, r1: int) -> np.ndarray:
+        """Stored rows [r0, r1), all columns, in the stored type and channel order."""
+        return self.data[r0:r1]
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region [y0:y1, x0:x1] (inside the image) as a (h, w, 3) uint8 RGB array."""
-        return self.convert(self.data[y0:y1, x0:x1])
+        return self.convert(self._rows(y0, y1)[:, x0:x1])
 
     def read_rows(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Pixels at the outer product of index arrays (used for reflection padding at borders)."""
         r0, r1 = int(rows.min()), int(rows.max()) + 1
         c0, c1 = int(cols.min()), int(cols.max()) + 1
-        window = self.data[r0:r1, c0:c1]
+        window = self._rows(r0, r1)[:, c0:c1]
         return self.convert(window[(rows - r0)[:, None], (cols - c0)[None, :]])
 
     def convert(self, region: np.ndarray) -> np.ndarray:
@@ -227,6 +235,89 @@ class ImageSource:
         return self.read(0, self.height, 0, self.width)
 
 
+# Decoded size from which PNG and JPEG files are decoded row by row instead of whole: 2^24 px (4096^2, 48 MB as RGB).
+# Below it OpenCV's whole-image decode is as fast and simplest; above it the decoded image (and OpenCV's second
+# copy while decoding) would dominate the memory of `infer`.
+STREAM_MIN_PIXELS = 1 << 24
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_VIPS_FORMATS = {"uchar": np.uint8, "ushort": np.uint16}
+
+
+def _vips():
+    """pyvips, or None where libvips cannot be loaded (then images are decoded whole, as below the threshold)."""
+    os.environ.setdefault("VIPS_WARNING", "0")  # libvips warns on stderr; errors are reported as our one line
+    try:
+        import pyvips
+    except (ImportError, OSError):
+        return None
+    return pyvips
+
+
+def _vips_error(path: Path, exc: Exception) -> DefectscanError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return DefectscanError(f"{path}: cannot decode image ({lines[-1] if lines else type(exc).__name__})")
+
+
+class StreamedImageSource(ImageSource):
+    """A PNG or JPEG decoded top to bottom by libvips, holding only the rows asked for since the last request.
+
+    The tiling engine asks for tile rows in order, so memory holds one band of tile rows instead of the whole
+    decoded image (805 MB for a 16384^2 RGB PNG, and OpenCV needs twice that while decoding). Asking for rows
+    above the held band starts a new decode from the top (counted in `passes`); the overlay preview after tiling
+    is such a second pass. Pixels are identical to OpenCV's decode (same libpng/libjpeg-turbo output).
+    """
+
+    def __init__(self, path: Path, vips_image, pyvips) -> None:
+        bands = vips_image.bands
+        dtype = np.dtype(_VIPS_FORMATS[vips_image.format])
+        # Gray+alpha keeps only the gray band (alpha carries no inspection information), like RGBA below.
+        shape = (vips_image.height, vips_image.width) + (() if bands <= 2 else (bands,))
+        self._describe(shape, dtype, bgr=False, name=str(path))
+        self.path, self._pyvips, self._bands, self._dtype = path, pyvips, bands, dtype
+        self._lock = threading.Lock()
+        self.passes = 0
+        self._start()
+        self._offset, self._scale = 0.0, 1.0
+        if dtype != np.uint8:  # 16-bit: the value scale needs the image maximum, one streamed pass to find it
+            top = int(self._open().max())
+            self._offset, self._scale = _value_scale(np.array([top], dtype))
+
+    def _open(self):
+        try:
+            return self._pyvips.Image.new_from_file(str(self.path), access="sequential", fail_on="truncated")
+        except self._pyvips.Error as exc:
+            raise _vips_error(self.path, exc) from None
+
+    def _start(self) -> None:
+        self._region = self._pyvips.Region.new(self._open())
+        self._lo = self._hi = 0
+        self._held = np.empty((0, self.width, self._bands), self._dtype)
+        self.passes += 1
+
+    def _decode(self, n: int) -> np.ndarray:
+        try:
+            data = self._region.fetch(0, self._hi, self.width, n)
+        except self._pyvips.Error as exc:
+            raise _vips_error(self.path, exc) from None
+        self._hi += n
+        return np.frombuffer(data, self._dtype).reshape(n, self.width, self._bands)
+
+    def _rows(self, r0: int, r1: int) -> np.ndarray:
+        with self._lock:
+            if r0 < self._lo:
+                self._start()
+            if r0 >= self._hi:  # nothing held is wanted: decode past the gap in bounded chunks
+                while self._hi < r0:
+                    self._decode(min(256, r0 - self._hi))
+                self._held, self._lo = self._held[:0], r0
+            else:
+                self._held, self._lo = self._held[r0 - self._lo :], r0
+            if r1 > self._hi:
+                self._held = np.concatenate([self._held, self._decode(r1 - self._hi)])
+            rows = self._held[: r1 - r0]
+        return rows[:, :, 0] if self._bands <= 2 else rows
+
+
 def _check_jpeg_complete(path: Path) -> None:
     # libjpeg decodes a truncated file into a half-grey image and only warns; the end-of-image marker tells.
     with open(path, "rb") as fh:
@@ -236,6 +327,39 @@ def _check_jpeg_complete(path: Path) -> None:
         tail = fh.read()
     if b"\xff\xd9" not in tail:
         raise DefectscanError(f"{path}: JPEG file is truncated (no end-of-image marker)")
+
+
+def _ends_like_an_image(path: Path, magic: bytes) -> bool:
+    """Whether the file ends with PNG's IEND chunk or JPEG's end-of-image marker (in its last 64 KB: writers may
+    append a little). A streamed decode would only fail on a cut file minutes into tiling; the whole decode
+    reports it at once."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 65536))
+        tail = fh.read()
+    return (b"IEND" if magic == _PNG_MAGIC else b"\xff\xd9") in tail
+
+
+def _open_streamed(path: Path) -> StreamedImageSource | None:
+    """A row-by-row source for a PNG or JPEG of at least STREAM_MIN_PIXELS; None for smaller images, layouts libvips
+    would convert differently from OpenCV (CMYK, palette+alpha, float), or where libvips is missing."""
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    size = header_size(path)
+    if not (magic == _PNG_MAGIC or magic[:2] == b"\xff\xd8") or size is None or size[0] * size[1] < STREAM_MIN_PIXELS:
+        return None
+    if not _ends_like_an_image(path, magic):
+        return None
+    pyvips = _vips()
+    if pyvips is None:
+        return None
+    try:
+        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
+    except pyvips.Error as exc:
+        raise _vips_error(path, exc) from None
+    if image.format not in _VIPS_FORMATS or image.interpretation not in ("srgb", "b-w", "rgb16", "grey16"):
+        return None
+    return StreamedImageSource(path, image, pyvips)
 
 
 def _open_tiff(path: Path) -> np.ndarray | None:
@@ -288,6 +412,9 @@ def open_image(path: str | Path) -> ImageSource:
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
             arr = np.moveaxis(arr, 0, -1)
         return ImageSource(arr, bgr=False, name=str(path))
+    streamed = _open_streamed(path)
+    if streamed is not None:
+        return streamed
     arr = imread_unchanged(path)
     if arr is None:
         raise DefectscanError(f"{path}: cannot decode image (corrupt, truncated or not really {suffix[1:].upper()})")
