@@ -11,13 +11,22 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from defectscan.components import StripComponents
+
+CHUNK = 1 << 22  # pixels per step of the pixel counts, and
+STRIP_ROWS = 512  # rows per step of the region matching: temporaries stay this small on images of any size
+
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
-    idx = target.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = np.zeros(num_classes * num_classes, np.int64)
+    p, t = pred.reshape(-1), target.reshape(-1)
+    for i in range(0, p.size, CHUNK):  # int64 indices of a whole 16384^2 image alone would take 2 GB
+        idx = t[i : i + CHUNK].astype(np.int64) * num_classes + p[i : i + CHUNK]
+        counts += np.bincount(idx, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
 
 
 def iou_dice(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,11 +48,13 @@ class ScoreHistogram:
         self.neg = np.zeros(bins, np.int64)
 
     def add(self, scores: np.ndarray, positive: np.ndarray) -> None:
-        s = scores.ravel().astype(np.intp)
-        p = positive.ravel().astype(bool)
+        """Count uint8 `scores`; a pixel is positive where `positive` (same shape, any dtype) is nonzero."""
+        scores, positive = scores.reshape(-1), positive.reshape(-1)
         n = len(self.pos)
-        self.pos += np.bincount(s[p], minlength=n)[:n]
-        self.neg += np.bincount(s[~p], minlength=n)[:n]
+        for i in range(0, scores.size, CHUNK):
+            s, p = scores[i : i + CHUNK], positive[i : i + CHUNK].astype(bool)
+            self.pos += np.bincount(s[p], minlength=n)[:n]
+            self.neg += np.bincount(s[~p], minlength=n)[:n]
 
     def _cumulative(self) -> tuple[np.ndarray, np.ndarray]:
         """True and false positives when predicting positive at score >= each distinct threshold, high to low."""
@@ -107,43 +118,66 @@ class ImageRegions:
 
 
 def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray | None, *, criterion: str = "coverage",
-                 threshold: float = 0.5) -> ImageRegions:
+                 threshold: float = 0.5, class_id: int | None = None) -> ImageRegions:
     """Match 8-connected ground-truth regions with the predicted mask.
 
-    A ground-truth region is found when `criterion` reaches `threshold`: "coverage" = share of its pixels
-    predicted as defect; "iou" = IoU between the region and the union of the predicted regions touching it.
-    A predicted region is a false positive when it touches no ground-truth defect pixel. The overlap curve is
-    what PRO (per-region overlap, MVTec AD) needs: for each score level, the covered share of each region;
-    without a `score` it is all zeros (counts only).
+    `gt` and `pred` are masks whose nonzero pixels count (with `class_id`: the pixels equal to it). A ground-truth
+    region is found when `criterion` reaches `threshold`: "coverage" = share of its pixels predicted as defect;
+    "iou" = IoU between the region and the union of the predicted regions touching it. A predicted region is a
+    false positive when it touches no ground-truth pixel. The overlap curve is what PRO (per-region overlap,
+    MVTec AD) needs: for each score level, the covered share of each region; without a `score` it is all zeros.
+
+    Works strip by strip (`StripComponents`): regions crossing strips are joined, so the result is that of
+    labelling the whole image, while temporaries stay the size of one strip.
     """
     if criterion not in ("coverage", "iou"):
         raise ValueError(f"region criterion must be 'coverage' or 'iou', got {criterion!r}")
-    gt = gt.astype(bool)
-    pred = pred.astype(bool)
-    n_gt, gt_labels = cv2.connectedComponents(gt.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    n_pred, pred_labels = cv2.connectedComponents(pred.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    gt_area = np.bincount(gt_labels.ravel(), minlength=n_gt)[1:].astype(np.float64)
-    pred_area = np.bincount(pred_labels.ravel(), minlength=n_pred)[1:].astype(np.float64)
-    both = gt & pred
-    inter = np.bincount(gt_labels[both], minlength=n_gt)[1:].astype(np.float64)
-    pairs = np.unique(gt_labels[both].astype(np.int64) * n_pred + pred_labels[both])
-    pair_gt, pair_pred = pairs // n_pred, pairs % n_pred
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    select = (lambda m: m != 0) if class_id is None else (lambda m: m == class_id)  # noqa: E731
+    gt_cc, pred_cc = StripComponents(), StripComponents()
+    gt_area, inter, levels, pred_area, pairs = [], [], [], [], []
+    for y0 in range(0, gt.shape[0], STRIP_ROWS):
+        g, p = select(gt[y0 : y0 + STRIP_ROWS]), select(pred[y0 : y0 + STRIP_ROWS])
+        gs, ps = gt_cc.add(g), pred_cc.add(p)
+        if ps.labels is not None:
+            pred_area.append(ps.stats[1:, cv2.CC_STAT_AREA])
+        if gs.labels is None:
+            continue
+        gt_area.append(gs.stats[1:, cv2.CC_STAT_AREA])
+        both = g & p
+        g_both = gs.labels[both]
+        inter.append(np.bincount(g_both, minlength=gs.n)[1:])
+        if score is not None:
+            s = score[y0 : y0 + STRIP_ROWS][g]
+            levels.append(np.bincount(gs.labels[g].astype(np.int64) * 256 + s, minlength=gs.n * 256).reshape(gs.n, 256)[1:])
+        if g_both.size:
+            pairs.append(np.unique(np.stack([g_both + gs.offset, ps.labels[both] + ps.offset], 1), axis=0))
+    n_gt, gt_of = gt_cc.finish()
+    n_pred, pred_of = pred_cc.finish()
+    per_gt = lambda parts: np.bincount(gt_of, weights=np.concatenate(parts), minlength=n_gt) if parts else np.zeros(0)  # noqa: E731
+    gt_area_r, inter_r = per_gt(gt_area), per_gt(inter)
+    pred_area_r = np.bincount(pred_of, weights=np.concatenate(pred_area), minlength=n_pred) if pred_area else np.zeros(0)
     touched = np.zeros(n_pred, bool)
-    touched[pair_pred] = True
+    pair_gt = pair_pred = np.zeros(0, np.int64)
+    if pairs:
+        linked = np.concatenate(pairs) - 1
+        joined = np.unique(np.stack([gt_of[linked[:, 0]], pred_of[linked[:, 1]]], 1), axis=0)
+        pair_gt, pair_pred = joined[:, 0], joined[:, 1]
+        touched[pair_pred] = True
     if criterion == "coverage":
-        value = inter / np.maximum(gt_area, 1)
+        value = inter_r / np.maximum(gt_area_r, 1)
     else:
-        touching_area = np.bincount(pair_gt, weights=pred_area[pair_pred - 1], minlength=n_gt)[1:]
-        value = inter / np.maximum(gt_area + touching_area - inter, 1)
-    if n_gt > 1 and score is not None:
-        counts = np.bincount(gt_labels[gt].astype(np.int64) * 256 + score[gt], minlength=n_gt * 256)
-        per_region = counts.reshape(n_gt, 256)[1:]
-        covered = np.cumsum(per_region[:, ::-1], axis=1)[:, ::-1] / gt_area[:, None]
+        touching_area = np.bincount(pair_gt, weights=pred_area_r[pair_pred], minlength=n_gt)
+        value = inter_r / np.maximum(gt_area_r + touching_area - inter_r, 1)
+    overlap = np.zeros(256)
+    if n_gt and score is not None:
+        per_region = np.zeros((n_gt, 256), np.int64)
+        np.add.at(per_region, gt_of, np.concatenate(levels))
+        covered = np.cumsum(per_region[:, ::-1], axis=1)[:, ::-1] / gt_area_r[:, None]
         overlap = covered.sum(0)
-    else:
-        overlap = np.zeros(256)
-    return ImageRegions(gt_regions=n_gt - 1, found=int(np.sum(value >= threshold - 1e-12)), pred_regions=n_pred - 1,
-                        false_positive_regions=int(n_pred - 1 - touched[1:].sum()), overlap_curve=overlap)
+    return ImageRegions(gt_regions=n_gt, found=int(np.sum(value >= threshold - 1e-12)), pred_regions=n_pred,
+                        false_positive_regions=int(n_pred - touched.sum()), overlap_curve=overlap)
 
 
 def pro_curve(overlap_sum: np.ndarray, regions: int, negatives: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:

@@ -33,3 +33,69 @@ def test_iou_dice_from_confusion():
     iou, dice = iou_dice(confusion_matrix(pred, target, 3))
     np.testing.assert_allclose(iou, [2 / 3, 1 / 3, 1 / 2])
     np.testing.assert_allclose(dice, [4 / 5, 2 / 4, 2 / 3])
+
+
+def _whole_image_region_stats(gt, pred, score, criterion, threshold):
+    """The reference: both masks labelled whole at once (the implementation before strips)."""
+    import cv2
+
+    n_gt, gl = cv2.connectedComponents(gt.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    n_pred, pl = cv2.connectedComponents(pred.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    gt_area = np.bincount(gl.ravel(), minlength=n_gt)[1:].astype(float)
+    pred_area = np.bincount(pl.ravel(), minlength=n_pred)[1:].astype(float)
+    both = gt & pred
+    inter = np.bincount(gl[both], minlength=n_gt)[1:].astype(float)
+    pairs = np.unique(gl[both].astype(np.int64) * n_pred + pl[both])
+    touched = np.zeros(n_pred, bool)
+    touched[pairs % n_pred] = True
+    if criterion == "coverage":
+        value = inter / np.maximum(gt_area, 1)
+    else:
+        touching = np.bincount(pairs // n_pred, weights=pred_area[pairs % n_pred - 1], minlength=n_gt)[1:]
+        value = inter / np.maximum(gt_area + touching - inter, 1)
+    counts = np.bincount(gl[gt].astype(np.int64) * 256 + score[gt], minlength=n_gt * 256).reshape(n_gt, 256)[1:]
+    overlap = (np.cumsum(counts[:, ::-1], axis=1)[:, ::-1] / gt_area[:, None]).sum(0)
+    return n_gt - 1, int(np.sum(value >= threshold - 1e-12)), n_pred - 1, int(n_pred - 1 - touched[1:].sum()), overlap
+
+
+@pytest.mark.parametrize("criterion", ["coverage", "iou"])
+@pytest.mark.parametrize("strip_rows", [1, 7, 512])
+def test_strip_region_stats_equal_whole_image_labelling(monkeypatch, criterion, strip_rows):
+    import cv2
+
+    from defectscan import metrics
+
+    monkeypatch.setattr(metrics, "STRIP_ROWS", strip_rows)
+    rng = np.random.default_rng(strip_rows)
+    # blobs and thin diagonal lines: regions that cross strip borders, join below them (U shapes) and touch diagonally
+    gt = cv2.GaussianBlur(rng.random((120, 150)), (0, 0), 3) > 0.52
+    gt[np.arange(100), np.arange(100)] = True
+    pred = cv2.GaussianBlur(rng.random((120, 150)), (0, 0), 3) > 0.51
+    pred[5:110, 70] = True
+    score = rng.integers(0, 256, gt.shape, dtype=np.uint8)
+    level = 0.3 if criterion == "coverage" else 0.05
+    got = metrics.region_stats(gt.view(np.uint8) * 3, pred, score, criterion=criterion, threshold=level)
+    n_gt, found, n_pred, fp, overlap = _whole_image_region_stats(gt, pred, score, criterion, level)
+    assert (got.gt_regions, got.found, got.pred_regions, got.false_positive_regions) == (n_gt, found, n_pred, fp)
+    assert n_gt > 5 and n_pred > 5 and 0 < found < n_gt and fp > 0  # the case is not degenerate
+    np.testing.assert_allclose(got.overlap_curve, overlap, rtol=1e-12)
+    per_class = metrics.region_stats(gt.view(np.uint8) * 3, pred.view(np.uint8) * 3, None, class_id=3)
+    assert (per_class.gt_regions, per_class.pred_regions) == (n_gt, n_pred)
+    assert metrics.region_stats(gt.view(np.uint8) * 3, pred, None, class_id=2).gt_regions == 0
+
+
+def test_chunked_pixel_counts_equal_one_pass(monkeypatch):
+    from defectscan import metrics
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, (50, 70), dtype=np.uint8)
+    pred = rng.integers(0, 4, (50, 70), dtype=np.uint8)
+    scores = rng.integers(0, 256, (50, 70), dtype=np.uint8)
+    whole, hist = confusion_matrix(pred, target, 4), ScoreHistogram()
+    hist.add(scores, target)
+    monkeypatch.setattr(metrics, "CHUNK", 333)
+    chunked = ScoreHistogram()
+    chunked.add(scores, target)
+    assert np.array_equal(confusion_matrix(pred, target, 4), whole) and whole.sum() == target.size
+    assert np.array_equal(chunked.pos, hist.pos) and np.array_equal(chunked.neg, hist.neg)
+    assert hist.pos.sum() == np.count_nonzero(target)

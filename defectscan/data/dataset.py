@@ -14,7 +14,7 @@ import numpy as np
 
 from defectscan.data.annotations import Shape, rasterize
 from defectscan.errors import DefectscanError
-from defectscan.io.images import check_pixel_limit, imread_unchanged, read_image
+from defectscan.io.images import ImageSource, check_pixel_limit, imread_unchanged, open_image, read_image
 
 Label = Literal["mask", "shapes", "good", "none"]
 
@@ -105,6 +105,10 @@ class SegmentationDataset:
     def load_image(self, sample: Sample) -> np.ndarray:
         """uint8 RGB (H, W, 3)."""
         return read_image(sample.image)
+
+    def open_source(self, sample: Sample) -> ImageSource:
+        """The image for tiled reading, region by region (a huge PNG is decoded row by row, never whole)."""
+        return open_image(sample.image)
 
     def load_mask(self, sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Class-index mask (H, W) uint8. `shape` is the image's (H, W) when the caller already knows it."""

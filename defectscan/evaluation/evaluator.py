@@ -26,6 +26,7 @@ from defectscan.data.dataset import Sample, SegmentationDataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.cost import count_flops, count_parameters, peak_memory_mb, reset_peak_rss
 from defectscan.inference import Predictor, defect_score, score_to_u8
+from defectscan.io.images import ImageSource
 from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice, pro_auc, region_stats
 from defectscan.reporting.overlays import outcome_preview
 from defectscan.schemas import EvalOptions, Metrics
@@ -209,13 +210,13 @@ def evaluate(
     t_start = time.perf_counter()
     try:
         for i, sample in enumerate(samples):
-            image = ds.load_image(sample)
-            target = ds.load_mask(sample, image.shape[:2])
-            pred = predictor.predict(image)
+            source = ds.open_source(sample)
+            target = ds.load_mask(sample, source.shape)
+            pred = predictor.predict(source, keep_probs=False, on_rows=_class_score_counter(ev, predictor, target))
             ev.inference_seconds += pred.seconds
-            _accumulate(ev, predictor, sample, image, target, pred)
+            _accumulate(ev, predictor, sample, source, target, pred)
             if opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels:
-                ev.seam.append(_seam_check(predictor, image, pred.score, sample.image.name))
+                ev.seam.append(_seam_check(predictor, source.to_rgb8(), pred.score, sample.image.name))
             if on_image:
                 on_image(sample, pred.mask)
             if progress:
@@ -231,18 +232,27 @@ def evaluate(
     return ev
 
 
-def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, image: np.ndarray, target: np.ndarray,
+def _class_score_counter(ev: Evaluation, predictor: Predictor, target: np.ndarray) -> Callable[[int, np.ndarray], None]:
+    """Adds each probability strip to its class's score histogram as the engine finishes it (no (C, H, W) map)."""
+    classes = predictor.classes
+
+    def add(y0: int, block: np.ndarray) -> None:
+        truth = target[y0 : y0 + block.shape[1]]
+        for class_id, name in classes.defect_names.items():
+            ev.hist[name].add(block[classes.channel(class_id)], truth == class_id)
+
+    return add
+
+
+def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, source: ImageSource, target: np.ndarray,
                 pred) -> None:
-    """Add one image's `Prediction` to the running metrics."""
+    """Add one image's `Prediction` to the running metrics (masks are read strip by strip, no full-size copies)."""
     opts, classes = ev.options, predictor.classes
     conf = confusion_matrix(pred.mask, target, len(ev.classes))
     ev.conf += conf
-    for class_id, name in classes.defect_names.items():
-        ev.hist[name].add(pred.probs[classes.channel(class_id)], target == class_id)
     score = pred.score
-    gt, hit = target > 0, pred.mask > 0
-    ev.hist["any"].add(score, gt)
-    rs = region_stats(gt, hit, score, criterion=opts.region_criterion, threshold=opts.region_threshold)
+    ev.hist["any"].add(score, target)
+    rs = region_stats(target, pred.mask, score, criterion=opts.region_criterion, threshold=opts.region_threshold)
     ev.gt_regions += rs.gt_regions
     ev.found_regions += rs.found
     ev.fp_regions += rs.false_positive_regions
@@ -250,11 +260,10 @@ def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, image: np.
     ev.pixels += target.size
     if len(ev.classes) > 2:
         for class_id, name in classes.defect_names.items():
-            truth, found = target == class_id, pred.mask == class_id
             counts = ev.class_regions.setdefault(name, [0, 0, 0])
-            if truth.any() or found.any():
-                rc = region_stats(truth, found, None, criterion=opts.region_criterion,  # counts, no PRO curve
-                                  threshold=opts.region_threshold)
+            if conf[class_id].sum() or conf[:, class_id].sum():  # the class is in the truth or the prediction
+                rc = region_stats(target, pred.mask, None, criterion=opts.region_criterion,  # counts, no PRO curve
+                                  threshold=opts.region_threshold, class_id=class_id)
                 counts[0] += rc.gt_regions
                 counts[1] += rc.found
                 counts[2] += rc.false_positive_regions
@@ -262,18 +271,18 @@ def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, image: np.
     tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
     dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
     ev.per_image.append({
-        "image": sample.image.name, "width": image.shape[1], "height": image.shape[0],
+        "image": sample.image.name, "width": source.width, "height": source.height,
         "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
         "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None, "defect_dice": _r(dice) if dice is not None else None,
         "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
         "fp_regions": rs.false_positive_regions, "max_score": round(max_score, 4),
-        "defective": bool(gt.any()), "flagged": bool(pred.regions), "seconds": round(pred.seconds, 3)})
+        "defective": tp + fn > 0, "flagged": bool(pred.regions), "seconds": round(pred.seconds, 3)})
     if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
-        _offer_example(ev, opts, sample, image, gt, hit, dice, fp + fn)
+        _offer_example(ev, opts, sample, source, target, pred.mask, dice, fp + fn)
 
 
-def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, image: np.ndarray, gt: np.ndarray,
-                   hit: np.ndarray, dice: float, errors: int) -> None:
+def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, source: ImageSource, target: np.ndarray,
+                   mask: np.ndarray, dice: float, errors: int) -> None:
     """Keep previews of the `opts.examples` best and worst images (bounded memory, rendered only when kept)."""
     best_key = lambda e: (-e.dice, e.errors)  # noqa: E731 - smaller is better
     worst_key = lambda e: (e.dice, -e.errors)  # noqa: E731 - smaller is worse
@@ -281,7 +290,7 @@ def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, image: np.
     keep_worst = _keep_example(ev.worst, opts.examples, (dice, -errors), worst_key)
     if not (keep_best or keep_worst):
         return
-    ex = Example(sample.image.name, dice, errors, outcome_preview(image, gt, hit, opts.preview_side))
+    ex = Example(sample.image.name, dice, errors, outcome_preview(source, target, mask, opts.preview_side))
     for keep, pool, key in ((keep_best, ev.best, best_key), (keep_worst, ev.worst, worst_key)):
         if keep:
             pool.append(ex)

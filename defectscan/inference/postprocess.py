@@ -14,9 +14,8 @@ from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
+from defectscan.components import StripComponents
 from defectscan.schemas import Region
 
 STRIP_ROWS = 1024  # rows handled at once, so no full-size temporary beyond the outputs themselves
@@ -104,11 +103,10 @@ class StripSegmenter:
 
     def __init__(self, classes: ClassMap, threshold: float, *, min_area: int = 1) -> None:
         self.classes, self.level, self.min_area = classes, score_to_u8(threshold), min_area
-        self.height, self.labels_used = 0, 0
+        self.height = 0
+        self.components = StripComponents()
         self.strips: list[tuple[int, int, int, np.ndarray | None, int, int, int]] = []
         self.stats: list[np.ndarray] = []
-        self.links: list[np.ndarray] = []
-        self.last_row: np.ndarray | None = None  # global labels of the previous strip's last row
         self.label_class: np.ndarray | None = None
 
     def add(self, probs: np.ndarray) -> np.ndarray:
@@ -116,22 +114,22 @@ class StripSegmenter:
         if self.label_class is not None:
             raise RuntimeError("StripSegmenter.add after finish")
         _, rows, width = probs.shape
-        y0, offset = self.height, self.labels_used
+        y0 = self.height
         self.height += rows
         score = defect_score(probs, self.classes.head)
         binary = (score >= self.level).view(np.uint8)
-        if not binary.any():
-            self.strips.append((y0, rows, width, None, offset, 0, 0))
-            self.last_row = None
+        strip = self.components.add(binary)
+        if strip.labels is None:
+            self.strips.append((y0, rows, width, None, strip.offset, 1, 0))
             return score
-        n, labels, stats, _ = _label(binary)
+        n, labels = strip.n, strip.labels
         ys, xs = np.nonzero(labels)
         labs = labels[ys, xs]
         per_label = lambda weights: np.bincount(labs, weights=weights, minlength=n)[1:]  # noqa: E731
         values = score[ys, xs]
         maxima = np.zeros(n)
         np.maximum.at(maxima, labs, values)
-        st = stats[1:].astype(np.float64)
+        st = strip.stats[1:].astype(np.float64)
         left, top = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP] + y0
         area = st[:, cv2.CC_STAT_AREA]
         self.stats.append(np.column_stack([
@@ -139,31 +137,16 @@ class StripSegmenter:
             per_label(xs), per_label(ys) + y0 * area, per_label(values), maxima[1:],
             *(per_label(probs[c][ys, xs]) for c in self.classes.defect_channels),
         ]))
-        first = np.where(labels[0] > 0, labels[0] + offset, 0)
-        if self.last_row is not None:  # 8-connectivity: pixel x above touches x-1, x and x+1 below
-            for dx in (-1, 0, 1):
-                a = self.last_row[max(0, -dx) : width - max(0, dx)]
-                b = first[max(0, dx) : width - max(0, -dx)]
-                both = (a > 0) & (b > 0)
-                if both.any():
-                    self.links.append(np.unique(np.stack([a[both], b[both]], 1), axis=0))
-        self.last_row = np.where(labels[-1] > 0, labels[-1] + offset, 0)
-        self.strips.append((y0, rows, width, np.packbits(binary), offset, n, int(labels.sum(dtype=np.int64))))
-        self.labels_used += n - 1
+        self.strips.append((y0, rows, width, np.packbits(binary), strip.offset, n, int(labels.sum(dtype=np.int64))))
         return score
 
     def finish(self) -> list[Region]:
         """Join the strips' labels into regions; returns the region table (ids in reading order of their boxes)."""
-        count = self.labels_used
+        count = self.components.count
         self.label_class = np.zeros(count + 1, np.uint8)
         if count == 0:
             return []
-        if self.links:
-            pairs = np.concatenate(self.links) - 1
-            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
-            regions_n, region_of = connected_components(graph, directed=False)
-        else:
-            regions_n, region_of = count, np.arange(count)
+        regions_n, region_of = self.components.finish()
         st = np.concatenate(self.stats)
         total = lambda col: np.bincount(region_of, weights=st[:, col], minlength=regions_n)  # noqa: E731
         lo = np.full((regions_n, 2), np.inf)

@@ -1,7 +1,7 @@
 """`Predictor`: a model plus run-time options -> per-image probabilities, class mask, regions.
 
 The one path from an image to a result: `infer`, `evaluate` and validation during training all go through it,
-so the normalisation (`TorchTiles`), the mask rule (`segment`) and the channel -> class mapping (`ClassMap`) are
+so the normalisation (`TorchTiles`), the mask rule (`StripSegmenter`) and the channel -> class mapping (`ClassMap`) are
 the same everywhere.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from defectscan.inference.backends import TorchTiles
-from defectscan.inference.postprocess import ClassMap, segment
+from defectscan.inference.postprocess import ClassMap, StripSegmenter
 from defectscan.io.images import ImageSource
 from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat, prefers_channels_last
@@ -28,7 +28,7 @@ from defectscan.tiling import plan_tiles, tiled_inference, tiled_rows, validate_
 
 @dataclass
 class Prediction:
-    probs: np.ndarray  # (C, H, W) uint8, probability * 255
+    probs: np.ndarray | None  # (C, H, W) uint8, probability * 255; None when not kept
     mask: np.ndarray  # (H, W) uint8 class id
     regions: list[Region]
     score: np.ndarray  # (H, W) uint8 defect score the mask thresholds
@@ -113,13 +113,34 @@ class Predictor:
             "defect_area_fraction": round(sum(r.area_px for r in regions) / (h * w), 8),  # = mask pixels
         }
 
-    def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """Probabilities, mask, regions and score of one image, all in memory (see `write_prediction` for huge
-        images: it streams)."""
+    def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None, *,
+                keep_probs: bool = True, on_rows: Callable[[int, np.ndarray], None] | None = None) -> Prediction:
+        """Mask, regions, score (and probabilities unless `keep_probs` is False) of one image, in memory.
+
+        The probabilities are segmented strip by strip as the engine finishes them; `on_rows(y0, (C, rows, W))`
+        sees each strip first (e.g. to count scores), so with `keep_probs=False` no full-size (C, H, W) map exists;
+        `seconds` leaves out the time spent in `on_rows`.
+        See `write_prediction` for huge images: it streams every output to files.
+        """
         source = source if isinstance(source, ImageSource) else ImageSource(np.asarray(source))
+        h, w = source.shape
         t0 = time.perf_counter()
-        probs = self.probabilities(source, progress=progress)
-        mask, regions, score = segment(probs, self.classes, self.threshold, min_area=self.options.min_area)
-        seconds = time.perf_counter() - t0
+        seg = StripSegmenter(self.classes, self.threshold, min_area=self.options.min_area)
+        probs = np.empty((len(self.spec.classes), h, w), np.uint8) if keep_probs else None
+        score = np.empty((h, w), np.uint8)
+        callers = 0.0  # time spent in on_rows: the caller's work, not the prediction's
+        for y0, block in self.probability_rows(source, progress=progress):
+            if on_rows is not None:
+                t_call = time.perf_counter()
+                on_rows(y0, block)
+                callers += time.perf_counter() - t_call
+            if probs is not None:
+                probs[:, y0 : y0 + block.shape[1]] = block
+            score[y0 : y0 + block.shape[1]] = seg.add(block)
+        regions = seg.finish()
+        mask = np.empty((h, w), np.uint8)
+        for y0, rows in seg.mask_rows():
+            mask[y0 : y0 + len(rows)] = rows
+        seconds = time.perf_counter() - t0 - callers
         summary = self.summary(source.shape, seconds, regions)
         return Prediction(probs, mask, regions, score, summary["tiles"], seconds, summary)

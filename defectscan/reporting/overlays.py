@@ -39,13 +39,6 @@ def downscale(source: ImageSource, factor: int, strip_rows: int = 2048) -> np.nd
     return out
 
 
-def any_pool(binary: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Downscale a mask so that a block is set if any of its pixels is (tiny defects must not vanish)."""
-    if factor == 1:
-        return binary
-    return cv2.resize(binary.view(np.uint8) * np.uint8(255), (shape[1], shape[0]), interpolation=cv2.INTER_AREA) > 0
-
-
 class MaskPreview:
     """Per-class masks at preview scale, built from a class-id mask strip by strip (`add`), so the full-size mask
     need never exist: a preview pixel has a class when any pixel of its block has it (a 1-px defect stays visible)."""
@@ -119,18 +112,22 @@ TP_COLOR, FP_COLOR, FN_COLOR = (40, 220, 60), (255, 40, 40), (40, 140, 255)  # o
 
 
 def outcome_preview(image: np.ndarray | ImageSource, gt: np.ndarray, pred: np.ndarray, max_side: int = 900,
-                    alpha: float = 0.55) -> np.ndarray:
+                    alpha: float = 0.55, strip_rows: int = 1024) -> np.ndarray:
     """RGB preview with true positives, false positives and misses in distinct colours, outlined so that
-    defects a few pixels wide stay visible after downscaling."""
+    defects a few pixels wide stay visible after downscaling. `gt` and `pred` are masks whose nonzero pixels are
+    defects; they are read strip by strip, so no full-size temporary is made."""
     source = image if isinstance(image, ImageSource) else ImageSource(image)
-    factor = preview_factor(*source.shape, max_side)
-    base = downscale(source, factor)
-    shape = base.shape[:2]
+    outcomes = MaskPreview(*source.shape, max_side)
+    for y0 in range(0, source.height, strip_rows):
+        g, p = gt[y0 : y0 + strip_rows] != 0, pred[y0 : y0 + strip_rows] != 0
+        outcomes.add(y0, np.where(p, np.where(g, 1, 2), np.where(g, 3, 0)).astype(np.uint8))
+    base = downscale(source, outcomes.factor)
     tint = base.copy()
-    layers = [(gt & pred, TP_COLOR), (pred & ~gt, FP_COLOR), (gt & ~pred, FN_COLOR)]
     outlines = []
-    for m, color in layers:
-        small = any_pool(m, factor, shape)
+    for code, color in ((1, TP_COLOR), (2, FP_COLOR), (3, FN_COLOR)):
+        small = outcomes.layers.get(code)
+        if small is None:
+            continue
         tint[small] = color
         cs, _ = cv2.findContours(cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)), cv2.RETR_EXTERNAL,
                                  cv2.CHAIN_APPROX_SIMPLE)
