@@ -358,3 +358,74 @@ def test_paths_given_as_options_are_not_read_as_yaml(tmp_path, monkeypatch, caps
     code, _, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert load_config(tmp_path / "null" / "config.yaml").data.root == str(data)
+
+
+# ---- decode cache: training data larger than RAM ---------------------------------------------------------------
+def test_disk_cache_gives_the_same_crops_as_memory_and_pickles_as_paths(tmp_path, monkeypatch):
+    import pickle
+
+    from defectscan.data import cache
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    ds = load_dataset(folder_dataset(tmp_path / "d", 3, size=96))
+    in_memory = cache.load_training_pairs(ds, ds.labeled, "memory")
+    on_disk = cache.load_training_pairs(ds, ds.labeled, "disk")
+    assert all(isinstance(a, cache.DiskArray) for a in on_disk[0] + on_disk[1])
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 6
+    for a, b in zip(in_memory[0] + in_memory[1], on_disk[0] + on_disk[1]):
+        assert np.array_equal(a, np.asarray(b))
+    augment = build_augment([{"HorizontalFlip": {"p": 0.5}}, {"RandomRotate90": {"p": 0.5}}])
+    mem = CropDataset(*in_memory, 2, crop=64, defect_share=0.5, seed=3, augment=augment)
+    disk = CropDataset(*on_disk, 2, crop=64, defect_share=0.5, seed=3, augment=augment)
+    for i in range(8):
+        for x, y in zip(mem[i], disk[i]):
+            assert torch.equal(x, y)
+    blob = pickle.dumps(disk)  # what a DataLoader worker receives: paths, not pixels
+    assert len(blob) < 30_000 and torch.equal(pickle.loads(blob)[5][0], mem[5][0])
+
+
+def test_disk_cache_decodes_once_and_again_when_the_image_changes(tmp_path, monkeypatch):
+    from defectscan.data import cache
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    ds = load_dataset(folder_dataset(tmp_path / "d", 1, size=64))
+    sample = ds.labeled[0]
+    image, _ = cache.cached_pair(ds, sample)
+    first = image.path.stat().st_mtime_ns
+    assert cache.cached_pair(ds, sample)[0].path.stat().st_mtime_ns == first  # reused, not decoded again
+    write_image(sample.image, np.zeros((64, 64, 3), np.uint8))
+    os.utime(sample.image, ns=(first + 10**9, first + 10**9))
+    again, _ = cache.cached_pair(ds, sample)
+    assert again.path != image.path and not np.asarray(again).any()
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary files left behind
+
+
+def test_cache_auto_uses_disk_only_when_memory_is_short(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from defectscan.data import cache
+
+    ds = load_dataset(folder_dataset(tmp_path / "d", 2, size=64))
+    assert cache.decoded_bytes(ds.labeled) == 2 * 64 * 64 * 4
+    assert cache.choose_mode("auto", ds.labeled) == "memory"
+    monkeypatch.setattr(cache.psutil, "virtual_memory", lambda: SimpleNamespace(available=30_000))
+    assert cache.choose_mode("auto", ds.labeled) == "disk"
+    assert cache.choose_mode("memory", ds.labeled) == "memory"
+
+
+def test_training_from_the_disk_cache_in_worker_processes_equals_training_from_memory(tmp_path, monkeypatch):
+    from defectscan.data import cache
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    data = folder_dataset(tmp_path / "data", 2, size=96)
+    losses = {}
+    for mode, workers in (("memory", 0), ("disk", 1)):
+        cfg = load_config(None, TINY + [f"data.root={data}", "sampling.crop=64", "sampling.steps_per_epoch=6",
+                                        "training.epochs=1", f"data.cache={mode}", f"sampling.workers={workers}",
+                                        "data.val_fraction=0"])
+        logged = []
+        train(cfg, tmp_path / mode, log=logged.append)
+        losses[mode] = [r.split(",")[3] for r in (tmp_path / mode / "metrics.csv").read_text().splitlines()[1:]]
+        assert any("decode cache" in m for m in logged) == (mode == "disk")
+    assert losses["memory"] == losses["disk"] and len(losses["disk"]) == 1
+    assert len(list((tmp_path / "cache").glob("*.image.npy"))) == len(list((tmp_path / "cache").glob("*.mask.npy"))) > 0

@@ -37,7 +37,8 @@ def build_augment(spec: Sequence[dict[str, Any]]) -> A.Compose | None:
 def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
     h, w = arr.shape[:2]
     if h >= size and w >= size:
-        return arr
+        return arr  # a memory-mapped image (data.cache) stays on disk
+    arr = np.asarray(arr)
     bottom, right = max(0, size - h), max(0, size - w)
     if bottom >= h or right >= w:  # reflection needs the image to be larger than the pad
         return np.pad(arr, ((0, bottom), (0, right)) + ((0, 0),) * (arr.ndim - 2), mode="wrap")
@@ -53,7 +54,7 @@ class CropDataset(torch.utils.data.Dataset):
     classes are not drowned by common ones. Otherwise the crop is uniform over the training pixels.
     """
 
-    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray], num_classes: int, crop: int,
+    def __init__(self, images: list, masks: list, num_classes: int, crop: int,
                  defect_share: float, seed: int, augment: A.Compose | None = None) -> None:
         if not images:
             raise DefectscanError("no training images")
@@ -63,7 +64,7 @@ class CropDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         self.points: dict[int, list[tuple[int, np.ndarray]]] = {}  # class -> [(image index, flat indices)]
         for k, m in enumerate(self.masks):
-            flat = m.ravel()
+            flat = np.asarray(m).ravel()
             for c in range(1, num_classes):
                 idx = np.flatnonzero(flat == c)
                 if idx.size:
@@ -96,8 +97,9 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(i)])
         k, y, x = self._window(rng)
-        image = self.images[k][y : y + self.crop, x : x + self.crop]
-        mask = self.masks[k][y : y + self.crop, x : x + self.crop]
+        # copies: a memory-mapped image is read-only, and the crop must not pin its pages
+        image = np.array(self.images[k][y : y + self.crop, x : x + self.crop])
+        mask = np.array(self.masks[k][y : y + self.crop, x : x + self.crop])
         if self.augment is not None:
             self.augment.set_random_seed(int(rng.integers(2**31)))
             out = self.augment(image=image, mask=mask)

@@ -59,6 +59,9 @@ class DataConfig(_Section):
     labeled: Optional[int] = Field(None, ge=1)  # train on the first N images of the nested labeled order
     labeled_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: int = 0
+    # where decoded training images live: memory, or memory-mapped files in the decode cache (data/cache.py);
+    # auto: on disk when they would take over half of the available memory
+    cache: Literal["auto", "memory", "disk"] = "auto"
 
 
 class SamplingConfig(_Section):
