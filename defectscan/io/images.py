@@ -2,7 +2,8 @@
 
 The tiling engine never asks for the whole image as float: it asks an `ImageSource` for one region at a time,
 and the source converts that region (16-bit, grayscale, alpha, float) to uint8 RGB. Large uncompressed TIFFs
-are memory-mapped, so only the regions being tiled are ever read from disk.
+are memory-mapped, so only the regions being tiled are ever read from disk; huge PNG and JPEG files are decoded
+row by row (libvips) as the tiler moves down the image (`StreamedImageSource`).
 """
 
 from __future__ import annotations
