@@ -107,7 +107,8 @@ def sample_key(ds: SegmentationDataset, sample: Sample) -> str:
     """Names what the decoded pair depends on: the files, the annotation and how the dataset reads masks."""
     lut = None if ds.label_lut is None else np.asarray(ds.label_lut).tolist()
     what = {"version": CACHE_VERSION, "image": _stat(sample.image), "mask": _stat(sample.mask_path),
-            "annotation": _stat(sample.annotation), "sample": repr(sample), "classes": list(ds.classes),
+            "annotation": _stat(sample.annotation), "label": sample.label, "shapes": repr(sample.shapes),
+            "size": sample.size, "classes": list(ds.classes),
             "file_classes": list(ds.file_classes or []), "binary": ds.binary_masks, "lut": lut}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
