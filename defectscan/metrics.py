@@ -119,65 +119,89 @@ class ImageRegions:
 
 def region_stats(gt: np.ndarray, pred: np.ndarray, score: np.ndarray | None, *, criterion: str = "coverage",
                  threshold: float = 0.5, class_id: int | None = None) -> ImageRegions:
-    """Match 8-connected ground-truth regions with the predicted mask.
+    """Match 8-connected ground-truth regions with the predicted mask (see `RegionMatcher`), for whole arrays.
 
-    `gt` and `pred` are masks whose nonzero pixels count (with `class_id`: the pixels equal to it). A ground-truth
-    region is found when `criterion` reaches `threshold`: "coverage" = share of its pixels predicted as defect;
-    "iou" = IoU between the region and the union of the predicted regions touching it. A predicted region is a
-    false positive when it touches no ground-truth pixel. The overlap curve is what PRO (per-region overlap,
-    MVTec AD) needs: for each score level, the covered share of each region; without a `score` it is all zeros.
-
-    Works strip by strip (`StripComponents`): regions crossing strips are joined, so the result is that of
-    labelling the whole image, while temporaries stay the size of one strip.
+    `gt` and `pred` are masks whose nonzero pixels count (with `class_id`: the pixels equal to it); `score` is the
+    (H, W) uint8 defect score for the PRO overlap curve (None: all zeros). Temporaries stay the size of a strip.
     """
-    if criterion not in ("coverage", "iou"):
-        raise ValueError(f"region criterion must be 'coverage' or 'iou', got {criterion!r}")
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     select = (lambda m: m != 0) if class_id is None else (lambda m: m == class_id)  # noqa: E731
-    gt_cc, pred_cc = StripComponents(), StripComponents()
-    gt_area, inter, levels, pred_area, pairs = [], [], [], [], []
+    matcher = RegionMatcher(criterion, threshold)
     for y0 in range(0, gt.shape[0], STRIP_ROWS):
-        g, p = select(gt[y0 : y0 + STRIP_ROWS]), select(pred[y0 : y0 + STRIP_ROWS])
-        gs, ps = gt_cc.add(g), pred_cc.add(p)
+        g = select(gt[y0 : y0 + STRIP_ROWS])
+        matcher.add(g, select(pred[y0 : y0 + STRIP_ROWS]), None if score is None else score[y0 : y0 + STRIP_ROWS][g])
+    return matcher.finish()
+
+
+class RegionMatcher:
+    """Ground-truth regions matched with predicted regions, fed as row strips top to bottom.
+
+    A ground-truth region is found when `criterion` reaches `threshold`: "coverage" = share of its pixels
+    predicted as defect; "iou" = IoU between the region and the union of the predicted regions touching it. A
+    predicted region is a false positive when it touches no ground-truth pixel. The overlap curve is what PRO
+    (per-region overlap, MVTec AD) needs: for each score level, the covered share of each region. Regions crossing
+    strips are joined (`StripComponents`), so the result is that of labelling the whole image at once.
+    """
+
+    def __init__(self, criterion: str = "coverage", threshold: float = 0.5) -> None:
+        if criterion not in ("coverage", "iou"):
+            raise ValueError(f"region criterion must be 'coverage' or 'iou', got {criterion!r}")
+        self.criterion, self.threshold = criterion, threshold
+        self.gt_cc, self.pred_cc = StripComponents(), StripComponents()
+        self.gt_area: list[np.ndarray] = []
+        self.inter: list[np.ndarray] = []
+        self.levels: list[np.ndarray] = []
+        self.pred_area: list[np.ndarray] = []
+        self.pairs: list[np.ndarray] = []
+        self.scored = True
+
+    def add(self, gt: np.ndarray, pred: np.ndarray, gt_scores: np.ndarray | None) -> None:
+        """The next strip: (rows, W) bool truth and prediction, and the uint8 defect scores at the truth's pixels
+        in raster order (`score[gt]`; None when there is no score, for counts only)."""
+        gs, ps = self.gt_cc.add(gt), self.pred_cc.add(pred)
         if ps.labels is not None:
-            pred_area.append(ps.stats[1:, cv2.CC_STAT_AREA])
+            self.pred_area.append(ps.stats[1:, cv2.CC_STAT_AREA])
         if gs.labels is None:
-            continue
-        gt_area.append(gs.stats[1:, cv2.CC_STAT_AREA])
-        both = g & p
+            return
+        self.gt_area.append(gs.stats[1:, cv2.CC_STAT_AREA])
+        both = gt & pred
         g_both = gs.labels[both]
-        inter.append(np.bincount(g_both, minlength=gs.n)[1:])
-        if score is not None:
-            s = score[y0 : y0 + STRIP_ROWS][g]
-            levels.append(np.bincount(gs.labels[g].astype(np.int64) * 256 + s, minlength=gs.n * 256).reshape(gs.n, 256)[1:])
+        self.inter.append(np.bincount(g_both, minlength=gs.n)[1:])
+        if gt_scores is None:
+            self.scored = False
+        else:
+            cells = gs.labels[gt].astype(np.int64) * 256 + gt_scores
+            self.levels.append(np.bincount(cells, minlength=gs.n * 256).reshape(gs.n, 256)[1:])
         if g_both.size:
-            pairs.append(np.unique(np.stack([g_both + gs.offset, ps.labels[both] + ps.offset], 1), axis=0))
-    n_gt, gt_of = gt_cc.finish()
-    n_pred, pred_of = pred_cc.finish()
-    per_gt = lambda parts: np.bincount(gt_of, weights=np.concatenate(parts), minlength=n_gt) if parts else np.zeros(0)  # noqa: E731
-    gt_area_r, inter_r = per_gt(gt_area), per_gt(inter)
-    pred_area_r = np.bincount(pred_of, weights=np.concatenate(pred_area), minlength=n_pred) if pred_area else np.zeros(0)
-    touched = np.zeros(n_pred, bool)
-    pair_gt = pair_pred = np.zeros(0, np.int64)
-    if pairs:
-        linked = np.concatenate(pairs) - 1
-        joined = np.unique(np.stack([gt_of[linked[:, 0]], pred_of[linked[:, 1]]], 1), axis=0)
-        pair_gt, pair_pred = joined[:, 0], joined[:, 1]
-        touched[pair_pred] = True
-    if criterion == "coverage":
-        value = inter_r / np.maximum(gt_area_r, 1)
-    else:
-        touching_area = np.bincount(pair_gt, weights=pred_area_r[pair_pred], minlength=n_gt)
-        value = inter_r / np.maximum(gt_area_r + touching_area - inter_r, 1)
-    overlap = np.zeros(256)
-    if n_gt and score is not None:
-        per_region = np.zeros((n_gt, 256), np.int64)
-        np.add.at(per_region, gt_of, np.concatenate(levels))
-        covered = np.cumsum(per_region[:, ::-1], axis=1)[:, ::-1] / gt_area_r[:, None]
-        overlap = covered.sum(0)
-    return ImageRegions(gt_regions=n_gt, found=int(np.sum(value >= threshold - 1e-12)), pred_regions=n_pred,
-                        false_positive_regions=int(n_pred - touched.sum()), overlap_curve=overlap)
+            self.pairs.append(np.unique(np.stack([g_both + gs.offset, ps.labels[both] + ps.offset], 1), axis=0))
+
+    def finish(self) -> ImageRegions:
+        n_gt, gt_of = self.gt_cc.finish()
+        n_pred, pred_of = self.pred_cc.finish()
+        per_gt = lambda parts: np.bincount(gt_of, weights=np.concatenate(parts), minlength=n_gt) if parts else np.zeros(0)  # noqa: E731
+        gt_area, inter = per_gt(self.gt_area), per_gt(self.inter)
+        pred_area = np.bincount(pred_of, weights=np.concatenate(self.pred_area), minlength=n_pred) if self.pred_area else np.zeros(0)
+        touched = np.zeros(n_pred, bool)
+        pair_gt = pair_pred = np.zeros(0, np.int64)
+        if self.pairs:
+            linked = np.concatenate(self.pairs) - 1
+            joined = np.unique(np.stack([gt_of[linked[:, 0]], pred_of[linked[:, 1]]], 1), axis=0)
+            pair_gt, pair_pred = joined[:, 0], joined[:, 1]
+            touched[pair_pred] = True
+        if self.criterion == "coverage":
+            value = inter / np.maximum(gt_area, 1)
+        else:
+            touching_area = np.bincount(pair_gt, weights=pred_area[pair_pred], minlength=n_gt)
+            value = inter / np.maximum(gt_area + touching_area - inter, 1)
+        overlap = np.zeros(256)
+        if n_gt and self.scored:
+            per_region = np.zeros((n_gt, 256), np.int64)
+            np.add.at(per_region, gt_of, np.concatenate(self.levels))
+            covered = np.cumsum(per_region[:, ::-1], axis=1)[:, ::-1] / gt_area[:, None]
+            overlap = covered.sum(0)
+        return ImageRegions(gt_regions=n_gt, found=int(np.sum(value >= self.threshold - 1e-12)), pred_regions=n_pred,
+                            false_positive_regions=int(n_pred - touched.sum()), overlap_curve=overlap)
 
 
 def pro_curve(overlap_sum: np.ndarray, regions: int, negatives: ScoreHistogram) -> tuple[np.ndarray, np.ndarray]:

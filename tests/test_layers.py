@@ -59,6 +59,25 @@ def test_predictor_mask_regions_and_class_mapping():
     assert pred.score.shape == (100, 130) and int(pred.score[20, 20]) == 255 - int(pred.probs[0, 20, 20])
 
 
+def test_segment_rows_streams_what_predict_keeps():
+    """The strip API (what evaluate and write_prediction use) gives predict's probabilities, score and mask."""
+    p = Predictor(Checker(), SPEC, InferOptions(min_area=4, batch_size=1))
+    image = np.tile(_image(), (3, 1, 1))  # 300 rows: several tile rows, so several strips
+    pred = p.predict(image)
+    strips, scores = [], []
+    seen = p.segment_rows(image, on_strip=lambda y0, probs, score: (strips.append((y0, probs.copy())),
+                                                                      scores.append(score.copy())))
+    assert len(strips) > 1 and [y0 for y0, _ in strips] == sorted(y0 for y0, _ in strips)
+    assert (np.concatenate([b for _, b in strips], axis=1) == pred.probs).all()
+    assert (np.concatenate(scores) == pred.score).all()
+    assert seen.regions == pred.regions
+    before = seen.seconds
+    mask_strips = list(seen.mask_rows())
+    assert [y0 for y0, _ in mask_strips] == [y0 for y0, _ in strips]  # the same strips in pass 2
+    assert (np.concatenate([m for _, m in mask_strips]) == pred.mask).all() and seen.seconds >= before
+    assert p.predict(image, keep_probs=False).probs is None
+
+
 def test_predictor_options_are_validated_before_any_work():
     with pytest.raises(DefectscanError, match="multiple of 32"):
         Predictor(Checker(), SPEC, InferOptions(tile=100))

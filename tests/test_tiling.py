@@ -223,14 +223,22 @@ def test_bad_backend_options_are_clear_errors(kwargs, message):
         TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, **{"device": "cpu", **kwargs})
 
 
-def test_amp_auto_is_float32_on_cpus():
-    """bf16 autocast moved BSData's defect IoU by -0.019 (README): on a CPU, with or without native bf16
-    instructions, it is an explicit choice."""
+def test_amp_auto_on_cpus_is_bf16_only_for_bf16_trained_models_on_native_bf16(monkeypatch):
+    """bf16 autocast moved a float32-trained model's BSData defect IoU by -0.019 (README): float32 on CPUs unless
+    the model was trained in bf16 and the CPU has native bf16; whatever the CPU, `off` and `bf16` are obeyed."""
+    from defectscan import runtime
     from defectscan.runtime import resolve_amp
 
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
-    assert resolve_amp("bf16", cpu) == torch.bfloat16
+    for native in ("AVX512-BF16", "none"):
+        monkeypatch.setattr(runtime, "cpu_bf16", lambda native=native: native)
+        assert resolve_amp("auto", cpu) is None and resolve_amp("auto", cpu, trained_in="float32") is None
+        assert resolve_amp("off", cpu, trained_in="mixed bfloat16") is None
+        assert resolve_amp("bf16", cpu) == torch.bfloat16
+        bf16_model = resolve_amp("auto", cpu, trained_in="mixed bfloat16")
+        assert bf16_model == (torch.bfloat16 if native != "none" else None)
+        made = TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", trained_in="mixed bfloat16")
+        assert made.amp_dtype == bf16_model
     assert TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu").amp_dtype is None
 
 

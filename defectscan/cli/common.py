@@ -37,6 +37,12 @@ def apply_max_pixels(value: int | None) -> None:
         set_max_pixels(value)
 
 
+def amp_option():
+    """`--amp`: mixed precision of the forward passes (see runtime.resolve_amp)."""
+    return typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA; on CPUs with native bf16, bf16 "
+                        "for models trained in bf16, else float32: see README), off, bf16, fp16.")
+
+
 def threads_option():
     """`--threads`: CPU threads for the model (default: every core this process may use)."""
     return typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: every core this "

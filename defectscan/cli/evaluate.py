@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (app, apply_max_pixels, apply_threads, command_line, console, max_pixels_option,
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, command_line, console, max_pixels_option,
                                    print_note, progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
@@ -26,7 +26,7 @@ def evaluate(
     stitch: Optional[str] = typer.Option(None, help="center or gaussian (default: the checkpoint's)."),
     batch: int = typer.Option(4, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    amp: str = typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA, float32 on CPUs: bf16 changed results, see README), off, bf16, fp16."),
+    amp: str = amp_option(),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
     min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),
     region_criterion: str = typer.Option("coverage", help="A true region is found when its coverage or iou reaches --region-threshold."),

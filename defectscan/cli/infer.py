@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, print_error,
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, console, max_pixels_option, print_error,
                                    print_note, progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
@@ -27,7 +27,7 @@ def infer(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold in [0, 1] (default: the checkpoint's)."),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
-    amp: str = typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA, float32 on CPUs: bf16 changed results, see README), off, bf16, fp16."),
+    amp: str = amp_option(),
     min_area: int = typer.Option(4, help="Drop defect regions smaller than this many pixels."),
     preview_size: int = typer.Option(2048, help="Longest side of the overlay preview in px."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from sub-folders of directories."),

@@ -14,10 +14,11 @@ Levels of the metrics:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,10 +26,10 @@ import torch
 from defectscan.data.dataset import Sample, SegmentationDataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.cost import count_flops, count_parameters, peak_memory_mb, reset_peak_rss
-from defectscan.inference import Predictor, defect_score, score_to_u8
+from defectscan.inference import Predictor, SegmentedImage, defect_score, score_to_u8
 from defectscan.io.images import ImageSource
-from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice, pro_auc, region_stats
-from defectscan.reporting.overlays import outcome_preview
+from defectscan.metrics import RegionMatcher, ScoreHistogram, confusion_matrix, iou_dice, pro_auc
+from defectscan.reporting.overlays import MaskPreview, outcome_codes, render_outcomes
 from defectscan.schemas import EvalOptions, Metrics
 
 
@@ -186,11 +187,14 @@ def evaluate(
     options: EvalOptions | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
-    on_image: Callable[[Sample, np.ndarray], None] | None = None,
+    mask_sink: Callable[[Sample, tuple[int, int]], ContextManager[RowSink]] | None = None,
 ) -> Evaluation:
-    """Run `predictor` over `samples` and accumulate every metric; `on_image(sample, class_mask)` sees each
-    prediction (e.g. to save it) before it is dropped. The predictor's model is switched to eval mode for the
-    pass and back to its previous mode afterwards."""
+    """Run `predictor` over `samples` and accumulate every metric. `mask_sink(sample, (H, W))` opens where each
+    image's class mask goes (e.g. a `PngRowWriter`): it receives the mask's rows top to bottom. The predictor's
+    model is switched to eval mode for the pass and back to its previous mode afterwards.
+
+    Per image, memory holds the decoded image, the ground truth (1 byte per pixel) and the scores at its defect
+    pixels; the class mask and the score exist only strip by strip."""
     opts = options or EvalOptions()
     classes = ds.classes
     model_classes = list(predictor.class_names.values())
@@ -212,13 +216,15 @@ def evaluate(
         for i, sample in enumerate(samples):
             source = ds.open_source(sample)
             target = ds.load_mask(sample, source.shape)
-            pred = predictor.predict(source, keep_probs=False, on_rows=_class_score_counter(ev, predictor, target))
-            ev.inference_seconds += pred.seconds
-            _accumulate(ev, predictor, sample, source, target, pred)
-            if opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels:
-                ev.seam.append(_seam_check(predictor, source.to_rgb8(), pred.score, sample.image.name))
-            if on_image:
-                on_image(sample, pred.mask)
+            seam = bool(opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels)
+            metrics = ImageMetrics(ev, predictor, target, keep_score=seam)
+            image = predictor.segment_rows(source, on_strip=metrics.add_probabilities)
+            with mask_sink(sample, source.shape) if mask_sink else contextlib.nullcontext() as sink:
+                metrics.add_masks(image, sink)
+            ev.inference_seconds += image.seconds
+            metrics.finish(sample, source, image)
+            if seam:
+                ev.seam.append(_seam_check(predictor, source.to_rgb8(), metrics.score, sample.image.name))
             if progress:
                 progress(i + 1, len(samples))
         ev.seconds = time.perf_counter() - t_start
@@ -232,65 +238,97 @@ def evaluate(
     return ev
 
 
-def _class_score_counter(ev: Evaluation, predictor: Predictor, target: np.ndarray) -> Callable[[int, np.ndarray], None]:
-    """Adds each probability strip to its class's score histogram as the engine finishes it (no (C, H, W) map)."""
-    classes = predictor.classes
-
-    def add(y0: int, block: np.ndarray) -> None:
-        truth = target[y0 : y0 + block.shape[1]]
-        for class_id, name in classes.defect_names.items():
-            ev.hist[name].add(block[classes.channel(class_id)], truth == class_id)
-
-    return add
+class RowSink(Protocol):
+    def write(self, rows: np.ndarray) -> None: ...
 
 
-def _accumulate(ev: Evaluation, predictor: Predictor, sample: Sample, source: ImageSource, target: np.ndarray,
-                pred) -> None:
-    """Add one image's `Prediction` to the running metrics (masks are read strip by strip, no full-size copies)."""
-    opts, classes = ev.options, predictor.classes
-    conf = confusion_matrix(pred.mask, target, len(ev.classes))
-    ev.conf += conf
-    score = pred.score
-    ev.hist["any"].add(score, target)
-    rs = region_stats(target, pred.mask, score, criterion=opts.region_criterion, threshold=opts.region_threshold)
-    ev.gt_regions += rs.gt_regions
-    ev.found_regions += rs.found
-    ev.fp_regions += rs.false_positive_regions
-    ev.overlap_sum += rs.overlap_curve
-    ev.pixels += target.size
-    if len(ev.classes) > 2:
-        for class_id, name in classes.defect_names.items():
-            counts = ev.class_regions.setdefault(name, [0, 0, 0])
-            if conf[class_id].sum() or conf[:, class_id].sum():  # the class is in the truth or the prediction
-                rc = region_stats(target, pred.mask, None, criterion=opts.region_criterion,  # counts, no PRO curve
-                                  threshold=opts.region_threshold, class_id=class_id)
-                counts[0] += rc.gt_regions
-                counts[1] += rc.found
-                counts[2] += rc.false_positive_regions
-    max_score = int(score.max()) / 255
-    tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
-    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
-    ev.per_image.append({
-        "image": sample.image.name, "width": source.width, "height": source.height,
-        "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
-        "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None, "defect_dice": _r(dice) if dice is not None else None,
-        "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
-        "fp_regions": rs.false_positive_regions, "max_score": round(max_score, 4),
-        "defective": tp + fn > 0, "flagged": bool(pred.regions), "seconds": round(pred.seconds, 3)})
-    if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
-        _offer_example(ev, opts, sample, source, target, pred.mask, dice, fp + fn)
+class ImageMetrics:
+    """One image's contribution to an `Evaluation`, fed as the predictor makes it: probability strips with their
+    defect scores (`add_probabilities`, pass 1), then the class mask (`add_masks`, pass 2), then `finish`."""
+
+    def __init__(self, ev: Evaluation, predictor: Predictor, target: np.ndarray, *, keep_score: bool = False) -> None:
+        self.ev, self.classes, self.target = ev, predictor.classes, target
+        k = len(ev.classes)
+        self.conf = np.zeros((k, k), np.int64)
+        self.truth_px = np.zeros(k, np.int64)
+        self.max_score = 0
+        self.gt_scores: dict[int, np.ndarray] = {}  # y0 -> scores at the strip's defect pixels (what PRO needs)
+        self.score = np.empty(target.shape, np.uint8) if keep_score else None  # the seam check's whole map
+        opts = ev.options
+        self.regions = RegionMatcher(opts.region_criterion, opts.region_threshold)
+        self.class_regions: dict[int, RegionMatcher] = {}  # multi-class models, made when pass 2 starts
+        self.outcomes = MaskPreview(*target.shape, opts.preview_side)
+
+    def add_probabilities(self, y0: int, probs: np.ndarray, score: np.ndarray) -> None:
+        truth = self.target[y0 : y0 + len(score)]
+        for class_id, name in self.classes.defect_names.items():
+            self.ev.hist[name].add(probs[self.classes.channel(class_id)], truth == class_id)
+        self.ev.hist["any"].add(score, truth)
+        self.max_score = max(self.max_score, int(score.max()))
+        self.gt_scores[y0] = score[truth != 0]
+        self.truth_px += np.bincount(truth.ravel(), minlength=len(self.truth_px))
+        if self.score is not None:
+            self.score[y0 : y0 + len(score)] = score
+
+    def add_masks(self, image: SegmentedImage, sink: RowSink | None = None) -> None:
+        """Pass 2: the image's class-mask strips (also written to `sink`)."""
+        ev, criterion = self.ev, (self.ev.options.region_criterion, self.ev.options.region_threshold)
+        if len(ev.classes) > 2:  # region counts per class where it is in the truth or the prediction
+            predicted = {r.class_id for r in image.regions}
+            self.class_regions = {c: RegionMatcher(*criterion) for c in self.classes.defect_names
+                                  if self.truth_px[c] or c in predicted}
+        for y0, mask in image.mask_rows():
+            truth = self.target[y0 : y0 + len(mask)]
+            self.conf += confusion_matrix(mask, truth, len(self.conf))
+            self.regions.add(truth != 0, mask != 0, self.gt_scores.pop(y0))
+            for class_id, matcher in self.class_regions.items():
+                matcher.add(truth == class_id, mask == class_id, None)  # counts, no PRO curve
+            self.outcomes.add(y0, outcome_codes(truth, mask))
+            if sink is not None:
+                sink.write(mask)
+
+    def finish(self, sample: Sample, source: ImageSource, image: SegmentedImage) -> None:
+        ev, conf = self.ev, self.conf
+        ev.conf += conf
+        rs = self.regions.finish()
+        ev.gt_regions += rs.gt_regions
+        ev.found_regions += rs.found
+        ev.fp_regions += rs.false_positive_regions
+        ev.overlap_sum += rs.overlap_curve
+        ev.pixels += self.target.size
+        if len(ev.classes) > 2:
+            for class_id, name in self.classes.defect_names.items():
+                counts = ev.class_regions.setdefault(name, [0, 0, 0])
+                if class_id in self.class_regions:
+                    rc = self.class_regions[class_id].finish()
+                    counts[0] += rc.gt_regions
+                    counts[1] += rc.found
+                    counts[2] += rc.false_positive_regions
+        tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
+        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+        ev.per_image.append({
+            "image": sample.image.name, "width": source.width, "height": source.height,
+            "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
+            "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
+            "defect_dice": _r(dice) if dice is not None else None,
+            "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
+            "fp_regions": rs.false_positive_regions, "max_score": round(self.max_score / 255, 4),
+            "defective": tp + fn > 0, "flagged": bool(image.regions), "seconds": round(image.seconds, 3)})
+        if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
+            _offer_example(ev, sample, source, self.outcomes, dice, fp + fn)
 
 
-def _offer_example(ev: Evaluation, opts: EvalOptions, sample: Sample, source: ImageSource, target: np.ndarray,
-                   mask: np.ndarray, dice: float, errors: int) -> None:
-    """Keep previews of the `opts.examples` best and worst images (bounded memory, rendered only when kept)."""
+def _offer_example(ev: Evaluation, sample: Sample, source: ImageSource, outcomes: MaskPreview, dice: float,
+                   errors: int) -> None:
+    """Keep previews of the `examples` best and worst images (bounded memory, rendered only when kept)."""
+    opts = ev.options
     best_key = lambda e: (-e.dice, e.errors)  # noqa: E731 - smaller is better
     worst_key = lambda e: (e.dice, -e.errors)  # noqa: E731 - smaller is worse
     keep_best = _keep_example(ev.best, opts.examples, (-dice, errors), best_key)
     keep_worst = _keep_example(ev.worst, opts.examples, (dice, -errors), worst_key)
     if not (keep_best or keep_worst):
         return
-    ex = Example(sample.image.name, dice, errors, outcome_preview(source, target, mask, opts.preview_side))
+    ex = Example(sample.image.name, dice, errors, render_outcomes(source, outcomes))
     for keep, pool, key in ((keep_best, ev.best, best_key), (keep_worst, ev.worst, worst_key)):
         if keep:
             pool.append(ex)

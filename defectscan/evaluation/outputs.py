@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from defectscan.data import load_dataset, split_dataset
@@ -22,6 +21,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation.evaluator import Evaluation, evaluate
 from defectscan.inference import Predictor
 from defectscan.io.files import atomic_dir, csv_text
+from defectscan.io.png import PngRowWriter
 from defectscan.io.provenance import hardware, library_versions
 from defectscan.metrics import pro_curve
 from defectscan.models import describe
@@ -136,11 +136,10 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     with atomic_dir(out) as tmp:
         (tmp / "predictions").mkdir()
 
-        def save_prediction(sample: Sample, mask: np.ndarray) -> None:
-            if not cv2.imwrite(str(tmp / "predictions" / f"{sample.stem}.png"), mask):
-                raise DefectscanError(f"{tmp}: could not write prediction")
+        def prediction_png(sample: Sample, shape: tuple[int, int]) -> PngRowWriter:
+            return PngRowWriter(tmp / "predictions" / f"{sample.stem}.png", *shape)
 
-        ev = evaluate(predictor, ds, samples, opts, progress=progress, on_image=save_prediction)
+        ev = evaluate(predictor, ds, samples, opts, progress=progress, mask_sink=prediction_png)
         summary = EvalSummary(
             model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],

@@ -2,8 +2,8 @@
 
 from defectscan.inference.backends import TorchTiles
 from defectscan.inference.postprocess import ClassMap, defect_score, score_to_u8, segment
-from defectscan.inference.predictor import Prediction, Predictor
+from defectscan.inference.predictor import Prediction, Predictor, SegmentedImage
 from defectscan.inference.writers import collect_images, output_names, write_prediction
 
-__all__ = ["ClassMap", "Prediction", "Predictor", "TorchTiles", "collect_images", "defect_score",
+__all__ = ["ClassMap", "Prediction", "Predictor", "SegmentedImage", "TorchTiles", "collect_images", "defect_score",
            "output_names", "score_to_u8", "segment", "write_prediction"]

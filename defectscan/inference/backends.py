@@ -39,17 +39,19 @@ class TorchTiles:
     The model is used where it is and as it is: nothing here moves it, changes its mode or its memory format
     (callers put it in eval mode). `device` defaults to the device of the model's parameters, `channels_last` to
     the memory format of its convolution weights (inputs in another format than the weights cost a conversion).
+    `trained_in` (the precision the model was trained in) lets `amp='auto'` pick bf16 where that is safe
+    (`runtime.resolve_amp`).
     """
 
     def __init__(self, model: nn.Module, *, head: Head = "sigmoid", mean: Sequence[float], std: Sequence[float],
                  amp: str = "auto", tta: bool = False, channels_last: bool | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, trained_in: str | None = None) -> None:
         if device is None:
             param = next(model.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
         self.model, self.head, self.tta = model, head, tta
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        self.amp_dtype = resolve_amp(amp, self.device, trained_in=trained_in)
         self.channels_last = _weights_channels_last(model) if channels_last is None else channels_last
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)

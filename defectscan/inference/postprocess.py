@@ -10,7 +10,7 @@ alternating fragments.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -173,6 +173,16 @@ class StripSegmenter:
             ))
         return regions
 
+    def segment_strips(self, strips: Iterable[tuple[int, np.ndarray]],
+                       on_strip: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[Region]:
+        """Pass 1 over (y0, (C, rows, W) probabilities) strips, top to bottom, then `finish`. `on_strip(y0, probs,
+        score)` sees each strip with its (rows, W) defect score before the next one is asked for."""
+        for y0, block in strips:
+            score = self.add(block)
+            if on_strip is not None:
+                on_strip(y0, block, score)
+        return self.finish()
+
     def mask_rows(self) -> Iterator[tuple[int, np.ndarray]]:
         """(y0, (rows, W) uint8 class-id mask) per strip, top to bottom, after `finish`."""
         if self.label_class is None:
@@ -187,6 +197,11 @@ class StripSegmenter:
                 raise RuntimeError("connected-component labels differ between two passes over the same strip")
             lut = np.concatenate([[0], self.label_class[offset + 1 : offset + n]]).astype(np.uint8)
             yield y0, lut[labels]
+
+    def paint(self, mask: np.ndarray) -> None:
+        """Write every mask strip into the (H, W) uint8 array `mask`, after `finish`."""
+        for y0, rows in self.mask_rows():
+            mask[y0 : y0 + len(rows)] = rows
 
 
 def _label(binary: np.ndarray):
@@ -204,11 +219,15 @@ def segment(
     """
     _, h, w = probs.shape
     seg = StripSegmenter(classes, threshold, min_area=min_area)
-    score = np.empty((h, w), np.uint8)
-    for y0 in range(0, h, STRIP_ROWS):
-        score[y0 : y0 + STRIP_ROWS] = seg.add(probs[:, y0 : y0 + STRIP_ROWS])
-    regions = seg.finish()
-    mask = np.empty((h, w), np.uint8)
-    for y0, rows in seg.mask_rows():
-        mask[y0 : y0 + len(rows)] = rows
+    mask, score = np.empty((h, w), np.uint8), np.empty((h, w), np.uint8)
+    regions = seg.segment_strips(((y0, probs[:, y0 : y0 + STRIP_ROWS]) for y0 in range(0, h, STRIP_ROWS)),
+                                 on_strip=_into(score))
+    seg.paint(mask)
     return mask, regions, score
+
+
+def _into(out: np.ndarray) -> Callable[[int, np.ndarray, np.ndarray], None]:
+    """An `on_strip` that copies each strip's score into the (H, W) array `out`."""
+    def copy(y0: int, probs: np.ndarray, score: np.ndarray) -> None:
+        out[y0 : y0 + len(score)] = score
+    return copy

@@ -55,7 +55,8 @@ class Predictor:
         self.threshold = spec.threshold if opts.threshold is None else opts.threshold  # both validated in [0, 1]
         self.stitch = opts.stitch or spec.stitch
         plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
-        self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta)
+        self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta,
+                                trained_in=self.meta.get("extra", {}).get("precision"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, options: InferOptions | None = None) -> "Predictor":
@@ -113,34 +114,68 @@ class Predictor:
             "defect_area_fraction": round(sum(r.area_px for r in regions) / (h * w), 8),  # = mask pixels
         }
 
-    def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None, *,
-                keep_probs: bool = True, on_rows: Callable[[int, np.ndarray], None] | None = None) -> Prediction:
-        """Mask, regions, score (and probabilities unless `keep_probs` is False) of one image, in memory.
+    def segment_rows(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None, *,
+                     on_strip: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> SegmentedImage:
+        """Run the engine and pass 1 of the mask rule over its probability strips as they are finished.
 
-        The probabilities are segmented strip by strip as the engine finishes them; `on_rows(y0, (C, rows, W))`
-        sees each strip first (e.g. to count scores), so with `keep_probs=False` no full-size (C, H, W) map exists;
-        `seconds` leaves out the time spent in `on_rows`.
-        See `write_prediction` for huge images: it streams every output to files.
+        `on_strip(y0, (C, rows, W) probabilities, (rows, W) defect score)` sees each strip before it is dropped;
+        the returned `SegmentedImage` has the regions and gives the class mask in the same strips (`mask_rows`).
+        Memory: one tile row of probabilities and 1 bit per pixel, whatever the callers keep.
+        """
+        source = source if isinstance(source, ImageSource) else ImageSource(np.asarray(source))
+        t0 = time.perf_counter()
+        seg = StripSegmenter(self.classes, self.threshold, min_area=self.options.min_area)
+        callers = 0.0  # time spent in on_strip: the caller's work, not the prediction's
+
+        def timed(y0: int, block: np.ndarray, score: np.ndarray) -> None:
+            nonlocal callers
+            t = time.perf_counter()
+            on_strip(y0, block, score)
+            callers += time.perf_counter() - t
+
+        regions = seg.segment_strips(self.probability_rows(source, progress=progress), timed if on_strip else None)
+        return SegmentedImage(source.shape, regions, seg, time.perf_counter() - t0 - callers)
+
+    def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None, *,
+                keep_probs: bool = True) -> Prediction:
+        """Probabilities (unless `keep_probs` is False), mask, regions and score of one image, in memory.
+
+        See `segment_rows` to consume the same results strip by strip, and `write_prediction` for huge images: it
+        streams every output to files.
         """
         source = source if isinstance(source, ImageSource) else ImageSource(np.asarray(source))
         h, w = source.shape
-        t0 = time.perf_counter()
-        seg = StripSegmenter(self.classes, self.threshold, min_area=self.options.min_area)
         probs = np.empty((len(self.spec.classes), h, w), np.uint8) if keep_probs else None
-        score = np.empty((h, w), np.uint8)
-        callers = 0.0  # time spent in on_rows: the caller's work, not the prediction's
-        for y0, block in self.probability_rows(source, progress=progress):
-            if on_rows is not None:
-                t_call = time.perf_counter()
-                on_rows(y0, block)
-                callers += time.perf_counter() - t_call
+        score, mask = np.empty((h, w), np.uint8), np.empty((h, w), np.uint8)
+
+        def keep(y0: int, block: np.ndarray, strip_score: np.ndarray) -> None:
             if probs is not None:
                 probs[:, y0 : y0 + block.shape[1]] = block
-            score[y0 : y0 + block.shape[1]] = seg.add(block)
-        regions = seg.finish()
-        mask = np.empty((h, w), np.uint8)
-        for y0, rows in seg.mask_rows():
+            score[y0 : y0 + block.shape[1]] = strip_score
+
+        image = self.segment_rows(source, progress, on_strip=keep)
+        for y0, rows in image.mask_rows():
             mask[y0 : y0 + len(rows)] = rows
-        seconds = time.perf_counter() - t0 - callers
-        summary = self.summary(source.shape, seconds, regions)
-        return Prediction(probs, mask, regions, score, summary["tiles"], seconds, summary)
+        summary = self.summary(source.shape, image.seconds, image.regions)
+        return Prediction(probs, mask, image.regions, score, summary["tiles"], image.seconds, summary)
+
+
+class SegmentedImage:
+    """One image after pass 1 of the mask rule: its regions, and its class mask strip by strip (`mask_rows`, the
+    engine's strips again). `seconds` is the inference and mask-rule time so far, callers' work left out; it
+    grows by the time spent making mask rows."""
+
+    def __init__(self, shape: tuple[int, int], regions: list[Region], segmenter: StripSegmenter, seconds: float) -> None:
+        self.shape, self.regions, self.seconds = shape, regions, seconds
+        self._segmenter = segmenter
+
+    def mask_rows(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(y0, (rows, W) uint8 class-id mask) per strip, top to bottom."""
+        rows = self._segmenter.mask_rows()
+        while True:
+            t = time.perf_counter()
+            item = next(rows, None)
+            self.seconds += time.perf_counter() - t
+            if item is None:
+                return
+            yield item

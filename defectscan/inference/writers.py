@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 
 from defectscan.errors import DefectscanError
-from defectscan.inference.postprocess import StripSegmenter
 from defectscan.io.files import atomic_dir, csv_text, write_text
 from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource
 from defectscan.io.png import PngRowWriter
@@ -36,18 +35,19 @@ def write_prediction(predictor, image_path: Path, source: ImageSource, out_dir: 
     h, w = source.shape
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        seg = StripSegmenter(p.classes, p.threshold, min_area=opts.min_area)
         with contextlib.ExitStack() as files:
             probs = {p.classes.channel(c): files.enter_context(PngRowWriter(tmp / f"prob_{_safe(n)}.png", h, w))
                      for c, n in names.items()}
-            for _, block in p.probability_rows(source, progress=progress):
+
+            def write_probs(y0: int, block: np.ndarray, score: np.ndarray) -> None:
                 for channel, png in probs.items():
                     png.write(block[channel])
-                seg.add(block)
-        regions = seg.finish()
+
+            image = p.segment_rows(source, progress, on_strip=write_probs)
+        regions = image.regions
         preview = MaskPreview(h, w, opts.preview_size)
         with PngRowWriter(tmp / "mask.png", h, w) as png:
-            for y0, mask in seg.mask_rows():
+            for y0, mask in image.mask_rows():
                 png.write(mask * np.uint8(255) if len(names) == 1 else mask)
                 preview.add(y0, mask)
         overlay = render_overlay(source, preview, regions, class_names=names)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from defectscan.runtime import cpu_bf16
+
 
 def library_versions() -> dict[str, str]:
     import segmentation_models_pytorch as smp
@@ -26,25 +28,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere): detected at run time, since the same
-    machine type has come with AMX-BF16 (Intel Xeon) and without it (AMD EPYC)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_bf16() -> str:
-    """Native bfloat16 support of this CPU: 'AMX-BF16 + AVX512-BF16', 'AVX512-BF16', or 'none'."""
-    flags = cpu_flags()
-    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    return " + ".join(found) or "none"
 
 
 def hardware() -> str:

@@ -119,8 +119,19 @@ def outcome_preview(image: np.ndarray | ImageSource, gt: np.ndarray, pred: np.nd
     source = image if isinstance(image, ImageSource) else ImageSource(image)
     outcomes = MaskPreview(*source.shape, max_side)
     for y0 in range(0, source.height, strip_rows):
-        g, p = gt[y0 : y0 + strip_rows] != 0, pred[y0 : y0 + strip_rows] != 0
-        outcomes.add(y0, np.where(p, np.where(g, 1, 2), np.where(g, 3, 0)).astype(np.uint8))
+        outcomes.add(y0, outcome_codes(gt[y0 : y0 + strip_rows], pred[y0 : y0 + strip_rows]))
+    return render_outcomes(source, outcomes, alpha)
+
+
+def outcome_codes(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """uint8 per pixel: 1 true positive, 2 false positive, 3 miss, 0 neither (masks: nonzero pixels are defects);
+    feed strips of them to a `MaskPreview` for `render_outcomes`."""
+    g, p = gt != 0, pred != 0
+    return np.where(p, np.where(g, 1, 2), np.where(g, 3, 0)).astype(np.uint8)
+
+
+def render_outcomes(source: ImageSource, outcomes: MaskPreview, alpha: float = 0.55) -> np.ndarray:
+    """The picture of `outcome_preview` from a `MaskPreview` fed with `outcome_codes` strips."""
     base = downscale(source, outcomes.factor)
     tint = base.copy()
     outlines = []
