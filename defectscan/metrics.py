@@ -40,6 +40,27 @@ def iou_dice(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return iou, dice
 
 
+THRESHOLD_RULES = ("best_f1", "precision", "recall")
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A decision threshold and the pixel-level operating point it gave on the images it was chosen on."""
+
+    rule: str
+    target: float | None
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    positives: int  # defect pixels it was chosen on
+    negatives: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
 class ScoreHistogram:
     """Counts of positive and negative pixels per uint8 score, accumulated over images."""
 
@@ -100,6 +121,39 @@ class ScoreHistogram:
         f1 = self.curve()["f1"]
         level = int(np.nanargmax(f1))
         return float(f1[level]), level / 255
+
+    def choose_threshold(self, rule: str, target: float | None = None) -> ThresholdChoice:
+        """The decision threshold "defect where score >= threshold" by `rule`: 'best_f1'; 'precision' (the lowest
+        threshold, i.e. the most recall, whose precision reaches `target`); 'recall' (the highest threshold whose
+        recall reaches `target`). A target no level reaches falls back to best F1, saying so in `note`."""
+        if rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+        if self.pos.sum() == 0:
+            raise ValueError("no defect pixels: a threshold cannot be chosen")
+        c = self.curve()
+        note = ""
+        level = int(np.nanargmax(c["f1"]))
+        if rule in ("precision", "recall"):
+            if target is None or not 0.0 < target <= 1.0:
+                raise ValueError(f"a {rule} target in (0, 1] is needed, got {target!r}")
+            seen = (self.pos + self.neg)[::-1].cumsum()[::-1] > 0  # levels with at least one pixel at or above
+            ok = np.flatnonzero((c[rule] >= target - 1e-12) & seen)
+            if ok.size:
+                level = int(ok[0] if rule == "precision" else ok[-1])
+            else:
+                note = f"no threshold reaches {rule} {target}; best F1 instead"
+        return ThresholdChoice(rule=rule, target=target, threshold=round(level / 255, 6), precision=float(c["precision"][level]),
+                               recall=float(c["recall"][level]), f1=float(c["f1"][level]),
+                               positives=int(self.pos.sum()), negatives=int(self.neg.sum()), note=note)
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"pos": self.pos.tolist(), "neg": self.neg.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoreHistogram":
+        h = cls(len(d["pos"]))
+        h.pos[:], h.neg[:] = d["pos"], d["neg"]
+        return h
 
     def merge(self, other: "ScoreHistogram") -> None:
         self.pos += other.pos

@@ -21,7 +21,7 @@ from defectscan.evaluation import evaluate, run_evaluation
 from defectscan.inference import Predictor, TorchTiles
 from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram, pro_auc, region_stats
-from defectscan.models import ModelSpec, build_model, save_checkpoint
+from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from defectscan.schemas import EvalOptions, EvalSummary, InferOptions
 from defectscan.tiling import tiled_inference
 
@@ -483,3 +483,39 @@ def test_benchmark_never_clears_a_cell_another_process_holds(tmp_path):
     with pytest.raises(DefectscanError, match="no such dataset"):  # cleared, then the (missing) data is the error
         run_study(study, tmp_path / "out", log=lambda m: None)
     assert not (run / "half.txt").exists()
+
+
+def test_calibrate_stores_the_chosen_threshold_and_evaluate_uses_it(tmp_path, monkeypatch, capsys):
+    data = dataset_with_clean_images(tmp_path / "d")
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    weights_before = ckpt.read_bytes()
+    for args, expected in [(["--split", "test"], "leak"), (["--rule", "precision"], "needs --target"),
+                           (["--rule", "roc"], "unknown threshold rule")]:
+        code, _, err = run_cli(monkeypatch, capsys, "calibrate", "-m", ckpt, "-d", data, *args)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 1 and len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (args, err)
+    ds = load_dataset(data)
+    predictor = Predictor.from_checkpoint(ckpt, InferOptions(device="cpu"))
+    ev = evaluate(predictor, ds, ds.labeled, EvalOptions(device="cpu", seam_images=0, examples=0, cost=False))
+    best = ev.hist["any"].choose_threshold("best_f1")
+    # a copy first: the original is left as it was
+    code, out, _ = run_cli(monkeypatch, capsys, "calibrate", "-m", ckpt, "-d", data, "--split", "all",
+                           "-o", tmp_path / "copy")
+    assert code == 0 and f"threshold {best.threshold:.4f}" in out
+    assert load_checkpoint(tmp_path / "copy.safetensors")[1].threshold == best.threshold
+    assert load_checkpoint(ckpt)[1].threshold == 0.5
+    # in place, by recall (an untrained network: best F1 is "everything is defect", a recall target is not)
+    want = ev.hist["any"].choose_threshold("recall", 0.5)
+    assert 0 < want.threshold < 1 and want.threshold != 0.5
+    code, out, _ = run_cli(monkeypatch, capsys, "calibrate", "-m", ckpt, "-d", data, "--split", "all",
+                           "--rule", "recall", "--target", "0.5")
+    _, spec, meta = load_checkpoint(ckpt)  # the weights still match their (rewritten) sidecar
+    assert code == 0 and spec.threshold == want.threshold and ckpt.read_bytes() == weights_before
+    record = meta["extra"]["threshold"]
+    assert record["rule"] == "recall" and record["target"] == 0.5 and record["previous"] == 0.5
+    assert record["images"] == 5 and record["recall"] == pytest.approx(want.recall, abs=1e-6) and want.recall >= 0.5
+    summary = run_evaluation(ckpt, data, tmp_path / "ev", split="all",
+                             options=EvalOptions(device="cpu", seam_images=0, min_area=0))
+    assert summary.metrics.threshold == want.threshold  # evaluate (and infer) use the stored threshold
+    m = summary.metrics.model_dump()
+    assert m["dice"]["defect"] == pytest.approx(want.f1, abs=1e-4)  # the mask at that threshold: pixel F1 = Dice

@@ -27,6 +27,40 @@ def test_histogram_without_positives_is_nan():
     assert np.isnan(hist.average_precision()) and np.isnan(hist.auroc())
 
 
+def test_threshold_choice_by_rule_against_brute_force():
+    rng = np.random.default_rng(3)
+    positive = rng.random(20_000) < 0.1
+    scores = np.clip(rng.normal(np.where(positive, 170, 80), 45), 0, 255).astype(np.uint8)
+    h = ScoreHistogram()
+    h.add(scores, positive)
+
+    def at(level):  # precision, recall, F1 of "defect where score >= level", counted directly
+        pred = scores >= level
+        tp, fp, fn = int((pred & positive).sum()), int((pred & ~positive).sum()), int((~pred & positive).sum())
+        return (tp / (tp + fp) if tp + fp else 1.0), tp / (tp + fn), 2 * tp / (2 * tp + fp + fn)
+
+    table = {level: at(level) for level in range(256)}
+    best = max(range(256), key=lambda lv: (table[lv][2], -lv))
+    c = h.choose_threshold("best_f1")
+    assert c.threshold == round(best / 255, 6) and c.f1 == pytest.approx(table[best][2])
+    seen = [lv for lv in range(256) if (scores >= lv).any()]
+    c = h.choose_threshold("precision", 0.8)  # the loosest threshold reaching the precision: the most recall
+    want = min(lv for lv in seen if table[lv][0] >= 0.8)
+    assert c.threshold == round(want / 255, 6) and c.precision >= 0.8 and c.recall == pytest.approx(table[want][1])
+    c = h.choose_threshold("recall", 0.9)  # the strictest threshold keeping the recall
+    want = max(lv for lv in range(256) if table[lv][1] >= 0.9)
+    assert c.threshold == round(want / 255, 6) and c.recall >= 0.9 and not c.note
+    confident_miss = ScoreHistogram.from_dict(h.to_dict())
+    confident_miss.add(np.array([255], np.uint8), np.array([False]))  # a background pixel scored 255
+    c = confident_miss.choose_threshold("precision", 1.0)  # no threshold is free of false positives: best F1, said so
+    assert c.threshold == confident_miss.choose_threshold("best_f1").threshold and "best F1 instead" in c.note
+    with pytest.raises(ValueError, match="target"):
+        h.choose_threshold("recall")
+    with pytest.raises(ValueError, match="no defect pixels"):
+        ScoreHistogram().choose_threshold("best_f1")
+    assert ScoreHistogram.from_dict(h.to_dict()).choose_threshold("best_f1") == h.choose_threshold("best_f1")
+
+
 def test_iou_dice_from_confusion():
     target = np.array([[0, 1, 1], [2, 2, 0]])
     pred = np.array([[0, 1, 0], [2, 1, 0]])

@@ -21,6 +21,7 @@ from defectscan.evaluation import evaluate
 from defectscan.inference import Predictor
 from defectscan.schemas import EvalOptions, InferOptions
 from defectscan.io.images import write_image
+from defectscan.metrics import ScoreHistogram
 from defectscan.models import load_checkpoint
 from defectscan.training import load_config, train
 from defectscan.training.losses import build_loss
@@ -157,6 +158,20 @@ def test_training_with_validation_and_test_split(tmp_path):
     # the run's checkpoint works with `infer` unchanged
     model, spec, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert spec.head == "sigmoid" and spec.classes == ("defect",) and meta["extra"]["epoch"] == result.best_epoch
+    # the threshold was chosen on the validation image (best pixel F1 of the best epoch's validation pass) and the
+    # test metrics use it
+    chosen = meta["extra"]["threshold"]
+    scores = ScoreHistogram.from_dict(meta["extra"]["validation_scores"])
+    assert chosen["rule"] == "best_f1" and chosen["split"] == "validation" and chosen["images"] == 1
+    assert spec.threshold == chosen["threshold"] == round(scores.best_f1()[1], 6)
+    assert chosen["positives"] == scores.pos.sum() > 0 and test["threshold"] == spec.threshold
+    assert "threshold" in (tmp_path / "run" / "train.log").read_text()
+    # fixed: model.threshold is kept
+    cfg = load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.2", "data.test_fraction=0.2",
+                                    "training.epochs=1", "validation.threshold=fixed", "model.threshold=0.3"])
+    train(cfg, tmp_path / "fixed", log=lambda m: None)
+    _, spec, meta = load_checkpoint(tmp_path / "fixed" / "best.safetensors")
+    assert spec.threshold == 0.3 and "threshold" not in meta["extra"]
 
 
 KILL_SCRIPT = textwrap.dedent("""

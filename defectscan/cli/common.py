@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from defectscan.errors import DefectscanError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Pixel-level defect detection on high-resolution industrial images.")
 console = Console(stderr=True, soft_wrap=True)  # errors stay on one line, whatever the width
@@ -35,6 +37,19 @@ def apply_max_pixels(value: int | None) -> None:
         from defectscan.io.images import set_max_pixels
 
         set_max_pixels(value)
+
+
+def class_map_option():
+    """`--class-map`: score a dataset class as a model class of another name (evaluate, calibrate)."""
+    return typer.Option([], "--class-map", help="Score a dataset class as a model class whose name differs: "
+                        "DATASET_CLASS=MODEL_CLASS (repeatable; equal names match by themselves).")
+
+
+def parse_class_map(items: list[str]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {items}")
+    return {a.strip(): b.strip() for a, b in pairs}
 
 
 def amp_option():

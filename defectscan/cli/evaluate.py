@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, command_line, console, max_pixels_option,
-                                   print_note, progress_bar, threads_option, wide_console)
-from defectscan.errors import DefectscanError
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option, command_line,
+                                   console, max_pixels_option, parse_class_map, print_note, progress_bar,
+                                   threads_option, wide_console)
 
 
 @app.command()
@@ -34,8 +34,7 @@ def evaluate(
     pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
     seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
-    class_map: List[str] = typer.Option([], "--class-map", help="Score a dataset class as a model class whose name "
-                                        "differs: DATASET_CLASS=MODEL_CLASS (repeatable; equal names match by themselves)."),
+    class_map: List[str] = class_map_option(),
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
@@ -53,9 +52,7 @@ def evaluate(
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
     apply_max_pixels(max_pixels)
     apply_threads(threads)
-    pairs = [item.split("=", 1) for item in class_map]
-    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise DefectscanError(f"--class-map takes DATASET_CLASS=MODEL_CLASS, got {class_map}")
+    classes = parse_class_map(class_map)
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
     remove_leftovers(out_dir.parent, out_dir.name)  # what runs killed while writing this output left
@@ -64,7 +61,7 @@ def evaluate(
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
                                 run_splits=run.split_source() if run else None,
                                 progress=lambda d, n: progress.update(task, completed=d, total=n),
-                                command=command_line(), class_map={a.strip(): b.strip() for a, b in pairs},
+                                command=command_line(), class_map=classes,
                                 log=print_note)
     table = Table(title=f"defectscan evaluate — {escape(result.model)}, {result.metrics.images} images "
                         f"({escape(result.split_source)})")

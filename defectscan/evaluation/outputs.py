@@ -110,6 +110,22 @@ def match_classes(data_classes: Sequence[str], model_classes: Sequence[str],
     return mapping, notes
 
 
+def open_for_scoring(checkpoint: Path, data: str | Path, options: EvalOptions, *, data_format: str = "auto",
+                     class_map: Mapping[str, str] | None = None,
+                     log: Callable[[str], None] = lambda message: None) -> tuple[Predictor, SegmentationDataset, dict]:
+    """(predictor, the dataset seen with the model's classes, dataset class -> model class): what scoring a
+    checkpoint on labeled data starts with. Classes are matched by name (`match_classes`); `log` says how."""
+    predictor = Predictor.from_checkpoint(checkpoint, options.infer_options())
+    spec = predictor.spec
+    ds = load_dataset(data, data_format)
+    mapping, notes = match_classes(ds.classes[1:], spec.defect_classes, class_map)
+    if any(k != v for k, v in mapping.items()):
+        notes.append("scored as the model's classes: " + ", ".join(f"{k} -> {v}" for k, v in mapping.items()))
+    for note in notes:
+        log(note)
+    return predictor, ds.seen_as((ds.classes[0], *spec.defect_classes), mapping), mapping
+
+
 def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
                    data_format: str = "auto", options: EvalOptions | None = None, limit: int | None = None,
                    run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
@@ -120,16 +136,10 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     the model's by name (`match_classes`); `log` receives notes on how."""
     opts = options or EvalOptions()
     checkpoint, out = Path(checkpoint), Path(out)
-    predictor = Predictor.from_checkpoint(checkpoint, opts.infer_options())
+    predictor, ds, mapping = open_for_scoring(checkpoint, data, opts, data_format=data_format, class_map=class_map,
+                                              log=log)
     opts = opts.model_copy(update={"stitch": predictor.stitch})  # metrics.json records what was used
     spec = predictor.spec
-    ds = load_dataset(data, data_format)
-    mapping, notes = match_classes(ds.classes[1:], spec.defect_classes, class_map)
-    if any(k != v for k, v in mapping.items()):
-        notes.append("scored as the model's classes: " + ", ".join(f"{k} -> {v}" for k, v in mapping.items()))
-    ds = ds.seen_as((ds.classes[0], *spec.defect_classes), mapping)
-    for note in notes:
-        log(note)
     samples, how = select_samples(ds, split, run_splits)
     if limit:
         samples = samples[:limit]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -72,6 +73,29 @@ def save_checkpoint(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"extra": dict(extra)} if extra else {}),
     }
+    write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def set_threshold(path: str | Path, threshold: float, record: Mapping[str, Any], out: str | Path | None = None) -> Path:
+    """Store a chosen decision threshold in a checkpoint: the sidecar's `model.threshold`, with how it was chosen
+    in `extra.threshold` (`record`). The weights are not rewritten (their checksum is verified first); with `out`,
+    weights and sidecar are written there and the original is left as it was. Returns the weights path."""
+    weights, sidecar = checkpoint_paths(path)
+    meta = read_sidecar(path)
+    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+        raise DefectscanError(f"{weights}: weights do not match their sidecar (checksum differs; file replaced or damaged?)")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    meta["model"] = {**meta["model"], "threshold": threshold}
+    meta["extra"] = {**meta.get("extra", {}), "threshold": dict(record)}
+    if out is not None:
+        weights_out, sidecar = checkpoint_paths(out)
+        if weights_out.resolve() != weights.resolve():
+            with atomic_path(weights_out) as tmp:
+                shutil.copyfile(weights, tmp)
+            meta["weights_file"] = weights_out.name
+        weights = weights_out
     write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     return weights
 

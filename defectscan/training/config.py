@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from defectscan.errors import DefectscanError
 from defectscan.schemas import Amp, describe_validation_error, error_key
@@ -103,6 +103,17 @@ class ValidationConfig(_Section):
     batch_size: int = Field(4, ge=1)
     min_area: int = Field(4, ge=0)
     test: bool = True  # evaluate the best checkpoint on the test split at the end (benchmarks run `evaluate` instead)
+    # the decision threshold stored in the checkpoint: chosen on the validation split after training (best pixel
+    # F1, or the loosest threshold reaching a target precision / the strictest reaching a target recall), or
+    # `fixed` (model.threshold). Without a validation split model.threshold is kept, with a note.
+    threshold: Literal["fixed", "best_f1", "precision", "recall"] = "best_f1"
+    threshold_target: Optional[float] = Field(None, gt=0.0, le=1.0)  # for precision / recall
+
+    @model_validator(mode="after")
+    def _target_for_rule(self) -> "ValidationConfig":
+        if self.threshold in ("precision", "recall") and self.threshold_target is None:
+            raise ValueError(f"threshold '{self.threshold}' needs threshold_target in (0, 1], e.g. 0.9")
+        return self
 
 
 DEFAULT_AUGMENT: list = [

@@ -25,7 +25,8 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
 from defectscan.io.provenance import hardware
-from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from defectscan.metrics import ScoreHistogram
+from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
 from defectscan.schemas import EvalOptions
@@ -274,8 +275,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                                "train_loss": round(float(np.mean(losses)), 5),
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}
         improved = False
+        val_scores = None
         if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
             m = validate(model, spec, splits.val, "validation")
+            val_scores = m.hist["any"].to_dict()  # kept with a best checkpoint: its threshold is chosen from it
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
             row["val_seconds"] = round(m.seconds, 1)
@@ -295,7 +298,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                  "train_images": len(train_samples), "precision": precision_name(amp_dtype)}
         half = tc.half_checkpoints
         if improved:
-            save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=extra)
+            best_extra = {**extra, "validation_scores": val_scores} if val_scores else extra
+            save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
         save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
         run.save_state(model, opt, progress_state)  # written last: resume starts from here
         run.write_history(history)
@@ -307,6 +311,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             say(f"early stop: no improvement in {tc.early_stop} validation(s)")
             break
 
+    _choose_threshold(cfg, run, len(splits.val), say)
     test = None
     if splits.test and cfg.validation.test and not (complete and run.has_test_metrics()):
         best_model, best_spec, _ = load_checkpoint(run.checkpoint("best"))
@@ -319,3 +324,37 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     seconds = time.perf_counter() - t_start
     return TrainResult(run.path, progress_state["best_epoch"], progress_state["best_metric"], progress_state["epoch"],
                        seconds, test)
+
+
+def _choose_threshold(cfg: Config, run: RunDir, val_images: int, say: Log) -> None:
+    """Set the best checkpoint's decision threshold by `validation.threshold`, from the pixel score histogram of
+    the validation pass that made it the best (stored beside it, so a resumed run chooses the same)."""
+    vc = cfg.validation
+    if vc.threshold == "fixed":
+        return
+    if not val_images:
+        say(f"threshold: no validation split to choose it on ({vc.threshold}); keeping model.threshold "
+            f"{cfg.model.threshold}")
+        return
+    path = run.checkpoint("best")
+    meta = read_sidecar(path)
+    extra = meta.get("extra", {})
+    chosen = extra.get("threshold")
+    if chosen and chosen.get("rule") == vc.threshold and chosen.get("target") == vc.threshold_target:
+        return  # chosen before this run was resumed
+    if "validation_scores" not in extra:
+        say("threshold: the best checkpoint has no validation scores (made before thresholds were chosen); "
+            f"keeping {meta['model']['threshold']}")
+        return
+    scores = ScoreHistogram.from_dict(extra["validation_scores"])
+    if scores.pos.sum() == 0:
+        say(f"threshold: the validation images hold no defect pixels to choose it on; keeping model.threshold "
+            f"{cfg.model.threshold}")
+        return
+    choice = scores.choose_threshold(vc.threshold, vc.threshold_target)
+    set_threshold(path, choice.threshold, {**choice.to_dict(), "split": "validation", "images": val_images,
+                                           "previous": meta["model"]["threshold"]})
+    say(f"threshold {choice.threshold:.4f} chosen on {val_images} validation image(s) by {vc.threshold}"
+        + (f" {vc.threshold_target}" if vc.threshold_target else "")
+        + f": pixel precision {choice.precision:.3f}, recall {choice.recall:.3f}, F1 {choice.f1:.3f}"
+        + (f" ({choice.note})" if choice.note else ""))
