@@ -21,7 +21,7 @@ import sys
 import time
 
 ENCODERS = ["resnet34", "efficientnet_lite0", "convnext_tiny", "swin_t", "vitae_t", "vitae_t_win", "vitae_s",
-            "vitae_s_win"]
+            "vitae_s_win", "vit_s"]
 
 
 def _rss_mb() -> float:

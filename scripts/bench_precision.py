@@ -5,7 +5,7 @@ autocast channels-last, on the same images, masks compared with float32's.
 
 For every image of the split, the checkpoint's `Predictor` runs once per variant, one after the other in this
 process (ratios are measured under the same machine load). Printed per variant: the share of mask pixels whose
-class differs from float32 NCHW, the largest probability difference, the defect IoU against the ground truth,
+class differs from the first variant (float32 NCHW unless `--variants` says otherwise), the largest probability difference, the defect IoU against the ground truth,
 regions predicted, time and speed-up. A variant may be a default only within the rule of issue 13: at most
 0.1 % of mask pixels differ and IoU within 0.005 (README, "bf16 on CPUs").
 """
@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 
+VARIANTS = {"float32": ("off", False), "float32 channels_last": ("off", True), "bf16 channels_last": ("bf16", True)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("--format", default="auto")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="variants to run; the first is the reference the others are compared with")
     args = ap.parse_args()
 
     from defectscan.data.formats import load_dataset
@@ -42,10 +47,9 @@ def main() -> None:
     ds = load_dataset(args.data, args.format)
     samples, how = select_samples(ds, args.split, None)
     samples = samples[: args.limit] if args.limit else samples
-    variants = {"float32": ("off", False), "float32 channels_last": ("off", True),
-                "bf16 channels_last": ("bf16", True)}
     runs = {}
-    for name, (amp, cl) in variants.items():
+    for name in args.variants:
+        amp, cl = VARIANTS[name]
         p = Predictor.from_checkpoint(args.checkpoint, InferOptions(amp=amp, device="cpu"))
         p.model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         p.tiles.channels_last = cl
@@ -72,9 +76,9 @@ def main() -> None:
             st["prob"] = max(st["prob"], int(np.abs(pred.probs.astype(np.int16) - ref.probs.astype(np.int16)).max()))
         print(f"\r{i + 1}/{len(samples)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    base = stats["float32"]
+    base = stats[args.variants[0]]
     base_iou = base["conf"][0] / max(1, base["conf"].sum())
-    print("| variant | mask pixels differing from float32 | max prob. diff (/255) | defect IoU | regions | MP/s "
+    print(f"| variant | mask pixels differing from {args.variants[0]} | max prob. diff (/255) | defect IoU | regions | MP/s "
           "| speed-up | within the rule |")
     print("|---|---|---|---|---|---|---|---|")
     for name, st in stats.items():

@@ -39,7 +39,7 @@ def test_deeplab_with_swin_is_a_clear_error(encoder):
         build_model(ModelSpec(arch="deeplabv3plus", encoder=encoder))
 
 
-@pytest.mark.parametrize("encoder", ["resnet10t", "swin_t", "vitae_t", "vitae_t_win"])
+@pytest.mark.parametrize("encoder", ["resnet10t", "swin_t", "vitae_t", "vitae_t_win", "vit_s"])
 def test_gradients_reach_every_parameter_and_loss_falls(encoder):
     torch.manual_seed(0)
     model = build_model(ModelSpec(arch="unet", encoder=encoder, classes=("d",))).train()
@@ -144,7 +144,63 @@ def test_vitae_imagenet_download_is_a_clear_error():
         build_model(ModelSpec(encoder="vitae_s"), encoder_weights="imagenet")
 
 
-@pytest.mark.parametrize("encoder", ["swin_t", "vitae_t", "vitae_s_win"])
+def test_vit_pyramid_strides_and_position_embeddings_at_any_tile():
+    model = build_model(ModelSpec(arch="unet", encoder="vit_s", classes=("d",))).eval()
+    with torch.inference_mode():
+        feats = model.encoder(torch.zeros(1, 3, 96, 160))
+    assert [tuple(f.shape[1:]) for f in feats[2:]] == [(96, 24, 40), (192, 12, 20), (384, 6, 10), (384, 3, 5)]
+    assert model.encoder.vit.pos_embed.shape == (1, 197, 384)  # stored at 14 x 14, interpolated per forward
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.encoder(torch.zeros(1, 3, 80, 96))
+    assert encoder_info("vit_s").family == "transformer"
+    spec = ModelSpec(encoder="vit_s", classes=("d",), in_channels=1, encoder_kwargs={"drop_path_rate": 0.2})
+    one = build_model(spec)
+    assert one(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+    assert one.encoder.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    with pytest.raises(DefectscanError, match="bad vit_s options"):
+        build_model(ModelSpec(encoder="vit_s", encoder_kwargs={"drop_path": 0.1}))
+
+
+def test_vit_loads_timm_checkpoints_with_another_grid_and_its_own_state_dicts(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    src = timm.create_model("vit_small_patch16_384", pretrained=False)  # 24 x 24 position grid, classifier head
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(state, str(tmp_path / "vit384.safetensors"))
+    model = build_model(ModelSpec(arch="fpn", encoder="vit_s", classes=("d",)), encoder_weights=tmp_path / "vit384.safetensors")
+    got = model.encoder.vit.state_dict()
+    assert torch.equal(got["blocks.11.mlp.fc2.weight"], state["blocks.11.mlp.fc2.weight"])
+    assert torch.equal(got["cls_token"], state["cls_token"]) and got["pos_embed"].shape == (1, 197, 384)
+    assert not torch.equal(got["pos_embed"][:, 1:], torch.zeros_like(got["pos_embed"][:, 1:]))
+    # our own encoder state dict (e.g. from pretraining), pyramid included, round-trips exactly
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp_path / "own.safetensors"))
+    again = build_model(ModelSpec(arch="unet", encoder="vit_s", classes=("d",)), encoder_weights=tmp_path / "own.safetensors")
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(again.encoder.state_dict()[k], v), k
+    del state["blocks.3.attn.qkv.weight"]
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(DefectscanError, match="missing for vit_s"):
+        build_model(ModelSpec(encoder="vit_s"), encoder_weights=tmp_path / "partial.safetensors")
+
+
+def test_vit_imagenet_download_failure_is_a_clear_error(monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(DefectscanError, match="no internet"):
+        build_model(ModelSpec(encoder="vit_s"), encoder_weights="imagenet")
+
+
+@pytest.mark.parametrize("encoder", ["swin_t", "vitae_t", "vitae_s_win", "vit_s"])
 def test_tiled_inference_with_new_backbones(encoder):
     spec = ModelSpec(arch="unet", encoder=encoder, classes=("d",), tile=128, overlap=32)
     model = build_model(spec).eval()

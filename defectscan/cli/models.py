@@ -21,6 +21,8 @@ def models() -> None:
         notes = [] if info.output_stride_16 else ["no deeplabv3plus"]
         if info.offline_package:
             notes.append(f"imagenet offline via {info.offline_package}")
+        if info.imagenet is not None:
+            notes.append("imagenet through the timm hub (internet)")
         table.add_row(name, info.family, str(info.stride), "; ".join(notes))
     Console().print(table)
     Console().print("decoders: " + ", ".join(DECODERS))

@@ -117,11 +117,9 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
         local = Path(encoder_weights)
         if not local.is_file():
             raise DefectscanError(f"encoder weights file not found: {local}")
-    if info.family == "hybrid":
-        from defectscan.models.encoders.vitae import register_smp_encoders
-
-        register_smp_encoders()
-        if encoder_weights == "imagenet":
+    if info.register_smp is not None:
+        info.register_smp()
+        if encoder_weights == "imagenet" and info.imagenet is None:
             raise DefectscanError(f"{spec.encoder}: official ViTAE ImageNet weights are not downloadable by a tool "
                                   f"(OneDrive/Google Drive links); download the .pth and pass its path instead")
     if spec.arch == "deeplabv3plus" and not info.output_stride_16:
@@ -131,8 +129,9 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
     tu = info.smp_name.startswith("tu-")
     offline = (encoder_weights == "imagenet" and info.offline_package is not None
                and importlib.util.find_spec(info.offline_package) is not None)
-    if offline:
-        encoder_weights = None  # built at random, then filled from the package below
+    own_imagenet = encoder_weights == "imagenet" and info.imagenet is not None
+    if offline or own_imagenet:
+        encoder_weights = None  # built at random, then filled below
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*encoder_weights.*should be set to True.*")
@@ -149,31 +148,22 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
         raise DefectscanError(f"could not download ImageNet weights for {spec.encoder} (no internet?): {exc}") from None
     except (TypeError, ValueError, KeyError) as exc:
         raise DefectscanError(f"cannot build {spec.arch} with encoder {spec.encoder}: {exc}") from None
-    if info.family == "hybrid" and spec.encoder_kwargs:
-        model.encoder = _rebuilt_vitae(model.encoder, spec)
+    if info.rebuild is not None and spec.encoder_kwargs:
+        try:
+            model.encoder = info.rebuild(model.encoder, dict(spec.encoder_kwargs), spec.in_channels)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DefectscanError(f"bad {spec.encoder} options {dict(spec.encoder_kwargs)}: {exc}") from None
     if offline:
         info.offline_imagenet(model.encoder)
+    if own_imagenet:
+        try:
+            info.imagenet(model.encoder)
+        except (OSError, ConnectionError, RuntimeError) as exc:
+            raise DefectscanError(f"could not download ImageNet weights for {spec.encoder} (no internet?): "
+                                  f"{exc}") from None
     if local is not None:
         load_encoder_file(model, local, spec.encoder, info.load_file)
     return model
-
-
-def _rebuilt_vitae(old: nn.Module, spec: ModelSpec) -> nn.Module:
-    """smp passes no options to registered encoders: swap in one built with them (same output channels)."""
-    from defectscan.models.encoders.vitae import VARIANTS, ViTAEEncoder
-
-    known = set(VARIANTS[spec.encoder].__dataclass_fields__)
-    bad = sorted(set(spec.encoder_kwargs) - known)
-    if bad:
-        raise DefectscanError(f"unknown ViTAE option(s) {', '.join(bad)} (e.g. drop_path, pcm_norm)")
-    try:
-        new = ViTAEEncoder(spec.encoder, list(old._out_channels), **dict(spec.encoder_kwargs))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise DefectscanError(f"bad ViTAE options {dict(spec.encoder_kwargs)}: {exc}") from None
-    new.set_in_channels(spec.in_channels, pretrained=False)
-    if old.reduction != 32:
-        new.make_dilated(old.reduction)
-    return new
 
 
 def center_stitch_caveat(spec: ModelSpec) -> str | None:

@@ -36,6 +36,12 @@ class EncoderInfo:
     # ImageNet weights without the hub: a Python package that ships them, and the loader that reads them
     offline_package: str | None = None
     offline_imagenet: Callable[[nn.Module], None] | None = None
+    # encoders of our own (encoders/): registers them in smp's registry before a model is built
+    register_smp: Callable[[], None] | None = None
+    # smp builds registered encoders without options: (built encoder, encoder_kwargs, in_channels) -> rebuilt one
+    rebuild: Callable[[nn.Module, dict, int], nn.Module] | None = None
+    # ImageNet weights fetched by the encoder's own code (hub download) into model.encoder
+    imagenet: Callable[[nn.Module], None] | None = None
 
 
 ENCODERS: dict[str, EncoderInfo] = {
@@ -80,13 +86,16 @@ def encoder_info(name: str) -> EncoderInfo:
     return ENCODERS[key]
 
 
-def _register_vitae() -> None:
-    from defectscan.models.encoders import vitae
+def _register_own_encoders() -> None:
+    from defectscan.models.encoders import vit, vitae
 
     for name in vitae.VARIANTS:
-        ENCODERS.setdefault(name, EncoderInfo(name, "hybrid", load_file=vitae.load_official_weights))
+        ENCODERS.setdefault(name, EncoderInfo(name, "hybrid", load_file=vitae.load_official_weights,
+                                              register_smp=vitae.register_smp_encoders, rebuild=vitae.rebuilt))
+    for name in vit.VARIANTS:  # plain ViT + simple pyramid: global attention, no conv beyond the patch embedding
+        ENCODERS.setdefault(name, EncoderInfo(name, "transformer", output_stride_16=False,
+                                              load_file=vit.load_timm_weights, register_smp=vit.register_smp_encoders,
+                                              rebuild=vit.rebuilt, imagenet=vit.imagenet_weights))
 
 
-_register_vitae()
-
-
+_register_own_encoders()

@@ -1,1 +1,1 @@
-"""Backbones of our own, each one self-contained module registered with the factory (ViTAE; later ViT)."""
+"""Backbones of our own, each one self-contained module registered with the factory (ViTAE, plain ViT)."""

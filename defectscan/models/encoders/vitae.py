@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from defectscan.models.encoders.layers import conv_with_in_channels
+
 WINDOW = 7
 
 
@@ -357,8 +359,8 @@ class ViTAEEncoder(ViTAE, EncoderMixin):
         self._out_channels = [in_channels] + list(self._out_channels[1:])
         rc = self.layers[0].RC
         for branch in rc.PRM.convs:  # every first-stage conv reads the image
-            branch[0] = _with_in_channels(branch[0], in_channels)
-        rc.PCM[0] = _with_in_channels(rc.PCM[0], in_channels)
+            branch[0] = conv_with_in_channels(branch[0], in_channels)
+        rc.PCM[0] = conv_with_in_channels(rc.PCM[0], in_channels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         b, _, h, w = x.shape
@@ -370,18 +372,20 @@ class ViTAEEncoder(ViTAE, EncoderMixin):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None)
-    with torch.no_grad():  # keep what the RGB weights know: repeat their mean over the new channels
-        new.weight.copy_(conv.weight.mean(1, keepdim=True).repeat(1, in_channels, 1, 1) * 3 / in_channels)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new
-
-
 def _is_classification_key(key: str) -> bool:
     return key.startswith("head.") or key.endswith("relative_position_index") or key.startswith("norm.")
+
+
+def rebuilt(old: ViTAEEncoder, encoder_kwargs: dict[str, Any], in_channels: int) -> ViTAEEncoder:
+    """smp passes no options to registered encoders: one built with them (same output channels)."""
+    bad = sorted(set(encoder_kwargs) - set(VARIANTS[old.variant].__dataclass_fields__))
+    if bad:
+        raise ValueError(f"unknown ViTAE option(s) {', '.join(bad)} (e.g. drop_path, pcm_norm)")
+    new = ViTAEEncoder(old.variant, list(old._out_channels), **encoder_kwargs)
+    new.set_in_channels(in_channels, pretrained=False)
+    if old.reduction != 32:
+        new.make_dilated(old.reduction)
+    return new
 
 
 def register_smp_encoders() -> None:
