@@ -113,16 +113,12 @@ def sample_key(ds: SegmentationDataset, sample: Sample) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def cached_pair(ds: SegmentationDataset, sample: Sample, root: Path | None = None) -> tuple[DiskArray, DiskArray]:
-    """The sample's (H, W, 3) uint8 RGB image and (H, W) class-index mask as memory maps, decoded on first use.
-
-    The image is decoded row by row into the memory map (a huge PNG never exists whole in RAM); both files are
-    written atomically, so an interrupted run leaves no half-decoded file behind.
-    """
+def cached_image(ds: SegmentationDataset, sample: Sample, root: Path | None = None) -> DiskArray:
+    """The sample's (H, W, 3) uint8 RGB image as a memory map, decoded on first use, row by row (a huge PNG never
+    exists whole in RAM) into a file written atomically (an interrupted run leaves no half-decoded file)."""
     folder = root or cache_root()
     folder.mkdir(parents=True, exist_ok=True)
-    key = sample_key(ds, sample)
-    image_path, mask_path = folder / f"{key}.image.npy", folder / f"{key}.mask.npy"
+    image_path = folder / f"{sample_key(ds, sample)}.image.npy"
     if not image_path.is_file():
         source = ds.open_source(sample)
         h, w = source.shape
@@ -132,13 +128,31 @@ def cached_pair(ds: SegmentationDataset, sample: Sample, root: Path | None = Non
                 out[y0 : y0 + ROWS_PER_WRITE] = source.read(y0, min(h, y0 + ROWS_PER_WRITE), 0, w)
             out.flush()
             del out
-    image = DiskArray(image_path)
+    return DiskArray(image_path)
+
+
+def cached_pair(ds: SegmentationDataset, sample: Sample, root: Path | None = None) -> tuple[DiskArray, DiskArray]:
+    """The sample's image (`cached_image`) and (H, W) class-index mask as memory maps, decoded on first use."""
+    folder = root or cache_root()
+    image = cached_image(ds, sample, folder)
+    mask_path = folder / f"{sample_key(ds, sample)}.mask.npy"
     if not mask_path.is_file():
         mask = ds.load_mask(sample, image.shape[:2])
         with atomic_path(mask_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, mask)
     return image, DiskArray(mask_path)
+
+
+def load_images(ds: SegmentationDataset, samples: list[Sample], mode: Literal["memory", "disk"],
+                progress: Callable[[int, int], None] | None = None) -> list:
+    """Images alone (labeled or not, e.g. for self-supervised pretraining): arrays in memory or memory maps."""
+    images = []
+    for i, s in enumerate(samples):
+        images.append(cached_image(ds, s) if mode == "disk" else ds.load_image(s))
+        if progress:
+            progress(i + 1, len(samples))
+    return images
 
 
 def load_training_pairs(ds: SegmentationDataset, samples: list[Sample], mode: Literal["memory", "disk"],

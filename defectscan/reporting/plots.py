@@ -42,12 +42,20 @@ def training_curves(history: list[dict]) -> bytes:
     """Training loss and the validation metrics per epoch."""
     plt = pyplot()
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    validation = [(label, [(r["epoch"], r[key]) for r in history if r.get(key) is not None])
+                  for key, label in (("val_mean_iou", "mean IoU"), ("val_mean_dice", "mean Dice"),
+                                     ("val_defect_ap", "pixel AP"))]
+    has_val = any(pts for _, pts in validation)  # none without a validation split, and in pretraining
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(10 if has_val else 5.5, 3.8), dpi=100, squeeze=False)
+    ax_loss = axes[0, 0]
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_loss.grid(alpha=0.3)
-    for key, label in (("val_mean_iou", "mean IoU"), ("val_mean_dice", "mean Dice"), ("val_defect_ap", "pixel AP")):
-        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+    if not has_val:
+        fig.tight_layout()
+        return fig_png(fig)
+    ax_val = axes[0, 1]
+    for label, pts in validation:
         if pts:
             ax_val.plot(*zip(*pts), marker="o", ms=3, label=label)
     ax_val.set(xlabel="epoch", ylabel="validation", title="validation (tiled, full images)", ylim=(0, 1))

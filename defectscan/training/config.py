@@ -154,13 +154,67 @@ class Config(_Section):
         return self.model_dump(mode="python")
 
 
-def _config_error(exc: ValidationError) -> DefectscanError:
+class PretrainModelConfig(_Section):
+    encoder: str = "resnet34"
+    arch: str = "unet"  # the decoder that reconstructs the masked pixels during pretraining (then discarded)
+    init_weights: Optional[str] = None  # start from: none, imagenet, or an encoder weights file
+    encoder_kwargs: dict = Field(default_factory=dict)
+
+
+class PretrainDataConfig(_Section):
+    root: Optional[AbsolutePath] = None
+    # auto: a dataset layout when there is one, else every image under the folder (`images`)
+    format: Literal["auto", "folder", "labelme", "coco", "mvtec", "images"] = "auto"
+    cache: Literal["auto", "memory", "disk"] = "auto"
+
+
+class PretrainSamplingConfig(_Section):
+    crop: int = Field(192, ge=32)  # a multiple of the mask patch and of the encoder's stride
+    batch_size: int = Field(8, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+
+
+class MaskConfig(_Section):
+    patch: int = Field(32, ge=4)  # side of the square patches hidden from the encoder (SimMIM: 32)
+    ratio: float = Field(0.6, gt=0.0, lt=1.0)  # share of patches hidden
+
+
+class PretrainRunConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    amp: Amp = "auto"
+    log_every: int = Field(25, ge=0)
+
+
+class PretrainConfig(_Section):
+    """Self-supervised pretraining (masked image modelling, `training.pretrain`)."""
+
+    model: PretrainModelConfig = Field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    sampling: PretrainSamplingConfig = Field(default_factory=PretrainSamplingConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1.5e-3, weight_decay=0.05))
+    training: PretrainRunConfig = Field(default_factory=PretrainRunConfig)
+
+    @model_validator(mode="after")
+    def _crop_fits_patches(self) -> "PretrainConfig":
+        if self.sampling.crop % self.mask.patch:
+            raise ValueError(f"sampling.crop ({self.sampling.crop}) must be a multiple of mask.patch "
+                             f"({self.mask.patch})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="python")
+
+
+def _config_error(exc: ValidationError, schema: type[BaseModel] = None) -> DefectscanError:
     """The first problem as one line naming the key and the value; an unknown key lists the known ones."""
     err = exc.errors()[0]
     if err["type"] != "extra_forbidden":
         return DefectscanError(describe_validation_error(exc, "config"))
     loc = err["loc"]
-    section: Any = Config
+    section: Any = schema or Config
     for part in loc[:-1]:
         field = section.model_fields.get(part) if isinstance(part, str) else None
         section = field.annotation if field is not None and isinstance(field.annotation, type) else LossTerm
@@ -216,19 +270,21 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                schema: type[BaseModel] = Config) -> Any:
+    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated as `schema`
+    (a training `Config`, or a `PretrainConfig`)."""
     data = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)
     try:
-        return Config.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc) from None
+        raise _config_error(exc, schema) from None
 
 
-def same_as_saved(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) -> bool:
+def same_as_saved(cfg: BaseModel, saved: str | Path, ignore: tuple[str, ...] = ()) -> bool:
     """Whether `cfg` equals the config.yaml a run saved, leaving out the `section.key` entries in `ignore`."""
     def plain(data: dict) -> dict:
         for key in ignore:
@@ -238,5 +294,5 @@ def same_as_saved(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) 
 
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # through YAML, as the trainer saved it
     # the saved file goes through the same defaults, so a field added later (at its default) does not count
-    before = yaml.safe_load(yaml.safe_dump(load_config(saved).to_dict()))
+    before = yaml.safe_load(yaml.safe_dump(load_config(saved, schema=type(cfg)).to_dict()))
     return plain(before) == plain(current)

@@ -56,6 +56,14 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def step_line(epoch: int, epochs: int, k: int, steps: int, recent_losses: list[float], lr: float, t_epoch: float,
+              steps_left: int) -> str:
+    """The log line every `log_every` steps: position, recent loss, learning rate, speed and time left."""
+    rate = (k + 1) / (time.perf_counter() - t_epoch)
+    return (f"epoch {epoch}/{epochs} step {k + 1}/{steps} loss {float(np.mean(recent_losses)):.4f} lr {lr:.3g} "
+            f"{rate:.2f} steps/s, ETA {steps_left / rate / 60:.0f} min")
+
+
 def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
     classes = ClassMap.for_classes(ds.classes, cfg.model.head)
     spec = ModelSpec(arch=cfg.model.arch, encoder=cfg.model.encoder, classes=classes.channel_names, head=classes.head,
@@ -98,14 +106,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
     stack = contextlib.ExitStack()
 
     def check_directory() -> None:
-        if resume:
-            if not run.is_run():
-                raise DefectscanError(f"{run.path}: nothing to resume (no config.yaml; not a run directory)")
-            if not run.same_config(cfg, ignore=("training.epochs",)):
-                raise DefectscanError(f"{run.path}: the configuration differs from the run's config.yaml; resume "
-                                      f"with the same settings (only training.epochs may change, to extend a run)")
-        elif not run.is_empty():
-            raise DefectscanError(f"{run.path}: run directory exists and is not empty; use --resume or another --out")
+        run.check_can_start(cfg, resume)
 
     check_directory()
     if resume:  # the directory exists: hold it for the whole run
@@ -266,11 +267,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
             if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:
-                rate = (k + 1) / (time.perf_counter() - t_epoch)
-                left = (total_steps - step - 1) / rate
-                say(f"epoch {epoch}/{tc.epochs} step {k + 1}/{sc.steps_per_epoch} loss "
-                    f"{float(np.mean(losses[-tc.log_every:])):.4f} lr {lr:.3g} {rate:.2f} steps/s, ETA "
-                    f"{left / 60:.0f} min (training steps only)", step_line=True)
+                say(step_line(epoch, tc.epochs, k, sc.steps_per_epoch, losses[-tc.log_every:], lr, t_epoch,
+                              total_steps - step - 1) + " (training steps only)", step_line=True)
         row: dict[str, Any] = {"epoch": epoch, "step": first + sc.steps_per_epoch, "lr": round(lr, 8),
                                "train_loss": round(float(np.mean(losses)), 5),
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}

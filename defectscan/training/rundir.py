@@ -25,7 +25,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import EVALUATION_DIR
 from defectscan.io.files import atomic_path, csv_text, exclusive_lock, read_csv, remove_leftovers, write_text
 from defectscan.reporting import plots
-from defectscan.training.config import Config, load_config, same_as_saved
+from defectscan.training.config import Config, PretrainConfig, load_config, same_as_saved
 
 
 class RunDir:
@@ -66,6 +66,18 @@ class RunDir:
             remove_leftovers(self.path)
             yield
 
+    def check_can_start(self, cfg: Config | PretrainConfig, resume: bool) -> None:
+        """A new run needs an empty directory; a resumed one its config.yaml with the same settings (only
+        training.epochs may change, to extend a run)."""
+        if resume:
+            if not self.is_run():
+                raise DefectscanError(f"{self.path}: nothing to resume (no config.yaml; not a run directory)")
+            if not self.same_config(cfg, ignore=("training.epochs",)):
+                raise DefectscanError(f"{self.path}: the configuration differs from the run's config.yaml; resume "
+                                      f"with the same settings (only training.epochs may change, to extend a run)")
+        elif not self.is_empty():
+            raise DefectscanError(f"{self.path}: run directory exists and is not empty; use --resume or another --out")
+
     def has_state(self) -> bool:
         return (self.path / self.STATE).is_file()
 
@@ -81,18 +93,18 @@ class RunDir:
         return self.path / EVALUATION_DIR
 
     # ---- configuration and splits -----------------------------------------------------------------------------
-    def write_config(self, cfg: Config) -> None:
+    def write_config(self, cfg: Config | PretrainConfig) -> None:
         write_text(self.path / self.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    def read_config(self, overrides: Sequence[str] = ()) -> Config:
+    def read_config(self, overrides: Sequence[str] = (), schema: type = Config) -> Any:
         if not self.is_run():
             raise DefectscanError(f"{self.path}: not a run directory (no {self.CONFIG})")
-        return load_config(self.path / self.CONFIG, list(overrides))
+        return load_config(self.path / self.CONFIG, list(overrides), schema=schema)
 
     def has_test_metrics(self) -> bool:
         return (self.path / self.TEST_METRICS).is_file()
 
-    def same_config(self, cfg: Config, ignore: tuple[str, ...] = ()) -> bool:
+    def same_config(self, cfg: Config | PretrainConfig, ignore: tuple[str, ...] = ()) -> bool:
         return same_as_saved(cfg, self.path / self.CONFIG, ignore=ignore)
 
     def write_splits(self, source: str, train: Sequence[str], unused: Sequence[str], val: Sequence[str],

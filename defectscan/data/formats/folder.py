@@ -68,3 +68,12 @@ def load_folder(root: Path, classes: Sequence[str] | None) -> SegmentationDatase
                 problems.append(Problem(str(mask_of[stem]), f"unknown label value {int(v.max())} "
                                         f"(classes: {', '.join(f'{i}={c}' for i, c in enumerate(names))})"))
     return SegmentationDataset(root, "folder", names, samples, problems, binary_masks=binary)
+
+
+def load_unlabeled_images(root: Path, classes: Sequence[str] | None = None) -> SegmentationDataset:
+    """Every image under `root` (sub-folders included), all unlabeled: what self-supervised pretraining reads
+    when a folder holds only images. Not auto-detected (`--format images`, or pretraining's fallback)."""
+    problems: list[Problem] = []
+    by_stem = duplicate_stems(files(root, SUPPORTED_SUFFIXES), problems)
+    samples = [Sample(image=image, stem=stem) for stem, image in by_stem.items()]
+    return SegmentationDataset(root, "images", (BACKGROUND, *(classes or ("defect",))), samples, problems)

@@ -1,0 +1,65 @@
+"""`defectscan pretrain`: self-supervised pretraining of an encoder on every image of a dataset, or `--resume`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, progress_bar,
+                                   task_factory, threads_option)
+from defectscan.errors import DefectscanError
+
+
+@app.command()
+def pretrain(
+    data: Optional[Path] = typer.Argument(None, help="Dataset directory: every image is used, labeled or not."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="Encoder to pretrain (see `defectscan "
+                                          "models`); shortcut for --set model.encoder=NAME."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/pretrain-<encoder>-<time>)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (e.g. configs/pretrain_mim.yaml)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set mask.ratio=0.75 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted pretraining in this directory."),
+    epochs: Optional[int] = typer.Option(None, help="Shortcut for --set training.epochs=N."),
+    device: Optional[str] = typer.Option(None, help="Shortcut for --set training.device=..."),
+    max_pixels: Optional[int] = max_pixels_option(),
+    threads: Optional[int] = threads_option(),
+) -> None:
+    """Masked image modelling on the user's own images (SimMIM objective through the segmentation decoder); writes
+    encoder.safetensors for `train --set model.encoder_weights=PATH`."""
+    import time as _time
+
+    from defectscan.io.files import check_output_dir
+    from defectscan.training import RunDir, load_config
+    from defectscan.training.config import PretrainConfig
+    from defectscan.training.pretrain import pretrain as run_pretraining
+
+    apply_max_pixels(max_pixels)
+    apply_threads(threads)
+    overrides = list(set_)
+    for key, value in (("data.root", data), ("model.encoder", encoder), ("training.epochs", epochs),
+                       ("training.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, Path) else value}")
+    if resume is not None:
+        if config is not None or any(not o.startswith("training.epochs=") for o in overrides):
+            raise DefectscanError("--resume continues a pretraining with its saved config.yaml; give no data, encoder, "
+                                  "config or overrides (except --epochs N)")
+        cfg, run_dir = RunDir(resume).read_config(overrides, schema=PretrainConfig), resume
+    else:
+        if data is None and config is None:
+            raise DefectscanError("give the dataset directory: defectscan pretrain DATA --encoder NAME")
+        cfg = load_config(config, overrides, schema=PretrainConfig)
+        run_dir = out or Path("runs") / f"pretrain-{cfg.model.encoder}-{_time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(run_dir)
+    if console.is_terminal:
+        with progress_bar() as progress:
+            result = run_pretraining(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
+                                     log=lambda msg: progress.console.print(msg, highlight=False, markup=False))
+    else:
+        result = run_pretraining(cfg, run_dir, resume=resume is not None,
+                                 log=lambda msg: console.print(msg, highlight=False, markup=False))
+    console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), masked-pixel L1 "
+                  f"{result.final_loss:.4f}; encoder weights {result.encoder_weights}")
