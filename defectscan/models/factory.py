@@ -158,9 +158,8 @@ def build_model(spec: ModelSpec, encoder_weights: str | Path | None = None) -> n
     if own_imagenet:
         try:
             info.imagenet(model.encoder)
-        except (OSError, ConnectionError, RuntimeError) as exc:
-            raise DefectscanError(f"could not download ImageNet weights for {spec.encoder} (no internet?): "
-                                  f"{exc}") from None
+        except (OSError, ConnectionError, RuntimeError, ValueError) as exc:
+            raise DefectscanError(f"could not get ImageNet weights for {spec.encoder} (no internet?): {exc}") from None
     if local is not None:
         load_encoder_file(model, local, spec.encoder, info.load_file)
     return model

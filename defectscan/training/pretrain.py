@@ -168,6 +168,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
     total = tc.epochs * sc.steps_per_epoch
     warmup = int(round(oc.warmup_epochs * sc.steps_per_epoch))
     history: list[dict] = progress_state["history"]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 on CUDA only
     for epoch in range(done + 1, tc.epochs + 1):
         t_epoch = time.perf_counter()
         torch.manual_seed(tc.seed * 100_003 + epoch)  # drop-path draws depend on the epoch only
@@ -194,10 +195,12 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
             if not torch.isfinite(loss):
                 raise DefectscanError(f"epoch {epoch} step {k + 1}: loss is {loss.item()}; lower optim.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if oc.clip_grad:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
