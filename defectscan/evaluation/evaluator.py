@@ -257,7 +257,8 @@ class ImageMetrics:
         opts = ev.options
         self.regions = RegionMatcher(opts.region_criterion, opts.region_threshold)
         self.class_regions: dict[int, RegionMatcher] = {}  # multi-class models, made when pass 2 starts
-        self.outcomes = MaskPreview(*target.shape, opts.preview_side)
+        # outcome pictures for the best/worst examples (none kept, e.g. training validation: not drawn at all)
+        self.outcomes = MaskPreview(*target.shape, opts.preview_side) if opts.examples else None
 
     def add_probabilities(self, y0: int, probs: np.ndarray, score: np.ndarray) -> None:
         truth = self.target[y0 : y0 + len(score)]
@@ -283,7 +284,8 @@ class ImageMetrics:
             self.regions.add(truth != 0, mask != 0, self.gt_scores.pop(y0))
             for class_id, matcher in self.class_regions.items():
                 matcher.add(truth == class_id, mask == class_id, None)  # counts, no PRO curve
-            self.outcomes.add(y0, outcome_codes(truth, mask))
+            if self.outcomes is not None:
+                self.outcomes.add(y0, outcome_codes(truth, mask))
             if sink is not None:
                 sink.write(mask)
 
@@ -314,7 +316,7 @@ class ImageMetrics:
             "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
             "fp_regions": rs.false_positive_regions, "max_score": round(self.max_score / 255, 4),
             "defective": tp + fn > 0, "flagged": bool(image.regions), "seconds": round(image.seconds, 3)})
-        if dice is not None:  # images where truth and prediction are both empty show nothing worth a preview
+        if dice is not None and self.outcomes is not None:  # both empty: nothing worth a preview
             _offer_example(ev, sample, source, self.outcomes, dice, fp + fn)
 
 
