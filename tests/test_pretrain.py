@@ -54,6 +54,8 @@ def test_pretraining_learns_writes_encoder_weights_that_training_loads(tmp_path)
     history = [float(r["train_loss"]) for r in RunDir(run).read_history()]
     assert len(history) == 4 and history[-1] < history[0]  # the masked-pixel loss falls
     assert (run / "curves.png").is_file() and (run / "config.yaml").is_file()
+    picture = cv2.imread(str(run / "reconstructions.png"))
+    assert picture.shape == (4 * 64 + 3 * 4, 4 * 64 + 3 * 4, 3)  # 4 crops x (crop, seen, output, pasted)
     meta = json.loads((run / "encoder.json").read_text())
     assert meta["encoder"] == "resnet10t" and meta["images"] == 5 and meta["labeled"] == 3 and meta["steps"] == 12
     weights = load_file(str(result.encoder_weights))

@@ -13,7 +13,8 @@ whether each family's pretrained row beats its scratch row.
 
 A run directory like training's (`RunDir`): config.yaml, last_state.pt (resume: on a CPU an interrupted run
 continues to the same weights), metrics.csv + curves.png (loss per epoch), train.log, and at the end
-`encoder.safetensors` + `encoder.json` (the encoder's state dict, loadable with `model.encoder_weights=PATH`).
+`encoder.safetensors` + `encoder.json` (the encoder's state dict, loadable with `model.encoder_weights=PATH`) and
+`reconstructions.png` (crops, what the encoder saw, what the network filled in).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from defectscan.data.cache import cache_root, choose_mode, load_images
 from defectscan.data.sampling import IndexRange
 from defectscan.errors import DefectscanError
 from defectscan.io.files import atomic_path, write_text
+from defectscan.io.images import write_image
 from defectscan.io.provenance import hardware, library_versions
 from defectscan.models import ModelSpec, build_model, encoder_info
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
@@ -44,6 +46,7 @@ from defectscan.training.rundir import RunDir
 
 Log = Callable[[str], None]
 ENCODER_FILE = "encoder"  # encoder.safetensors + encoder.json in the run directory
+RECONSTRUCTIONS = "reconstructions.png"  # what the network fills in, for a look
 
 
 @dataclass
@@ -215,6 +218,8 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         run.save_state(model, opt, progress_state)
         run.write_history(history)
         say(f"epoch {epoch}/{tc.epochs} masked-pixel L1 {row['train_loss']:.4f} [{row['train_seconds']}s]")
+    if crops is not None:
+        write_image(run.path / RECONSTRUCTIONS, reconstructions(model, crops, mean, std, cfg.mask.patch, device))
     weights = save_encoder(model.encoder, run.path / ENCODER_FILE, {
         "encoder": mc.encoder, "method": "masked image modelling (SimMIM objective, segmentation decoder as head)",
         "arch": mc.arch, "mask": cfg.mask.model_dump(), "crop": sc.crop, "steps": total,
@@ -225,6 +230,30 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         f"--set model.encoder_weights={weights})")
     return PretrainResult(run.path, weights, progress_state["epoch"], history[-1]["train_loss"] if history else math.nan,
                           time.perf_counter() - t_start)
+
+
+@torch.no_grad()
+def reconstructions(model: torch.nn.Module, crops: MaskedCrops, mean: torch.Tensor, std: torch.Tensor, patch: int,
+                    device: torch.device, count: int = 4) -> np.ndarray:
+    """RGB picture, one row per crop: the crop, what the encoder saw (hidden patches grey), the network's
+    reconstruction, and the reconstruction inside the hidden patches pasted into the visible pixels."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in range(count):
+        x, hidden = crops[2**40 + i]  # crops no training step drew
+        keep = 1.0 - hidden.float().repeat_interleave(patch, 0).repeat_interleave(patch, 1)[None, None].to(device)
+        target = x[None].to(device).float().div(255).sub(mean).div(std)
+        pred = model((target * keep).contiguous(memory_format=torch.channels_last)).float()
+        to_u8 = lambda t: (t * std + mean).mul(255).clamp(0, 255).byte()[0].permute(1, 2, 0).cpu().numpy()  # noqa: E731
+        seen = (target * keep).clone()
+        seen[:, :, keep[0, 0] == 0] = ((0.5 - mean) / std).view(-1, 1)  # hidden = mid grey in the picture
+        pasted = target * keep + pred * (1 - keep)
+        gap = np.full((x.shape[1], 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([to_u8(target), gap, to_u8(seen), gap, to_u8(pred), gap, to_u8(pasted)], axis=1))
+    model.train(was_training)
+    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
 def save_encoder(encoder: torch.nn.Module, stem: Path, meta: dict) -> Path:
