@@ -64,6 +64,22 @@ def step_line(epoch: int, epochs: int, k: int, steps: int, recent_losses: list[f
             f"{rate:.2f} steps/s, ETA {steps_left / rate / 60:.0f} min")
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, clip_grad: float, where: str) -> float:
+    """One update from `loss` (refused when not finite), with float16 loss scaling and gradient-norm clipping
+    (`clip_grad` 0: none); returns the loss value."""
+    if not torch.isfinite(loss):
+        raise DefectscanError(f"{where}: loss is {loss.item()}; lower optim.lr")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    return loss.item()
+
+
 def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
     classes = ClassMap.for_classes(ds.classes, cfg.model.head)
     spec = ModelSpec(arch=cfg.model.arch, encoder=cfg.model.encoder, classes=classes.channel_names, head=classes.head,
@@ -254,16 +270,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             with autocast(device, amp_dtype):
                 logits = model(x)
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise DefectscanError(f"epoch {epoch} step {k + 1}: loss is {loss.item()}; lower optim.lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if oc.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, model, opt, scaler, oc.clip_grad, f"epoch {epoch} step {k + 1}"))
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
             if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:

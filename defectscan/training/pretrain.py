@@ -41,7 +41,7 @@ from defectscan.io.provenance import hardware, library_versions
 from defectscan.models import ModelSpec, build_model, encoder_info
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
 from defectscan.training.config import PretrainConfig
-from defectscan.training.loop import lr_at, step_line
+from defectscan.training.loop import lr_at, optimizer_step, step_line
 from defectscan.training.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -195,16 +195,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
                 pred = model(inputs)
             err = (pred.float() - target).abs() * (1.0 - keep)
             loss = err.sum() / ((1.0 - keep).sum() * target.shape[1]).clamp_min(1.0)
-            if not torch.isfinite(loss):
-                raise DefectscanError(f"epoch {epoch} step {k + 1}: loss is {loss.item()}; lower optim.lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if oc.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, model, opt, scaler, oc.clip_grad, f"epoch {epoch} step {k + 1}"))
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
             if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:
