@@ -166,6 +166,12 @@ def test_training_with_validation_and_test_split(tmp_path):
     assert spec.threshold == chosen["threshold"] == round(scores.best_f1()[1], 6)
     assert chosen["positives"] == scores.pos.sum() > 0 and test["threshold"] == spec.threshold
     assert "threshold" in (tmp_path / "run" / "train.log").read_text()
+    from defectscan.evaluation.calibrate import calibrate_threshold
+    from defectscan.training import RunDir
+
+    with pytest.raises(DefectscanError, match="test images"):  # a run's test images never choose its threshold
+        calibrate_threshold(tmp_path / "run" / "best.safetensors", data, split="all",
+                            run_splits=RunDir(tmp_path / "run").split_source())
     # fixed: model.threshold is kept
     cfg = load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.2", "data.test_fraction=0.2",
                                     "training.epochs=1", "validation.threshold=fixed", "model.threshold=0.3"])

@@ -33,6 +33,9 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
     if split == "test":
         raise DefectscanError("a threshold chosen on the test split would leak it into the test metrics; choose it "
                               "on --split val (or train)")
+    if split == "all" and run_splits is not None and run_splits[0].get("test"):
+        raise DefectscanError("--split all would include the training run's test images; choose the threshold on "
+                              "--split val (or train)")
     if rule not in THRESHOLD_RULES:
         raise DefectscanError(f"unknown threshold rule '{rule}' (choose from {', '.join(THRESHOLD_RULES)})")
     if rule != "best_f1" and (target is None or not 0.0 < target <= 1.0):
