@@ -134,7 +134,7 @@ class Predictor:
             callers += time.perf_counter() - t
 
         regions = seg.segment_strips(self.probability_rows(source, progress=progress), timed if on_strip else None)
-        return SegmentedImage(source.shape, regions, seg, time.perf_counter() - t0 - callers)
+        return SegmentedImage(regions, seg, time.perf_counter() - t0 - callers)
 
     def predict(self, source: ImageSource | np.ndarray, progress: Callable[[int, int], None] | None = None, *,
                 keep_probs: bool = True) -> Prediction:
@@ -165,8 +165,8 @@ class SegmentedImage:
     engine's strips again). `seconds` is the inference and mask-rule time so far, callers' work left out; it
     grows by the time spent making mask rows."""
 
-    def __init__(self, shape: tuple[int, int], regions: list[Region], segmenter: StripSegmenter, seconds: float) -> None:
-        self.shape, self.regions, self.seconds = shape, regions, seconds
+    def __init__(self, regions: list[Region], segmenter: StripSegmenter, seconds: float) -> None:
+        self.regions, self.seconds = regions, seconds
         self._segmenter = segmenter
 
     def mask_rows(self) -> Iterator[tuple[int, np.ndarray]]:

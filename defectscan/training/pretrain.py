@@ -187,9 +187,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
             lr = lr_at(step, total, warmup, oc.lr, oc.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            target = x.to(device).float().div_(255).sub_(mean).div_(std)
-            keep = 1.0 - hidden.to(device).float().repeat_interleave(cfg.mask.patch, 1).repeat_interleave(
-                cfg.mask.patch, 2).unsqueeze(1)  # (B, 1, crop, crop): 1 where the encoder sees the pixel
+            target, keep = masked_batch(x, hidden, cfg.mask.patch, mean, std)
             inputs = (target * keep).contiguous(memory_format=torch.channels_last)  # hidden = the mean (zero)
             with autocast(device, amp_dtype):
                 pred = model(inputs)
@@ -210,7 +208,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         run.write_history(history)
         say(f"epoch {epoch}/{tc.epochs} masked-pixel L1 {row['train_loss']:.4f} [{row['train_seconds']}s]")
     if crops is not None:
-        write_image(run.path / RECONSTRUCTIONS, reconstructions(model, crops, mean, std, cfg.mask.patch, device))
+        write_image(run.path / RECONSTRUCTIONS, reconstructions(model, crops, mean, std, cfg.mask.patch))
     weights = save_encoder(model.encoder, run.path / ENCODER_FILE, {
         "encoder": mc.encoder, "method": "masked image modelling (SimMIM objective, segmentation decoder as head)",
         "arch": mc.arch, "mask": cfg.mask.model_dump(), "crop": sc.crop, "steps": total,
@@ -223,9 +221,18 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
                           time.perf_counter() - t_start)
 
 
+def masked_batch(x: torch.Tensor, hidden: torch.Tensor, patch: int, mean: torch.Tensor,
+                 std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) uint8 crops and (B, H/patch, W/patch) hidden patches -> (normalised target, keep), keep being
+    (B, 1, H, W) float: 1 where the encoder sees the pixel, 0 in hidden patches. On the device of `mean`."""
+    target = x.to(mean.device).float().div_(255).sub_(mean).div_(std)
+    keep = 1.0 - hidden.to(mean.device).float().repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
+    return target, keep
+
+
 @torch.no_grad()
 def reconstructions(model: torch.nn.Module, crops: MaskedCrops, mean: torch.Tensor, std: torch.Tensor, patch: int,
-                    device: torch.device, count: int = 4) -> np.ndarray:
+                    count: int = 4) -> np.ndarray:
     """RGB picture, one row per crop: the crop, what the encoder saw (hidden patches grey), the network's
     reconstruction, and the reconstruction inside the hidden patches pasted into the visible pixels."""
     was_training = model.training
@@ -233,8 +240,7 @@ def reconstructions(model: torch.nn.Module, crops: MaskedCrops, mean: torch.Tens
     rows = []
     for i in range(count):
         x, hidden = crops[2**40 + i]  # crops no training step drew
-        keep = 1.0 - hidden.float().repeat_interleave(patch, 0).repeat_interleave(patch, 1)[None, None].to(device)
-        target = x[None].to(device).float().div(255).sub(mean).div(std)
+        target, keep = masked_batch(x[None], hidden[None], patch, mean, std)
         pred = model((target * keep).contiguous(memory_format=torch.channels_last)).float()
         to_u8 = lambda t: (t * std + mean).mul(255).clamp(0, 255).byte()[0].permute(1, 2, 0).cpu().numpy()  # noqa: E731
         seen = (target * keep).clone()
