@@ -22,12 +22,12 @@ from defectscan.inference import Predictor
 from defectscan.schemas import EvalOptions, InferOptions
 from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram
-from defectscan.models import load_checkpoint
+from defectscan.models import ModelSpec, build_model, load_checkpoint
 from defectscan.training import load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
 from defectscan.data.sampling import CropDataset, build_augment
-from defectscan.training.loop import lr_at
+from defectscan.training.optim import block_key, lr_at, param_groups, set_lr
 
 from _helpers import defect_image, folder_dataset  # noqa: E402 - tests/ is on sys.path under pytest
 
@@ -108,6 +108,40 @@ def test_crops_are_deterministic_and_oversample_defects():
     assert hit == 1.0 and base < 0.8
     small = CropDataset([image[:20, :24]], [m[:20, :24]], 2, crop=32, defect_share=0.5, seed=0)
     assert small[0][0].shape == (3, 32, 32)  # images smaller than the crop are mirrored out
+
+
+def test_auto_defect_share_follows_how_rare_defective_images_are():
+    image, mask = defect_image(128, 3)
+    m = (mask > 0).astype(np.uint8)
+    clean = np.zeros_like(m)
+    every = CropDataset([image] * 4, [m] * 4, 2, crop=32, defect_share="auto", seed=0)
+    one_in_ten = CropDataset([image] * 10, [m] + [clean] * 9, 2, crop=32, defect_share="auto", seed=0)
+    assert every.defect_share == 0.5  # every image has a defect: half the crops on defects, as before
+    assert one_in_ten.defect_share == pytest.approx(0.5 * np.sqrt(0.1), abs=1e-4)
+    assert CropDataset([image], [clean], 2, crop=32, defect_share="auto", seed=0).defect_share == 0.0
+    assert load_config(None, []).sampling.defect_share == "auto"
+    with pytest.raises(DefectscanError, match="sampling.defect_share"):
+        load_config(None, ["sampling.defect_share=often"])
+
+
+def test_optimizer_groups_scale_the_encoder_and_spare_norms_from_decay():
+    spec = ModelSpec(arch="unet", encoder="resnet18", classes=("defect",), head="sigmoid", tile=64, overlap=0)
+    model = build_model(spec, encoder_weights=None)
+    groups = param_groups(model, weight_decay=0.05, encoder_lr_scale=0.3, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(scale) == len(list(model.parameters()))  # every parameter in exactly one group
+    enc = dict(model.encoder.named_parameters())
+    assert scale[id(enc["layer4.1.conv2.weight"])] == pytest.approx(0.3)  # the last block: encoder_lr_scale
+    assert scale[id(enc["layer4.0.conv1.weight"])] == pytest.approx(0.15)  # one group earlier: halved
+    assert scale[id(enc["conv1.weight"])] == pytest.approx(0.3 * 0.5 ** 9)  # stem: conv1, bn1, 8 blocks after it
+    assert all(scale[id(p)] == 1.0 for p in model.decoder.parameters())
+    assert decay[id(enc["bn1.weight"])] == 0.0 and decay[id(enc["conv1.weight"])] == 0.05
+    assert block_key("model.blocks.3.2.conv_dw.weight") == "model.blocks.3"
+    assert block_key("model.layers_1.blocks.0.attn.qkv.weight") == "model.layers_1"
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    set_lr(opt, 2e-3)
+    assert {round(g["lr"], 9) for g in opt.param_groups} >= {2e-3, 6e-4}
 
 
 @pytest.mark.parametrize("head,outputs", [("sigmoid", 1), ("sigmoid", 3), ("softmax", 4)])

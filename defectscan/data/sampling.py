@@ -45,22 +45,31 @@ def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
     return cv2.copyMakeBorder(arr, 0, bottom, 0, right, cv2.BORDER_REFLECT_101)
 
 
+def auto_defect_share(defective_images: int, images: int) -> float:
+    """0.5 * sqrt(share of training images with any defect pixel): 0.5 when every image has a defect, 0.16 when
+    one in ten has. Square-root oversampling of the rare kind (as in LVIS repeat-factor sampling) keeps defects
+    in enough batches to learn them, while the crops still show how rarely a defect appears: half of all crops on
+    defects from 5 % defective images teaches a model that defects are everywhere, and it flags every image."""
+    return round(0.5 * float(np.sqrt(defective_images / max(1, images))), 4)
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Map-style dataset over an unbounded index space: item i is a (3, crop, crop) uint8 image and its
     (crop, crop) class-index mask.
 
-    With probability `defect_share` the crop is centred (with jitter of a quarter crop) on a defect pixel: first
-    a defect class uniformly among those present, then an image containing it, then one of its pixels, so rare
-    classes are not drowned by common ones. Otherwise the crop is uniform over the training pixels.
+    With probability `defect_share` (`auto`: `auto_defect_share`) the crop is centred (with jitter of a quarter
+    crop) on a defect pixel: first a defect class uniformly among those present, then an image containing it, then
+    one of its pixels, so rare classes are not drowned by common ones. Otherwise the crop is uniform over the
+    training pixels.
     """
 
     def __init__(self, images: list, masks: list, num_classes: int, crop: int,
-                 defect_share: float, seed: int, augment: A.Compose | None = None) -> None:
+                 defect_share: float | str, seed: int, augment: A.Compose | None = None) -> None:
         if not images:
             raise DefectscanError("no training images")
         self.images = [_pad_to(im, crop) for im in images]
         self.masks = [_pad_to(m, crop) for m in masks]
-        self.crop, self.defect_share, self.seed, self.augment = crop, defect_share, seed, augment
+        self.crop, self.seed, self.augment = crop, seed, augment
         rng = np.random.default_rng(seed)
         self.points: dict[int, list[tuple[int, np.ndarray]]] = {}  # class -> [(image index, flat indices)]
         for k, m in enumerate(self.masks):
@@ -72,6 +81,9 @@ class CropDataset(torch.utils.data.Dataset):
                         idx = np.sort(rng.choice(idx, MAX_POINTS_PER_CLASS, replace=False))
                     self.points.setdefault(c, []).append((k, idx))
         self.classes_present = sorted(self.points)
+        defective = len({k for found in self.points.values() for k, _ in found})
+        self.defect_share = auto_defect_share(defective, len(self.masks)) if defect_share == "auto" else float(
+            defect_share)
         areas = np.array([m.size for m in self.masks], dtype=np.float64)
         self.area_p = areas / areas.sum()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -66,7 +66,9 @@ class DataConfig(_Section):
 
 class SamplingConfig(_Section):
     crop: int = Field(256, ge=32)  # training crop side in px (a multiple of the model's stride)
-    defect_share: float = Field(0.5, ge=0.0, le=1.0)  # share of crops centred on a defect pixel (class picked first)
+    # share of crops centred on a defect pixel (class picked first); auto: 0.5 * sqrt(share of training images with
+    # a defect), so rare defective images are oversampled without teaching that defects are everywhere
+    defect_share: Union[Annotated[float, Field(ge=0.0, le=1.0)], Literal["auto"]] = "auto"
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader worker processes (0: crops are made in the main process)
@@ -84,6 +86,10 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
     clip_grad: float = Field(1.0, ge=0.0)  # max gradient norm; 0 disables clipping
+    # fine-tuning a pretrained encoder (training/optim.py): its rate is lr * encoder_lr_scale, lowered further by
+    # layer_decay per block group towards the input (1.0: off)
+    encoder_lr_scale: float = Field(1.0, gt=0.0, le=10.0)
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class TrainingConfig(_Section):

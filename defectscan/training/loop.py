@@ -8,7 +8,6 @@ CPU a run resumed from its last epoch checkpoint ends with the same weights as a
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
 from defectscan.training.losses import build_loss
+from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
 from defectscan.training.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -48,36 +48,12 @@ class TrainResult:
     test: dict | None
 
 
-def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to base * min_ratio at the last step."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
 def step_line(epoch: int, epochs: int, k: int, steps: int, recent_losses: list[float], lr: float, t_epoch: float,
               steps_left: int) -> str:
     """The log line every `log_every` steps: position, recent loss, learning rate, speed and time left."""
     rate = (k + 1) / (time.perf_counter() - t_epoch)
     return (f"epoch {epoch}/{epochs} step {k + 1}/{steps} loss {float(np.mean(recent_losses)):.4f} lr {lr:.3g} "
             f"{rate:.2f} steps/s, ETA {steps_left / rate / 60:.0f} min")
-
-
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, clip_grad: float, where: str) -> float:
-    """One update from `loss` (refused when not finite), with float16 loss scaling and gradient-norm clipping
-    (`clip_grad` 0: none); returns the loss value."""
-    if not torch.isfinite(loss):
-        raise DefectscanError(f"{where}: loss is {loss.item()}; lower optim.lr")
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(opt)
-    scaler.update()
-    return loss.item()
 
 
 def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
@@ -187,7 +163,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                          [s.stem for s in splits.val], [s.stem for s in splits.test])
 
     complete = False
-    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    opt = build_optimizer(model, oc)
     progress_state = {"epoch": 0, "best_metric": None, "best_epoch": 0, "bad_validations": 0, "history": [],
                       "seconds": 0.0}
     if resume:
@@ -237,6 +213,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             say(f"training images memory-mapped from the decode cache {cache_root()} (data.cache: {cfg.data.cache})")
         images, masks = load_training_pairs(ds, train_samples, mode, counter("loading images", len(train_samples)))
         crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
+        if sc.defect_share == "auto":
+            say(f"sampling.defect_share auto: {crops.defect_share:.3f} of the crops centred on a defect pixel")
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -262,8 +240,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         for k, (x, y) in enumerate(loader):
             step = first + k
             lr = lr_at(step, total_steps, warmup, oc.lr, oc.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
             x = x.to(device, non_blocking=pin).float().div_(255).sub_(mean).div_(std)
             x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=pin)

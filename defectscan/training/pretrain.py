@@ -41,7 +41,8 @@ from defectscan.io.provenance import hardware, library_versions
 from defectscan.models import ModelSpec, build_model, encoder_info
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
 from defectscan.training.config import PretrainConfig
-from defectscan.training.loop import lr_at, optimizer_step, step_line
+from defectscan.training.loop import step_line
+from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
 from defectscan.training.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -114,7 +115,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False, 
     torch.manual_seed(tc.seed)
     model = build_model(spec, encoder_weights=None if resume and run.has_state() else mc.init_weights).to(
         device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    opt = build_optimizer(model, oc)
     progress_state: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
     finished = resume and (run.path / RunDir.METRICS).is_file() and len(run.read_history()) >= tc.epochs
     # images are read (and crops checked against them) before anything is written: a bad dataset leaves no run
@@ -185,8 +186,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         for k, (x, hidden) in enumerate(loader):
             step = first + k
             lr = lr_at(step, total, warmup, oc.lr, oc.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
             target, keep = masked_batch(x, hidden, cfg.mask.patch, mean, std)
             inputs = (target * keep).contiguous(memory_format=torch.channels_last)  # hidden = the mean (zero)
             with autocast(device, amp_dtype):
