@@ -307,11 +307,21 @@ class EvalSummary(_Result):
 
 
 # ---- study files (configs/benchmark/*.yaml) ------------------------------------------------------------------
+class PretrainSpec(_Options):
+    """Self-supervised pretraining for a study row: a `defectscan pretrain` config (path relative to the study
+    file) and overrides; the encoder, dataset and test split come from the row's training config."""
+
+    config: str
+    set: list[str] = []
+
+
 class BackboneSpec(_Options):
-    """One row of a study: a name and the training-config overrides that make it."""
+    """One row of a study: a name, the training-config overrides that make it, and optionally the pretraining
+    whose encoder every cell of the row starts from (run once, cached, its time counted in the row's cost)."""
 
     name: str = Field(min_length=1)
     set: list[str] = []
+    pretrain: Optional[PretrainSpec] = None
 
     @field_validator("name")
     @classmethod

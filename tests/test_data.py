@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.path import Path as MplPath
 
-from defectscan.data import check_dataset, labeled_subset, load_dataset, split_dataset
+from defectscan.data import check_dataset, label_budget, labeled_subset, load_dataset, split_dataset
 from defectscan.data.annotations import Shape, decode_rle, encode_rle, rasterize
 from defectscan.errors import DefectscanError
 from defectscan.io.images import write_image
@@ -243,6 +243,25 @@ def test_labeled_subsets_are_nested(tmp_path):
     assert {s.stem for s in labeled_subset(train, fraction=0.5, seed=1)} >= {s.stem for s in five}
     with pytest.raises(DefectscanError, match="has"):
         labeled_subset(train, len(train) + 1)
+
+
+def test_label_budget_includes_validation(tmp_path):
+    ds = _vector_dataset(tmp_path, 30, defect_every=3)
+    splits = split_dataset(ds, 0.15, 0.2)
+    same, train = label_budget(splits)
+    assert same is splits and [s.stem for s in train] == [s.stem for s in splits.train]  # no budget: unchanged
+    budget, train = label_budget(splits, 20, val_fraction=0.15, subset_seed=1)
+    used = {s.stem for s in train} | {s.stem for s in budget.val}
+    assert len(train) == 17 and len(budget.val) == 3 and len(used) == 20  # 20 labels in all, 3 of them validate
+    pool = {s.stem for s in splits.train} | {s.stem for s in splits.val}
+    assert used == {s.stem for s in labeled_subset(sorted(splits.train + splits.val, key=lambda s: s.stem), 20,
+                                                   seed=1)} and used <= pool
+    assert [s.stem for s in budget.test] == [s.stem for s in splits.test]
+    assert {s.stem for s in budget.train} == pool - {s.stem for s in budget.val}  # the unused rest stays 'train'
+    small, train = label_budget(splits, 3, val_fraction=0.15)
+    assert len(train) == 3 and small.val == []  # 0.45 validation images round to none: all 3 train
+    _, train = label_budget(splits, 1, val_fraction=0.9)
+    assert len(train) == 1  # never the last training image
 
 
 def test_dataset_own_split_wins(tmp_path):

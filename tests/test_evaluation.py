@@ -14,6 +14,8 @@ from torch import nn
 
 from _helpers import folder_dataset, run_cli  # tests/ is on sys.path under pytest
 from defectscan.studies import aggregate, bootstrap_ci, load_study, run_study
+from defectscan.studies.report import separations
+from defectscan.training import RunDir
 from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
@@ -393,7 +395,8 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
     html = (out / "report.html").read_text()
     assert "Learning curves" in html and "Every cell" in html and html.count("data:image/png;base64,") >= 2
     assert (out / "learning_curve.png").stat().st_size > 1000
-    assert (out / "summary.md").read_text().count("\n") == 4  # header, rule, two rows
+    table, _, ranking = (out / "summary.md").read_text().partition("\n\n")
+    assert table.count("\n") == 3 and "no ranking" not in ranking  # header, rule, two rows; 3 seeds rank
     # a single cell on its own, and a clear error for a name that is not in the study
     run_study(study, out, only="r10t__n2__s1", log=lambda m: None)
     assert len(calls) == 6
@@ -409,6 +412,53 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
         run_study(load_study(edited), out, log=lambda m: None)
 
 
+@pytest.mark.slow
+def test_pretrained_row_pretrains_once_without_test_images_and_counts_its_time(tmp_path, monkeypatch):
+    import defectscan.studies.benchmark as benchmark
+
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    (tmp_path / "train.yaml").write_text(
+        "model: {encoder: resnet10t, tile: 64, overlap: 16}\n"
+        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
+        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
+    (tmp_path / "mim.yaml").write_text("sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\nmask: {patch: 16}\n"
+                                       "training: {epochs: 1}\n")
+    (tmp_path / "study.yaml").write_text(
+        "train_config: train.yaml\nbackbones:\n  - {name: scratch}\n"
+        "  - {name: ssl, pretrain: {config: mim.yaml, set: [mask.ratio=0.5]}}\n"
+        "labeled: [2]\nseeds: [0, 1]\nevaluate: {seam_images: 0, examples: 0}\n")
+    out = tmp_path / "out"
+    rows = run_study(load_study(tmp_path / "study.yaml"), out, log=lambda m: None)
+    (pre,) = (out / "pretrain").iterdir()  # one pretraining, shared by both seeds of the row
+    meta = json.loads((pre / "encoder.json").read_text())
+    assert meta["encoder"] == "resnet10t" and meta["test_images_left_out"] == 2 and meta["images"] == 4
+    ssl = [r for r in rows if r["backbone"] == "ssl"]
+    assert len(ssl) == 2 and all(r["pretrain_seconds"] == meta["seconds"] > 0 for r in ssl)
+    assert all(r["pretrained"] == f"self-supervised ({pre.name})" for r in ssl)
+    cfg = RunDir(out / "cells" / "ssl__n2__s1" / "run").read_config()
+    assert cfg.model.encoder_weights == str(pre / "encoder.safetensors")
+    assert all(r["pretrain_seconds"] == 0.0 for r in rows if r["backbone"] == "scratch")
+    assert "pretrain s" in (out / "summary.md").read_text()
+    calls = []
+    monkeypatch.setattr(benchmark, "pretrain", lambda *a, **k: calls.append(a))
+    run_study(load_study(tmp_path / "study.yaml"), out, log=lambda m: None)
+    assert calls == []  # a rerun finds every cell and the pretraining done
+
+
+def test_ranking_only_where_intervals_separate():
+    def row(name, mean, lo, hi, seeds=3):
+        return {"backbone": name, "labeled_setting": 20, "seeds": seeds, "m": mean, "m_ci": [lo, hi]}
+
+    (line,) = separations([row("a", 0.7, 0.65, 0.75), row("b", 0.5, 0.45, 0.55), row("c", 0.68, 0.6, 0.72),
+                           row("d", 0.9, 0.9, 0.9, seeds=1)], "m")
+    assert "a > b" in line and "c > b" in line and "a > c" not in line
+    assert "Best mean: a, not separated from c" in line and "Too few seeds to rank: d" in line
+    (line,) = separations([row("a", 0.7, 0.65, 0.75), row("b", 0.6, 0.5, 0.66)], "m")
+    assert "no two intervals separate" in line
+    (line,) = separations([row("a", 0.7, 0.65, 0.75), row("b", 0.6, 0.5, 0.66, seeds=2)], "m")
+    assert "no ranking" in line
+
+
 def test_study_file_errors(tmp_path):
     (tmp_path / "t.yaml").write_text("model: {encoder: resnet10t}\n")
     bad = {
@@ -418,6 +468,8 @@ def test_study_file_errors(tmp_path):
         "extra: 1": "unknown study key .extra.",
         "backbones: [{name: a__b}]": "may not contain",
         "evaluate: {split: dev}": "evaluate.split",
+        "backbones: [{name: a, pretrain: {config: nope.yaml}}]": "pretrain config .*nope.yaml does not exist",
+        "backbones: [{name: a, pretrain: {config: t.yaml, set: [mask.size=3]}}]": "mask.size",
     }
     for line, message in bad.items():
         base = {"train_config": "train_config: t.yaml", "backbones": "backbones: [{name: a}]",
@@ -436,7 +488,7 @@ def test_benchmark_presets_load(study):
 
     st = load_study(study)
     assert len(st.seeds) >= 3
-    for cell in st.cells()[:: len(st.seeds)]:
+    for cell in [c for c in st.cells() if c.seed == st.seeds[0]]:
         load_config(st.train_config, cell.overrides(st))
 
 

@@ -57,7 +57,9 @@ def test_pretraining_learns_writes_encoder_weights_that_training_loads(tmp_path)
     picture = cv2.imread(str(run / "reconstructions.png"))
     assert picture.shape == (4 * 64 + 3 * 4, 4 * 64 + 3 * 4, 3)  # 4 crops x (crop, seen, output, pasted)
     meta = json.loads((run / "encoder.json").read_text())
-    assert meta["encoder"] == "resnet10t" and meta["images"] == 5 and meta["labeled"] == 3 and meta["steps"] == 12
+    assert meta["encoder"] == "resnet10t" and meta["steps"] == 12
+    # every image but the one a training run would test on (3 labeled, test_fraction 0.2 -> 1 test image)
+    assert meta["images"] == 4 and meta["labeled"] == 2 and meta["test_images_left_out"] == 1
     weights = load_file(str(result.encoder_weights))
     model = build_model(ModelSpec(arch="fpn", encoder="resnet10t", classes=("d",)), encoder_weights=result.encoder_weights)
     for k, v in weights.items():
@@ -96,8 +98,9 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 def test_vit_pretrains_through_the_same_objective(tmp_path):
     data = _data(tmp_path / "data")
     result = pretrain(_cfg(data, "model.encoder=vit_s", "training.epochs=1", "sampling.steps_per_epoch=1",
-                           "sampling.batch_size=2"), tmp_path / "vit", log=lambda m: None)
+                           "sampling.batch_size=2", "data.exclude_test=false"), tmp_path / "vit", log=lambda m: None)
     assert any(k.startswith("vit.blocks.") for k in load_file(str(result.encoder_weights)))
+    assert json.loads((tmp_path / "vit" / "encoder.json").read_text())["images"] == 5  # the test image too
 
 
 def test_pretrain_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -48,7 +48,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["trainin.epochs=3"])
     with pytest.raises(DefectscanError, match=r"'training.epochs': .*valid integer.*\(got 'many'\)"):
         load_config(None, ["training.epochs=many"])
-    with pytest.raises(DefectscanError, match=r"'sampling.defect_share': .*less than or equal to 1 \(got 1.5\)"):
+    with pytest.raises(DefectscanError, match=r"'sampling.defect_share': a share from 0 to 1, or auto \(got 1.5\)"):
         load_config(None, ["sampling.defect_share=1.5"])
     with pytest.raises(DefectscanError, match=r"'model.overlap': must be smaller than model.tile \(512\)"):
         load_config(None, ["model.overlap=512"])  # refused before any training, not after the first epoch

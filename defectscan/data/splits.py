@@ -97,3 +97,24 @@ def labeled_subset(train: list[Sample], count: int | None = None, fraction: floa
     if count > len(train):
         raise DefectscanError(f"asked for {count} labeled images but the training split has {len(train)}")
     return sorted(_stratified_order(train, seed)[:count], key=lambda s: s.stem)
+
+
+def label_budget(splits: Splits, count: int | None = None, fraction: float | None = None, subset_seed: int = 0,
+                 val_fraction: float = 0.15, split_seed: int = 0) -> tuple[Splits, list[Sample]]:
+    """(splits, training images) under a label budget: `count` (or `fraction`) of the non-test labeled images, in
+    all. Validation comes out of the budget (`val_fraction` of it, rounded; none when that rounds to 0), because
+    a user who has labeled 20 images has 20 to train and validate on: validating a 20-label run on 49 other
+    labeled images would pick its epoch and threshold with labels it does not have. The budget is a nested
+    subset (`labeled_subset`) of the dataset's train and val images together; the test split never changes.
+    Without a budget the splits are returned as they are."""
+    if count is None and fraction is None:
+        return splits, list(splits.train)
+    key = lambda s: s.stem  # noqa: E731
+    pool = sorted(splits.train + splits.val, key=key)
+    chosen = labeled_subset(pool, count, fraction, subset_seed)
+    n_val = min(int(round(len(chosen) * val_fraction)), len(chosen) - 1)
+    order = _stratified_order(chosen, split_seed)
+    val, train = order[:n_val], order[n_val:]
+    val_stems = {s.stem for s in val}
+    return (Splits([s for s in pool if s.stem not in val_stems], sorted(val, key=key), splits.test, splits.source),
+            sorted(train, key=key))

@@ -6,6 +6,12 @@ one training run plus one `evaluate` of its best checkpoint on the fixed test sp
 
     <out>/cells/<backbone>__n<labeled>__s<seed>/run/         the training run directory
     <out>/cells/<backbone>__n<labeled>__s<seed>/evaluation/  evaluate's output (metrics.json marks the cell done)
+    <out>/pretrain/<encoder>-<config digest>/                 a row's self-supervised pretraining (`pretrain:`)
+
+A row with `pretrain: {config: ..., set: [...]}` first pretrains its encoder (`defectscan pretrain`) on every
+image of the row's dataset except its test split, once: the run is keyed by its resolved config, so rows and
+studies resumed later share it, and an interrupted pretraining resumes. Every cell of the row starts from that
+encoder; its pretraining time is reported beside the training time as part of the row's cost.
 
 The seed sets both the training seed and the nested labeled subset, so the spread across seeds covers "which
 images were labeled" as well as initialisation and crop order. Finished cells are never recomputed; an
@@ -15,6 +21,7 @@ learning_curve.png, report.html) is rewritten after every cell.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -35,6 +42,8 @@ from defectscan.schemas import (
 )
 from defectscan.studies.report import collect_rows, write_report
 from defectscan.training import RunDir, load_config, train
+from defectscan.training.config import PretrainConfig
+from defectscan.training.pretrain import ENCODER_FILE, pretrain
 
 
 @dataclass
@@ -50,7 +59,9 @@ class Study:
     evaluate: StudyEvaluate = field(default_factory=StudyEvaluate)
 
     def cells(self) -> list["Cell"]:
-        return [Cell(b, n, s) for b in self.backbones for n in self.labeled for s in self.seeds]
+        """Seed by seed: a study that runs across several sessions has every row and labeled count of seed 0
+        before any second seed, so its first pass already gives a whole (if unranked) table."""
+        return [Cell(b, n, s) for s in self.seeds for n in self.labeled for b in self.backbones]
 
 
 @dataclass
@@ -89,8 +100,46 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not train_config.is_file():
         raise DefectscanError(f"{path}: train_config {train_config} does not exist")
     load_config(train_config, [*spec.set, *overrides])  # a bad key or value is found now, not in the first cell
-    return Study(path, spec.name or path.stem, train_config, [*spec.set, *overrides], list(spec.backbones),
-                 list(spec.labeled), list(spec.seeds), spec.metric, spec.evaluate)
+    study = Study(path, spec.name or path.stem, train_config, [*spec.set, *overrides], list(spec.backbones),
+                  list(spec.labeled), list(spec.seeds), spec.metric, spec.evaluate)
+    for backbone in study.backbones:  # likewise every row's own overrides and pretraining config
+        cfg = load_config(train_config, [*study.overrides, *backbone.set])
+        if backbone.pretrain is not None:
+            pretrain_config(study, backbone, cfg)
+    return study
+
+
+def pretrain_config(study: Study, backbone: BackboneSpec, cfg) -> PretrainConfig:
+    """The row's pretraining config: its file and `set`, on the encoder, dataset and test split of the row's
+    training config `cfg` (so pretraining never sees the images the cells are tested on)."""
+    spec = backbone.pretrain
+    path = (study.path.parent / spec.config).resolve()
+    if not path.is_file():
+        raise DefectscanError(f"{study.path}: backbone '{backbone.name}': pretrain config {path} does not exist")
+    dc = cfg.data
+    base = [f"model.encoder={cfg.model.encoder}", f"model.encoder_kwargs={json.dumps(cfg.model.encoder_kwargs)}",
+            f"data.root={json.dumps(dc.root)}", f"data.format={dc.format}", f"data.test_fraction={dc.test_fraction}",
+            f"data.split_seed={dc.split_seed}", "data.exclude_test=true", f"training.device={cfg.training.device}"]
+    return load_config(path, [*base, *spec.set], schema=PretrainConfig)
+
+
+def pretrain_dir(out: Path, pcfg: PretrainConfig) -> Path:
+    """Where a pretraining with this config lives in the study: keyed by the config (the device aside)."""
+    key = pcfg.to_dict()
+    key["training"] = {k: v for k, v in key["training"].items() if k != "device"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return out / "pretrain" / f"{pcfg.model.encoder}-{digest}"
+
+
+def ensure_pretrained(pcfg: PretrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
+                      progress_factory=None) -> Path:
+    """The encoder weights of the pretraining in `run_dir`, pretraining (or resuming) first if they are missing."""
+    weights = run_dir / f"{ENCODER_FILE}.safetensors"
+    if not weights.is_file():
+        resume = RunDir(run_dir).is_run()
+        log(f"{'resuming' if resume else 'starting'} pretraining of {pcfg.model.encoder} in {run_dir}")
+        pretrain(pcfg, run_dir, resume=resume, log=log, progress_factory=progress_factory)
+    return weights
 
 
 def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] = print,
@@ -100,10 +149,18 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     row_file = cell_dir / "cell.json"
     overrides = cell.overrides(study) + ([f"training.device={device}"] if device else [])
     cfg = load_config(study.train_config, overrides)
+    pre_dir = None
+    if cell.backbone.pretrain is not None:
+        pcfg = pretrain_config(study, cell.backbone, cfg)
+        pre_dir = pretrain_dir(out, pcfg)
+        overrides.append(f"model.encoder_weights={json.dumps(str(pre_dir / f'{ENCODER_FILE}.safetensors'))}")
+        cfg = load_config(study.train_config, overrides)
     opts = eval_options(study, cfg, device)
     if row_file.is_file():
         check_finished_cell(cell_dir, cfg, opts, study.evaluate.split)
         return json.loads(row_file.read_text()), False
+    if pre_dir is not None:
+        ensure_pretrained(pcfg, pre_dir, log=log, progress_factory=progress_factory)
     run = RunDir(cell_dir / "run")
     resume = run.is_run()
     if run.path.exists() and not resume:  # a cell stopped before its setup finished: nothing worth keeping,
@@ -119,10 +176,14 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
                             split=ev.split, data_format=cfg.data.format, options=opts,
                             limit=ev.limit, run_splits=run.split_source(),
                             progress=(lambda d, n: update(d, {})) if update else None)
-    train_images = run.train_images()
+    labeled = run.labeled_images()  # the label budget: training and validation images together
     row = {"cell": cell.name, "backbone": cell.backbone.name, "encoder": cfg.model.encoder,
            "family": encoder_info(cfg.model.encoder).family, "arch": cfg.model.arch,
-           "pretrained": cfg.model.encoder_weights or "none", "labeled": train_images,
+           "pretrained": (f"self-supervised ({pre_dir.name})" if pre_dir is not None
+                          else cfg.model.encoder_weights or "none"),
+           "pretrain_seconds": (json.loads((pre_dir / f"{ENCODER_FILE}.json").read_text())["seconds"]
+                                if pre_dir is not None else 0.0),
+           "labeled": labeled, "train_images": run.train_images(),
            "labeled_setting": "all" if cell.labeled is None else cell.labeled, "seed": cell.seed,
            "train_seconds": round(run.seconds(), 1),
            "eval_seconds": result.metrics.seconds, "test_images": result.metrics.images, **result.headline()}

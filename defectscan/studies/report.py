@@ -52,13 +52,43 @@ def aggregate(rows: list[dict], metrics: list[str]) -> list[dict]:
     for (backbone, setting), rs in groups.items():
         agg = {"backbone": backbone, "family": rs[0]["family"], "labeled_setting": setting,
                "labeled": int(np.mean([r["labeled"] for r in rs])), "seeds": len(rs),
-               "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1)}
+               "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+               "pretrain_seconds": round(float(np.mean([r.get("pretrain_seconds", 0.0) for r in rs])), 1)}
         for m in metrics:
             mean, lo, hi = bootstrap_ci([r.get(m) for r in rs])
             agg[m] = None if np.isnan(mean) else round(mean, 4)
             agg[f"{m}_ci"] = None if np.isnan(mean) else [round(lo, 4), round(hi, 4)]
         out.append(agg)
     return out
+
+
+MIN_SEEDS_TO_RANK = 3  # a bootstrap over 1-2 values has 1-3 possible means: its interval claims too much
+
+
+def separations(summary: list[dict], metric: str) -> list[str]:
+    """Per labeled setting, the pairs of rows whose 95% intervals do not overlap ('A > B'), and the rows that
+    cannot be told apart from the best; rows with fewer than MIN_SEEDS_TO_RANK seeds are not ranked."""
+    lines = []
+    settings = dict.fromkeys(str(s["labeled_setting"]) for s in summary)
+    for setting in settings:
+        rows = [s for s in summary if str(s["labeled_setting"]) == setting and s[metric] is not None]
+        ranked = sorted((s for s in rows if s["seeds"] >= MIN_SEEDS_TO_RANK), key=lambda s: -s[metric])
+        unranked = [s["backbone"] for s in rows if s["seeds"] < MIN_SEEDS_TO_RANK]
+        head = f"labeled {setting}:"
+        if len(ranked) < 2:
+            lines.append(f"{head} no ranking (fewer than two rows with {MIN_SEEDS_TO_RANK}+ seeds)")
+            continue
+        wins = [f"{a['backbone']} > {b['backbone']}" for i, a in enumerate(ranked) for b in ranked[i + 1:]
+                if a[f"{metric}_ci"][0] > b[f"{metric}_ci"][1]]
+        top = ranked[0]
+        tied = [s["backbone"] for s in ranked[1:] if s[f"{metric}_ci"][1] >= top[f"{metric}_ci"][0]]
+        text = f"{head} {'; '.join(wins) if wins else 'no two intervals separate'}"
+        text += f". Best mean: {top['backbone']}" + (f", not separated from {', '.join(tied)}" if tied else
+                                                      ", separated from every other row")
+        if unranked:
+            text += f". Too few seeds to rank: {', '.join(unranked)}"
+        lines.append(text)
+    return lines
 
 
 def learning_curve_png(summary: list[dict], metric: str, title: str) -> bytes:
@@ -105,30 +135,34 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                           "accuracy vs speed (largest labeled set)")
     html = render(
         "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
-        accuracy_header=["backbone", "family", "labeled", "seeds", *shown, "train s"],
+        accuracy_header=["backbone", "family", "labeled", "seeds", *shown, "train s", "pretrain s"],
         accuracy_rows=[[s["backbone"], s["family"], s["labeled"], s["seeds"], *[_with_ci(s, m) for m in shown],
-                        s["train_seconds"]] for s in summary],
+                        s["train_seconds"], s["pretrain_seconds"]] for s in summary],
+        separations=separations(summary, study.metric), metric=study.metric,
         speed_plot=png_bytes_uri(speed),
         cost_header=["backbone", "family", metric, "params (M)", "GFLOPs / tile", "MP/s", "s / image", "peak RSS MB",
-                     "train s / cell"],
+                     "train s / cell", "pretrain s (once per row)"],
         cost_rows=[[s["backbone"], s["family"], _with_ci(s, metric),
                     round(s["parameters"] / 1e6, 2) if s["parameters"] else None, s["gflops_per_tile"], s["mp_per_s"],
-                    s["latency_s"], s["peak_rss_mb"], s["train_seconds"]] for s in largest.values()],
+                    s["latency_s"], s["peak_rss_mb"], s["train_seconds"], s["pretrain_seconds"]]
+                   for s in largest.values()],
         cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s"],
         cell_rows=[[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"],
                     r["eval_seconds"]] for r in rows])
     write_text(out / "report.html", html)
-    write_text(out / "summary.md", markdown_table(summary, shown))
+    write_text(out / "summary.md", markdown_table(summary, shown) + "\nWhere the 95% intervals of "
+               f"{study.metric} separate:\n" + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
     return True
 
 
 def markdown_table(summary: list[dict], metrics: list[str]) -> str:
     """The accuracy table as Markdown (mean [95% bootstrap interval] over seeds), for READMEs and tickets."""
-    head = ["backbone", "family", "labeled", "seeds", *metrics, "train s / cell", "MP/s"]
+    head = ["backbone", "family", "labeled", "seeds", *metrics, "train s / cell", "pretrain s", "MP/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in sorted(summary, key=lambda s: (s["backbone"], s["labeled"])):
         lines.append("| " + " | ".join([s["backbone"], s["family"], str(s["labeled"]), str(s["seeds"]),
                                         *[_with_ci(s, m) for m in metrics], f"{s['train_seconds']:.0f}",
+                                        f"{s.get('pretrain_seconds', 0.0):.0f}",
                                         f"{s['mp_per_s']:.3f}" if s["mp_per_s"] else "-"]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -56,7 +56,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # of the labeled training images, without a val split of its own
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # only when the dataset has no split of its own
     split_seed: int = 0
-    labeled: Optional[int] = Field(None, ge=1)  # train on the first N images of the nested labeled order
+    # a label budget: the first N images of the nested labeled order, validation included (val_fraction of N)
+    labeled: Optional[int] = Field(None, ge=1)
     labeled_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: int = 0
     # where decoded training images live: memory, or memory-mapped files in the decode cache (data/cache.py);
@@ -68,10 +69,20 @@ class SamplingConfig(_Section):
     crop: int = Field(256, ge=32)  # training crop side in px (a multiple of the model's stride)
     # share of crops centred on a defect pixel (class picked first); auto: 0.5 * sqrt(share of training images with
     # a defect), so rare defective images are oversampled without teaching that defects are everywhere
-    defect_share: Union[Annotated[float, Field(ge=0.0, le=1.0)], Literal["auto"]] = "auto"
+    defect_share: Union[float, Literal["auto"]] = "auto"
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader worker processes (0: crops are made in the main process)
+
+
+    @field_validator("defect_share", mode="before")
+    @classmethod
+    def _share_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"a share from 0 to 1, or auto (got {value!r})")
+        return float(value)
 
 
 class LossTerm(_Section):
@@ -172,6 +183,11 @@ class PretrainDataConfig(_Section):
     # auto: a dataset layout when there is one, else every image under the folder (`images`)
     format: Literal["auto", "folder", "labelme", "coco", "mvtec", "images"] = "auto"
     cache: Literal["auto", "memory", "disk"] = "auto"
+    # leave out the images `train` would test on (the dataset's own test split, else the seeded one that
+    # test_fraction and split_seed give, as in `train`): a test image seen in pretraining is no longer unseen
+    exclude_test: bool = True
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
 
 
 class PretrainSamplingConfig(_Section):

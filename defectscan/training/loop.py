@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from defectscan.data import Splits, labeled_subset, load_dataset, split_dataset
+from defectscan.data import Splits, label_budget, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.data.cache import cache_root, choose_mode, load_training_pairs
 from defectscan.data.sampling import CropDataset, IndexRange, build_augment
@@ -75,10 +75,14 @@ def prepare_data(cfg: Config, log: Log) -> tuple[SegmentationDataset, Splits, li
     ds = load_dataset(cfg.data.root, cfg.data.format, cfg.data.classes)
     ds.require_usable()
     splits = split_dataset(ds, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    train = labeled_subset(splits.train, cfg.data.labeled, cfg.data.labeled_fraction, cfg.data.subset_seed)
     log(f"dataset {ds.root} ({ds.format}): {len(ds.samples)} images, {len(ds.labeled)} labeled, "
-        f"{len(ds.unlabeled)} unlabeled; classes {', '.join(ds.classes[1:])}; {splits.summary()}; "
-        f"training on {len(train)} labeled image(s)")
+        f"{len(ds.unlabeled)} unlabeled; classes {', '.join(ds.classes[1:])}; {splits.summary()}")
+    dc = cfg.data
+    budget = dc.labeled is not None or dc.labeled_fraction is not None
+    splits, train = label_budget(splits, dc.labeled, dc.labeled_fraction, dc.subset_seed, dc.val_fraction,
+                                 dc.split_seed)
+    log(f"label budget {len(train) + len(splits.val)}: training on {len(train)}, validating on {len(splits.val)}"
+        if budget else f"training on {len(train)} labeled image(s), validating on {len(splits.val)}")
     if not any(s.has_defect for s in train):
         log("warning: no training image contains a defect; the model can only learn background")
     return ds, splits, train

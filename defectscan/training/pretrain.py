@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from defectscan.data import load_dataset
+from defectscan.data import load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.data.formats import detect_format
 from defectscan.data.cache import cache_root, choose_mode, load_images
@@ -103,6 +103,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False, 
         raise DefectscanError("no dataset: give DATA or set data.root in the config")
     ds = _pretraining_images(Path(cfg.data.root), cfg.data.format)
     samples = ds.samples
+    if cfg.data.exclude_test and ds.labeled:
+        test = {s.stem for s in split_dataset(ds, 0.0, cfg.data.test_fraction, cfg.data.split_seed).test}
+        samples = [s for s in samples if s.stem not in test]
+        if not samples:
+            raise DefectscanError(f"{ds.root}: every image is a test image; nothing left to pretrain on "
+                                  f"(data.exclude_test: false uses them)")
+        if test:
+            log(f"pretraining on {len(samples)} images: the {len(test)} test images are left out "
+                f"(data.exclude_test)")
     info = encoder_info(cfg.model.encoder)
     mc, sc, tc, oc = cfg.model, cfg.sampling, cfg.training, cfg.optim
     if sc.crop % info.stride:
@@ -212,7 +221,8 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
     weights = save_encoder(model.encoder, run.path / ENCODER_FILE, {
         "encoder": mc.encoder, "method": "masked image modelling (SimMIM objective, segmentation decoder as head)",
         "arch": mc.arch, "mask": cfg.mask.model_dump(), "crop": sc.crop, "steps": total,
-        "images": len(samples), "labeled": len(ds.labeled), "data": str(ds.root), "init_weights": mc.init_weights,
+        "images": len(samples), "labeled": len({s.stem for s in ds.labeled} & {s.stem for s in samples}),
+        "test_images_left_out": len(ds.samples) - len(samples), "data": str(ds.root), "init_weights": mc.init_weights,
         "final_loss": history[-1]["train_loss"] if history else None, "seconds": round(progress_state["seconds"], 1),
         "precision": precision_name(amp_dtype), "hardware": hardware(), "versions": library_versions()})
     say(f"encoder weights: {weights} (train with --set model.encoder={mc.encoder} "

@@ -130,6 +130,11 @@ class RunDir:
     def train_images(self) -> int:
         return len(self.read_splits().get("train", []))
 
+    def labeled_images(self) -> int:
+        """Labeled images the run used: trained on or validated with (its label budget)."""
+        splits = self.read_splits()
+        return len(splits.get("train", [])) + len(splits.get("val", []))
+
     # ---- resume state -----------------------------------------------------------------------------------------
     def save_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Mapping[str, Any]) -> None:
         payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
