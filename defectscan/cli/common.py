@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Callable
 
 import typer
 from rich.console import Console
@@ -94,3 +96,40 @@ def task_factory(progress: Progress):
             progress.update(task, completed=done, description=f"{description}  {extra}".rstrip())
         return update
     return factory
+
+
+def run_config(config: Path | None, set_: list[str], shortcuts: list[tuple[str, object]], out: Path | None,
+               resume: Path | None, *, schema, what: str, default_dir: Callable[[object], str]):
+    """(config, run directory) for `train` / `pretrain`: YAML <- --set <- shortcut options (paths quoted, so that
+    `lot #2`, `null` or `2024` stay folder names), or the saved config of the run `--resume` names (then only
+    --epochs may change). Without `out` the run goes to runs/<default_dir(config)>-<time>."""
+    import json
+    import time
+
+    from defectscan.io.files import check_output_dir
+    from defectscan.training import RunDir, load_config
+
+    overrides = list(set_)
+    for key, value in shortcuts:
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, Path) else value}")
+    if resume is not None:
+        if config is not None or any(not o.startswith("training.epochs=") for o in overrides):
+            raise DefectscanError(f"--resume continues a {what} with its saved config.yaml; give no config, data or "
+                                  "overrides (except --epochs N, which extends it)")
+        cfg, run_dir = RunDir(resume).read_config(overrides, schema=schema), resume
+    else:
+        cfg = load_config(config, overrides, schema=schema)
+        run_dir = out or Path("runs") / f"{default_dir(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(run_dir)
+    return cfg, run_dir
+
+
+def run_with_progress(fn, cfg, run_dir: Path, resume: bool):
+    """`fn(cfg, run_dir, resume=..., log=..., progress_factory=...)` with a progress bar on a terminal, and plain
+    log lines (every log_every steps) when the output is redirected, where a bar shows nothing until the end."""
+    if console.is_terminal:
+        with progress_bar() as progress:
+            return fn(cfg, run_dir, resume=resume, progress_factory=task_factory(progress),
+                      log=lambda msg: progress.console.print(msg, highlight=False, markup=False))
+    return fn(cfg, run_dir, resume=resume, log=lambda msg: console.print(msg, highlight=False, markup=False))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, progress_bar,
-                                   task_factory, threads_option)
+from defectscan.cli.common import (app, apply_max_pixels, apply_threads, console, max_pixels_option, run_config,
+                                   run_with_progress, threads_option)
 from defectscan.errors import DefectscanError
 
 
@@ -29,37 +28,17 @@ def pretrain(
 ) -> None:
     """Masked image modelling on the user's own images (SimMIM objective through the segmentation decoder); writes
     encoder.safetensors for `train --set model.encoder_weights=PATH`."""
-    import time as _time
-
-    from defectscan.io.files import check_output_dir
-    from defectscan.training import RunDir, load_config
     from defectscan.training.config import PretrainConfig
     from defectscan.training.pretrain import pretrain as run_pretraining
 
     apply_max_pixels(max_pixels)
     apply_threads(threads)
-    overrides = list(set_)
-    for key, value in (("data.root", data), ("model.encoder", encoder), ("training.epochs", epochs),
-                       ("training.device", device)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, Path) else value}")
-    if resume is not None:
-        if config is not None or any(not o.startswith("training.epochs=") for o in overrides):
-            raise DefectscanError("--resume continues a pretraining with its saved config.yaml; give no data, encoder, "
-                                  "config or overrides (except --epochs N)")
-        cfg, run_dir = RunDir(resume).read_config(overrides, schema=PretrainConfig), resume
-    else:
-        if data is None and config is None:
-            raise DefectscanError("give the dataset directory: defectscan pretrain DATA --encoder NAME")
-        cfg = load_config(config, overrides, schema=PretrainConfig)
-        run_dir = out or Path("runs") / f"pretrain-{cfg.model.encoder}-{_time.strftime('%Y%m%d-%H%M%S')}"
-    check_output_dir(run_dir)
-    if console.is_terminal:
-        with progress_bar() as progress:
-            result = run_pretraining(cfg, run_dir, resume=resume is not None, progress_factory=task_factory(progress),
-                                     log=lambda msg: progress.console.print(msg, highlight=False, markup=False))
-    else:
-        result = run_pretraining(cfg, run_dir, resume=resume is not None,
-                                 log=lambda msg: console.print(msg, highlight=False, markup=False))
+    if resume is None and data is None and config is None:
+        raise DefectscanError("give the dataset directory: defectscan pretrain DATA --encoder NAME")
+    shortcuts = [("data.root", data), ("model.encoder", encoder), ("training.epochs", epochs),
+                 ("training.device", device)]
+    cfg, run_dir = run_config(config, set_, shortcuts, out, resume, schema=PretrainConfig, what="pretraining",
+                              default_dir=lambda c: f"pretrain-{c.model.encoder}")
+    result = run_with_progress(run_pretraining, cfg, run_dir, resume is not None)
     console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), masked-pixel L1 "
                   f"{result.final_loss:.4f}; encoder weights {result.encoder_weights}")
