@@ -109,9 +109,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False, 
         if not samples:
             raise DefectscanError(f"{ds.root}: every image is a test image; nothing left to pretrain on "
                                   f"(data.exclude_test: false uses them)")
-        if test:
-            log(f"pretraining on {len(samples)} images: the {len(test)} test images are left out "
-                f"(data.exclude_test)")
     info = encoder_info(cfg.model.encoder)
     mc, sc, tc, oc = cfg.model, cfg.sampling, cfg.training, cfg.optim
     if sc.crop % info.stride:
@@ -149,6 +146,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False, 
                         progress_factory)
 
 
+def _labeled_among(ds: SegmentationDataset, samples: list) -> int:
+    return len({s.stem for s in ds.labeled} & {s.stem for s in samples})
+
+
 def _pretraining_images(root: Path, data_format: str) -> SegmentationDataset:
     """The dataset's images, labeled or not; a folder in no annotated layout counts as plain images."""
     if data_format == "auto" and root.is_dir():
@@ -173,9 +174,13 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
     mc, sc, tc, oc = cfg.model, cfg.sampling, cfg.training, cfg.optim
     t_start = time.perf_counter()
     done = progress_state["epoch"]
+    labeled = _labeled_among(ds, samples)
+    left_out = len(ds.samples) - len(samples)
     say(f"pretraining {mc.encoder} ({mc.arch} decoder as the reconstruction head) on {len(samples)} images of "
-        f"{ds.root} ({len(ds.labeled)} labeled, {len(ds.unlabeled)} unlabeled; labels unused); device {device} "
-        f"({hardware()}), {precision_name(amp_dtype)}" + (f"; resuming after epoch {done}" if done else ""))
+        f"{ds.root} ({labeled} labeled, {len(samples) - labeled} unlabeled; labels unused"
+        + (f"; {left_out} test images left out (data.exclude_test)" if left_out else "")
+        + f"); device {device} ({hardware()}), {precision_name(amp_dtype)}"
+        + (f"; resuming after epoch {done}" if done else ""))
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     total = tc.epochs * sc.steps_per_epoch
@@ -221,8 +226,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
     weights = save_encoder(model.encoder, run.path / ENCODER_FILE, {
         "encoder": mc.encoder, "method": "masked image modelling (SimMIM objective, segmentation decoder as head)",
         "arch": mc.arch, "mask": cfg.mask.model_dump(), "crop": sc.crop, "steps": total,
-        "images": len(samples), "labeled": len({s.stem for s in ds.labeled} & {s.stem for s in samples}),
-        "test_images_left_out": len(ds.samples) - len(samples), "data": str(ds.root), "init_weights": mc.init_weights,
+        "images": len(samples), "labeled": labeled, "test_images_left_out": left_out, "data": str(ds.root), "init_weights": mc.init_weights,
         "final_loss": history[-1]["train_loss"] if history else None, "seconds": round(progress_state["seconds"], 1),
         "precision": precision_name(amp_dtype), "hardware": hardware(), "versions": library_versions()})
     say(f"encoder weights: {weights} (train with --set model.encoder={mc.encoder} "
