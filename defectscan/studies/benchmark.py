@@ -43,7 +43,7 @@ from defectscan.schemas import (
 from defectscan.studies.report import collect_rows, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
-from defectscan.training.pretrain import ENCODER_FILE, pretrain
+from defectscan.training.pretrain import encoder_files, pretrain
 
 
 @dataclass
@@ -134,7 +134,7 @@ def pretrain_dir(out: Path, pcfg: PretrainConfig) -> Path:
 def ensure_pretrained(pcfg: PretrainConfig, run_dir: Path, *, log: Callable[[str], None] = print,
                       progress_factory=None) -> Path:
     """The encoder weights of the pretraining in `run_dir`, pretraining (or resuming) first if they are missing."""
-    weights = run_dir / f"{ENCODER_FILE}.safetensors"
+    weights, _ = encoder_files(run_dir)
     if not weights.is_file():
         resume = RunDir(run_dir).is_run()
         log(f"{'resuming' if resume else 'starting'} pretraining of {pcfg.model.encoder} in {run_dir}")
@@ -153,7 +153,8 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     if cell.backbone.pretrain is not None:
         pcfg = pretrain_config(study, cell.backbone, cfg)
         pre_dir = pretrain_dir(out, pcfg)
-        overrides.append(f"model.encoder_weights={json.dumps(str(pre_dir / f'{ENCODER_FILE}.safetensors'))}")
+        pre_weights, pre_meta = encoder_files(pre_dir)
+        overrides.append(f"model.encoder_weights={json.dumps(str(pre_weights))}")
         cfg = load_config(study.train_config, overrides)
     opts = eval_options(study, cfg, device)
     if row_file.is_file():
@@ -181,8 +182,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "family": encoder_info(cfg.model.encoder).family, "arch": cfg.model.arch,
            "pretrained": (f"self-supervised ({pre_dir.name})" if pre_dir is not None
                           else cfg.model.encoder_weights or "none"),
-           "pretrain_seconds": (json.loads((pre_dir / f"{ENCODER_FILE}.json").read_text())["seconds"]
-                                if pre_dir is not None else 0.0),
+           "pretrain_seconds": json.loads(pre_meta.read_text())["seconds"] if pre_dir is not None else 0.0,
            "labeled": labeled, "train_images": run.train_images(),
            "labeled_setting": "all" if cell.labeled is None else cell.labeled, "seed": cell.seed,
            "train_seconds": round(run.seconds(), 1),

@@ -267,6 +267,12 @@ def reconstructions(model: torch.nn.Module, crops: MaskedCrops, mean: torch.Tens
     return np.concatenate([r for row in rows for r in (row, sep)][:-1], axis=0)
 
 
+def encoder_files(run_dir: Path) -> tuple[Path, Path]:
+    """(encoder weights, their JSON sidecar) that a finished pretraining in `run_dir` holds."""
+    stem = Path(run_dir) / ENCODER_FILE
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
 def save_encoder(encoder: torch.nn.Module, stem: Path, meta: dict) -> Path:
     """`<stem>.safetensors` (the encoder's state dict, as `model.encoder_weights` loads it) and `<stem>.json`,
     both written atomically."""
