@@ -82,8 +82,8 @@ class CropDataset(torch.utils.data.Dataset):
                     self.points.setdefault(c, []).append((k, idx))
         self.classes_present = sorted(self.points)
         defective = len({k for found in self.points.values() for k, _ in found})
-        self.defect_share = auto_defect_share(defective, len(self.masks)) if defect_share == "auto" else float(
-            defect_share)
+        self.defect_share = (auto_defect_share(defective, len(self.masks)) if defect_share == "auto"
+                             else float(defect_share))
         areas = np.array([m.size for m in self.masks], dtype=np.float64)
         self.area_p = areas / areas.sum()
 

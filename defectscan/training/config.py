@@ -74,7 +74,6 @@ class SamplingConfig(_Section):
     steps_per_epoch: int = Field(100, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader worker processes (0: crops are made in the main process)
 
-
     @field_validator("defect_share", mode="before")
     @classmethod
     def _share_or_auto(cls, value: Any) -> Any:
