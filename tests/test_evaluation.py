@@ -22,7 +22,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import evaluate, run_evaluation
 from defectscan.inference import Predictor, TorchTiles
 from defectscan.io.images import write_image
-from defectscan.metrics import ScoreHistogram, pro_auc, region_stats
+from defectscan.metrics import ScoreHistogram, choose_threshold, pro_auc, region_stats
 from defectscan.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from defectscan.schemas import EvalOptions, EvalSummary, InferOptions
 from defectscan.tiling import tiled_inference
@@ -549,7 +549,7 @@ def test_calibrate_stores_the_chosen_threshold_and_evaluate_uses_it(tmp_path, mo
     ds = load_dataset(data)
     predictor = Predictor.from_checkpoint(ckpt, InferOptions(device="cpu"))
     ev = evaluate(predictor, ds, ds.labeled, EvalOptions(device="cpu", seam_images=0, examples=0, cost=False))
-    best = ev.hist["any"].choose_threshold("best_f1")
+    best = choose_threshold(ev.image_hists, "stable_f1")  # the default rule, towards the trained 0.5
     # a copy first: the original is left as it was
     code, out, _ = run_cli(monkeypatch, capsys, "calibrate", "-m", ckpt, "-d", data, "--split", "all",
                            "-o", tmp_path / "copy")
@@ -564,7 +564,7 @@ def test_calibrate_stores_the_chosen_threshold_and_evaluate_uses_it(tmp_path, mo
     _, spec, meta = load_checkpoint(ckpt)  # the weights still match their (rewritten) sidecar
     assert code == 0 and spec.threshold == want.threshold and ckpt.read_bytes() == weights_before
     record = meta["extra"]["threshold"]
-    assert record["rule"] == "recall" and record["target"] == 0.5 and record["previous"] == 0.5
+    assert record["rule"] == "recall" and record["target"] == 0.5 and record["previous"] == record["default"] == 0.5
     assert record["images"] == 5 and record["recall"] == pytest.approx(want.recall, abs=1e-6) and want.recall >= 0.5
     summary = run_evaluation(ckpt, data, tmp_path / "ev", split="all",
                              options=EvalOptions(device="cpu", seam_images=0, min_area=0))

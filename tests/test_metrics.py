@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from defectscan.metrics import ScoreHistogram, confusion_matrix, iou_dice
+from defectscan.metrics import (ScoreHistogram, choose_threshold, confusion_matrix, iou_dice, read_validation_scores,
+                                validation_scores)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -133,3 +136,69 @@ def test_chunked_pixel_counts_equal_one_pass(monkeypatch):
     assert np.array_equal(confusion_matrix(pred, target, 4), whole) and whole.sum() == target.size
     assert np.array_equal(chunked.pos, hist.pos) and np.array_equal(chunked.neg, hist.neg)
     assert hist.pos.sum() == np.count_nonzero(target)
+
+
+def _image_histograms(n: int, seed: int, *, defect_mean: float, background_mean: float, spread: float = 40.0,
+                      defective: int | None = None) -> list[ScoreHistogram]:
+    """Per-image histograms of n images of 60 x 60 pixels, 5 % defect pixels in the first `defective` of them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        positive = (rng.random((60, 60)) < 0.05) & (i < (n if defective is None else defective))
+        scores = np.clip(rng.normal(np.where(positive, defect_mean, background_mean), spread), 0, 255)
+        h = ScoreHistogram()
+        h.add(scores.astype(np.uint8), positive)
+        out.append(h)
+    return out
+
+
+def test_stable_f1_follows_the_evidence_and_keeps_the_default_without_it():
+    # many images of a model whose scores sit high (background up to ~0.6): the evidence for a high threshold is
+    # clear, so the one-standard-error rule ends close to the best-F1 threshold, not at 0.5
+    many = _image_histograms(40, 0, defect_mean=230, background_mean=120)
+    best = choose_threshold(many, "best_f1")
+    stable = choose_threshold(many, "stable_f1")
+    assert best.threshold > 0.6 and abs(stable.threshold - best.threshold) < 0.05 and stable.f1 > 0.95 * best.f1
+    assert stable.best_f1_threshold == best.threshold and stable.f1_standard_error is not None
+    # three images whose defects all score 200-255 and background 0-60: F1 is 1 at every level in between, best F1
+    # takes the lowest of them, stable_f1 the trained 0.5
+    rng = np.random.default_rng(1)
+    flat = []
+    for _ in range(3):
+        positive = rng.random((60, 60)) < 0.05
+        h = ScoreHistogram()
+        h.add(np.where(positive, rng.integers(200, 256, positive.shape), rng.integers(0, 61, positive.shape))
+              .astype(np.uint8), positive)
+        flat.append(h)
+    assert choose_threshold(flat, "best_f1").threshold == round(61 / 255, 6)
+    stable = choose_threshold(flat, "stable_f1")
+    assert stable.threshold == 0.5 and stable.f1 == 1.0 and "standard error" in stable.note
+    # images that disagree (background near 0.25, 0.6, 0.4): the best threshold's gain is uncertain, so the more
+    # standard errors are tolerated, the nearer the trained threshold; no tolerance is best F1
+    disagree = [_image_histograms(1, seed, defect_mean=d, background_mean=b, spread=20)[0]
+                for seed, d, b in [(5, 150, 60), (6, 235, 150), (7, 190, 100)]]
+    best = choose_threshold(disagree, "best_f1")
+    chosen = [choose_threshold(disagree, "stable_f1", tolerance=t) for t in (0.0, 0.25, 1.0, 4.0)]
+    assert chosen[0].threshold == best.threshold and chosen[-1].threshold == 0.5
+    distance = [abs(c.threshold - 0.5) for c in chosen]
+    assert distance == sorted(distance, reverse=True) and all(c.f1 <= best.f1 for c in chosen)
+    assert choose_threshold(disagree, "stable_f1") == chosen[1]  # seeded bootstrap: a resumed run chooses the same
+    # one image with defects (beside clean ones) cannot estimate an error: the default is kept, saying so
+    one = _image_histograms(4, 2, defect_mean=230, background_mean=120, defective=1)
+    kept = choose_threshold(one, "stable_f1", default=0.4)
+    assert kept.threshold == 0.4 and "too few" in kept.note and kept.best_f1_threshold > 0.6
+    # the pooled rules are the pooled histogram's
+    pooled = ScoreHistogram()
+    for h in many:
+        pooled.merge(h)
+    assert choose_threshold(many, "recall", 0.9) == pooled.choose_threshold("recall", 0.9)
+    with pytest.raises(ValueError, match="stable_f1 needs per-image"):
+        pooled.choose_threshold("stable_f1")
+
+
+def test_validation_scores_round_trip_and_old_pooled_format():
+    images = _image_histograms(3, 4, defect_mean=200, background_mean=60)
+    back, pooled_only = read_validation_scores(json.loads(json.dumps(validation_scores(images))))
+    assert not pooled_only and [h.to_dict() for h in back] == [h.to_dict() for h in images]
+    old, pooled_only = read_validation_scores(images[0].to_dict())  # checkpoints made before per-image scores
+    assert pooled_only and len(old) == 1 and old[0].to_dict() == images[0].to_dict()

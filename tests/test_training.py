@@ -21,7 +21,7 @@ from defectscan.evaluation import evaluate
 from defectscan.inference import Predictor
 from defectscan.schemas import EvalOptions, InferOptions
 from defectscan.io.images import write_image
-from defectscan.metrics import ScoreHistogram
+from defectscan.metrics import read_validation_scores
 from defectscan.models import ModelSpec, build_model, load_checkpoint
 from defectscan.training import load_config, train
 from defectscan.training.losses import build_loss
@@ -195,10 +195,13 @@ def test_training_with_validation_and_test_split(tmp_path):
     # the threshold was chosen on the validation image (best pixel F1 of the best epoch's validation pass) and the
     # test metrics use it
     chosen = meta["extra"]["threshold"]
-    scores = ScoreHistogram.from_dict(meta["extra"]["validation_scores"])
-    assert chosen["rule"] == "best_f1" and chosen["split"] == "validation" and chosen["images"] == 1
-    assert spec.threshold == chosen["threshold"] == round(scores.best_f1()[1], 6)
-    assert chosen["positives"] == scores.pos.sum() > 0 and test["threshold"] == spec.threshold
+    images, pooled_only = read_validation_scores(meta["extra"]["validation_scores"])
+    assert not pooled_only and len(images) == 1
+    assert chosen["rule"] == "stable_f1" and chosen["split"] == "validation" and chosen["images"] == 1
+    # one validation image cannot measure a threshold's sampling error: the trained 0.5 is kept, saying why
+    assert spec.threshold == chosen["threshold"] == 0.5 == chosen["default"] and "too few" in chosen["note"]
+    assert chosen["best_f1_threshold"] == round(images[0].best_f1()[1], 6)
+    assert chosen["positives"] == images[0].pos.sum() > 0 and test["threshold"] == spec.threshold
     assert "threshold" in (tmp_path / "run" / "train.log").read_text()
     from defectscan.evaluation.calibrate import calibrate_threshold
     from defectscan.training import RunDir

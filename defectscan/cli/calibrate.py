@@ -18,9 +18,13 @@ def calibrate(
     data: Path = typer.Option(..., "--data", "-d", help="Labeled dataset directory."),
     split: str = typer.Option("val", help="val, train or all: the images to choose on (a training run's checkpoint "
                               "uses that run's split; test is refused)."),
-    rule: str = typer.Option("best_f1", help="best_f1; precision (the loosest threshold reaching --target "
-                             "precision); recall (the strictest threshold keeping --target recall)."),
+    rule: str = typer.Option("stable_f1", help="stable_f1 (best pixel F1, but the threshold nearest the trained "
+                             "one whose F1 is within --tolerance bootstrap standard errors of the best: a few images "
+                             "cannot pull it to an extreme); best_f1; precision (the loosest threshold reaching "
+                             "--target precision); recall (the strictest threshold keeping --target recall)."),
     target: Optional[float] = typer.Option(None, help="Pixel precision or recall to reach, in (0, 1]."),
+    tolerance: float = typer.Option(0.25, min=0.0, help="stable_f1: standard errors of F1 given up to stay near "
+                                    "the trained threshold (0: best F1)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: "
                                        "update --model in place; its weights are not rewritten)."),
     format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
@@ -46,8 +50,8 @@ def calibrate(
     with progress_bar() as progress:
         task = progress.add_task(f"scoring {model.name}", total=None)
         choice, written, how = calibrate_threshold(
-            model, data, split=split, rule=rule, target=target, out=out, data_format=format, options=opts,
-            run_splits=run.split_source() if run else None, class_map=classes,
+            model, data, split=split, rule=rule, target=target, tolerance=tolerance, out=out, data_format=format,
+            options=opts, run_splits=run.split_source() if run else None, class_map=classes,
             progress=lambda d, n: progress.update(task, completed=d, total=n), log=print_note, limit=limit)
     result = wide_console()  # the result on stdout; progress and notes on stderr
     result.print(f"threshold {choice.threshold:.4f} ({rule}{f' {target}' if target else ''}, on {how}): pixel "

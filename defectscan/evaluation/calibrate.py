@@ -15,13 +15,20 @@ from typing import Callable, Mapping, Sequence
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.evaluator import evaluate
 from defectscan.evaluation.outputs import open_for_scoring, select_samples
-from defectscan.metrics import THRESHOLD_RULES, ThresholdChoice
-from defectscan.models import set_threshold
+from defectscan.metrics import STABLE_F1_TOLERANCE, THRESHOLD_RULES, ThresholdChoice, choose_threshold
+from defectscan.models import read_sidecar, set_threshold
 from defectscan.schemas import EvalOptions
 
 
-def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str = "val", rule: str = "best_f1",
-                        target: float | None = None, out: str | Path | None = None, data_format: str = "auto",
+def trained_threshold(meta: Mapping, current: float) -> float:
+    """The threshold a checkpoint had before any calibration (stable_f1 stays near it unless the images say
+    otherwise): recalibrating a calibrated checkpoint must not drift from its last choice."""
+    record = meta.get("extra", {}).get("threshold") or {}
+    return float(record.get("default", record.get("previous", current)))
+
+
+def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str = "val", rule: str = "stable_f1",
+                        target: float | None = None, tolerance: float = STABLE_F1_TOLERANCE, out: str | Path | None = None, data_format: str = "auto",
                         options: EvalOptions | None = None,
                         run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
                         class_map: Mapping[str, str] | None = None, limit: int | None = None,
@@ -38,7 +45,7 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
                               "--split val (or train)")
     if rule not in THRESHOLD_RULES:
         raise DefectscanError(f"unknown threshold rule '{rule}' (choose from {', '.join(THRESHOLD_RULES)})")
-    if rule != "best_f1" and (target is None or not 0.0 < target <= 1.0):
+    if rule in ("precision", "recall") and (target is None or not 0.0 < target <= 1.0):
         raise DefectscanError(f"--rule {rule} needs --target in (0, 1], e.g. 0.9")
     opts = (options or EvalOptions()).model_copy(update={"seam_images": 0, "examples": 0, "cost": False})
     checkpoint = Path(checkpoint)
@@ -46,12 +53,12 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
     samples, how = select_samples(ds, split, run_splits)
     samples = samples[:limit] if limit else samples
     ev = evaluate(predictor, ds, samples, opts, progress=progress)
-    scores = ev.hist["any"]
-    if scores.pos.sum() == 0:
+    if ev.hist["any"].pos.sum() == 0:
         raise DefectscanError(f"{ds.root}: the {split} images hold no defect pixels, so no threshold can be chosen "
                               f"on them")
-    choice = scores.choose_threshold(rule, target)
+    default = trained_threshold(read_sidecar(checkpoint), predictor.threshold)
+    choice = choose_threshold(ev.image_hists, rule, target, default=default, tolerance=tolerance)
     written = set_threshold(checkpoint, choice.threshold, {
         **choice.to_dict(), "split": split, "split_source": how, "images": len(samples), "data": str(ds.root),
-        "previous": predictor.threshold}, out=out)
+        "previous": predictor.threshold, "default": default}, out=out)
     return choice, written, how

@@ -48,6 +48,7 @@ class Evaluation:
     options: EvalOptions
     conf: np.ndarray  # (K, K) rows ground truth, columns prediction
     hist: dict[str, ScoreHistogram]  # per defect class, plus "any" (defect vs background)
+    image_hists: list[ScoreHistogram] = field(default_factory=list)  # "any" per image: thresholds' sampling error
     seconds: float = 0.0  # wall time of the whole pass
     inference_seconds: float = 0.0  # tiled inference + mask rule only
     pixels: int = 0
@@ -252,6 +253,7 @@ class ImageMetrics:
         self.conf = np.zeros((k, k), np.int64)
         self.truth_px = np.zeros(k, np.int64)
         self.max_score = 0
+        self.hist = ScoreHistogram()  # this image's "any" scores
         self.gt_scores: dict[int, np.ndarray] = {}  # y0 -> scores at the strip's defect pixels (what PRO needs)
         self.score = np.empty(target.shape, np.uint8) if keep_score else None  # the seam check's whole map
         opts = ev.options
@@ -264,7 +266,7 @@ class ImageMetrics:
         truth = self.target[y0 : y0 + len(score)]
         for class_id, name in self.classes.defect_names.items():
             self.ev.hist[name].add(probs[self.classes.channel(class_id)], truth == class_id)
-        self.ev.hist["any"].add(score, truth)
+        self.hist.add(score, truth)
         self.max_score = max(self.max_score, int(score.max()))
         self.gt_scores[y0] = score[truth != 0]
         self.truth_px += np.bincount(truth.ravel(), minlength=len(self.truth_px))
@@ -292,6 +294,8 @@ class ImageMetrics:
     def finish(self, sample: Sample, source: ImageSource, image: SegmentedImage) -> None:
         ev, conf = self.ev, self.conf
         ev.conf += conf
+        ev.hist["any"].merge(self.hist)
+        ev.image_hists.append(self.hist)
         rs = self.regions.finish()
         ev.gt_regions += rs.gt_regions
         ev.found_regions += rs.found

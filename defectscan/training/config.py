@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from defectscan.errors import DefectscanError
+from defectscan.metrics import STABLE_F1_TOLERANCE
 from defectscan.schemas import Amp, describe_validation_error, error_key
 
 
@@ -119,11 +120,13 @@ class ValidationConfig(_Section):
     batch_size: int = Field(4, ge=1)
     min_area: int = Field(4, ge=0)
     test: bool = True  # evaluate the best checkpoint on the test split at the end (benchmarks run `evaluate` instead)
-    # the decision threshold stored in the checkpoint: chosen on the validation split after training (best pixel
-    # F1, or the loosest threshold reaching a target precision / the strictest reaching a target recall), or
-    # `fixed` (model.threshold). Without a validation split model.threshold is kept, with a note.
-    threshold: Literal["fixed", "best_f1", "precision", "recall"] = "best_f1"
+    # the decision threshold stored in the checkpoint: chosen on the validation split after training (stable_f1:
+    # best pixel F1 with the one-standard-error rule towards model.threshold, see metrics.choose_threshold;
+    # best_f1: the raw argmax; or the loosest threshold reaching a target precision / the strictest reaching a
+    # target recall), or `fixed` (model.threshold). Without a validation split model.threshold is kept, with a note.
+    threshold: Literal["fixed", "stable_f1", "best_f1", "precision", "recall"] = "stable_f1"
     threshold_target: Optional[float] = Field(None, gt=0.0, le=1.0)  # for precision / recall
+    threshold_tolerance: float = Field(STABLE_F1_TOLERANCE, ge=0.0)  # stable_f1: standard errors (0: best F1)
 
     @model_validator(mode="after")
     def _target_for_rule(self) -> "ValidationConfig":

@@ -24,7 +24,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
 from defectscan.io.provenance import hardware
-from defectscan.metrics import ScoreHistogram
+from defectscan.metrics import choose_threshold, read_validation_scores, validation_scores
 from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
 from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
@@ -264,7 +264,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         val_scores = None
         if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
             m = validate(model, spec, splits.val, "validation")
-            val_scores = m.hist["any"].to_dict()  # kept with a best checkpoint: its threshold is chosen from it
+            val_scores = validation_scores(m.image_hists)  # kept with a best checkpoint: its threshold comes from it
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
             row["val_seconds"] = round(m.seconds, 1)
@@ -332,15 +332,17 @@ def _choose_threshold(cfg: Config, run: RunDir, val_images: int, say: Log) -> No
         say("threshold: the best checkpoint has no validation scores (made before thresholds were chosen); "
             f"keeping {meta['model']['threshold']}")
         return
-    scores = ScoreHistogram.from_dict(extra["validation_scores"])
-    if scores.pos.sum() == 0:
+    images, pooled_only = read_validation_scores(extra["validation_scores"])
+    if not any(h.pos.any() for h in images):
         say(f"threshold: the validation images hold no defect pixels to choose it on; keeping model.threshold "
             f"{cfg.model.threshold}")
         return
-    choice = scores.choose_threshold(vc.threshold, vc.threshold_target)
+    rule = "best_f1" if pooled_only and vc.threshold == "stable_f1" else vc.threshold  # made before per-image scores
+    choice = choose_threshold(images, rule, vc.threshold_target, default=cfg.model.threshold,
+                              tolerance=vc.threshold_tolerance)
     set_threshold(path, choice.threshold, {**choice.to_dict(), "split": "validation", "images": val_images,
-                                           "previous": meta["model"]["threshold"]})
-    say(f"threshold {choice.threshold:.4f} chosen on {val_images} validation image(s) by {vc.threshold}"
+                                           "previous": meta["model"]["threshold"], "default": cfg.model.threshold})
+    say(f"threshold {choice.threshold:.4f} chosen on {val_images} validation image(s) by {rule}"
         + (f" {vc.threshold_target}" if vc.threshold_target else "")
         + f": pixel precision {choice.precision:.3f}, recall {choice.recall:.3f}, F1 {choice.f1:.3f}"
         + (f" ({choice.note})" if choice.note else ""))
