@@ -190,9 +190,10 @@ class CostMetrics(_Sparse):
     parameters: Optional[int] = None
     tile: Optional[list[int]] = None
     gflops_per_tile: Num = None
-    peak_rss_mb: Num = None
+    peak_rss_mb: Num = None  # under torchrun: rank 0's
     peak_gpu_mb: Num = None
-    megapixels_per_second: Num = None
+    processes: Optional[int] = None  # under torchrun: how many shared the images
+    megapixels_per_second: Num = None  # per process: pixels / the processes' inference seconds together
     latency_mean_s: Num = None
     latency_median_s: Num = None
     latency_max_s: Num = None

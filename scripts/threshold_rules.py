@@ -1,12 +1,13 @@
 """Which threshold rule generalises from a few validation images? A resampling study on non-test images.
 
-For a trained checkpoint, every image of a pool that the run neither trained on nor tests on (its validation
-split, and the labeled images left out of its label budget) is scored once through the tiled engine; its
-per-image defect-score histograms are cached. Then, many times for each calibration size k, k images of the pool
+For each training run, the images of a pool that the run neither trained on nor tests on (its validation split,
+and the labeled images left out of its label budget; at most --limit of them) are scored once by its best
+checkpoint through the tiled engine; their per-image defect-score histograms are cached. Then, many times for each calibration size k, k images of the pool
 choose a threshold by each rule and the other images of the pool measure it (pooled defect IoU at that
 threshold). The test split is never read, so a rule chosen from this table is chosen on validation data.
 
-    python scripts/threshold_rules.py runs/lite0_n20_v1 ../shared/datasets/bsdata --pool train_unused val
+    python scripts/threshold_rules.py runs/lite0_all runs/lite0_n20 --data ../shared/datasets/bsdata
+    (the README's table: five BSData runs, --limit 80 --draws 200)
 """
 
 from __future__ import annotations
@@ -57,12 +58,7 @@ def held_out_iou(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
 
 
 def hists(pos: np.ndarray, neg: np.ndarray) -> list[ScoreHistogram]:
-    out = []
-    for p, n in zip(pos, neg):
-        h = ScoreHistogram(len(p))
-        h.pos[:], h.neg[:] = p, n
-        out.append(h)
-    return out
+    return [ScoreHistogram.from_dict({"pos": p, "neg": n}) for p, n in zip(pos, neg)]
 
 
 def main() -> None:

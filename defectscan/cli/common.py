@@ -81,9 +81,10 @@ def command_line() -> str:
     return " ".join(["defectscan", *sys.argv[1:]])
 
 
-def progress_bar() -> Progress:
+def progress_bar(enabled: bool = True) -> Progress:
+    """The progress display of long commands (`enabled=False`: the ranks of a torchrun job other than rank 0)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
 
 
 def task_factory(progress: Progress):

@@ -34,7 +34,9 @@ def infer(
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
-    """Detect defects: per image a probability map per class, a mask, an overlay and a defect table."""
+    """Detect defects: per image a probability map per class, a mask, an overlay and a defect table. Under
+    torchrun, each process takes a share of the images (the same files as one process)."""
+    from defectscan import distributed
     from defectscan.inference import Predictor, collect_images, output_names, write_prediction
     from defectscan.inference.writers import batch_row, write_batch_summary
     from defectscan.io.files import check_output_dir, remove_leftovers
@@ -48,18 +50,22 @@ def infer(
     apply_threads(threads)
     paths = collect_images(images, recursive=recursive, exclude=out)
     check_output_dir(out)
-    remove_leftovers(out)  # of earlier runs killed while writing here
+    shard = distributed.current_shard(device)
+    if shard.is_main:
+        remove_leftovers(out)  # of earlier runs killed while writing here (not the other ranks' live files)
+    shard.barrier()
     predictor = Predictor.from_checkpoint(model, opts)
-    for note in predictor.notes:
+    for note in predictor.notes if shard.is_main else ():
         print_note(note)
     table = Table(title=f"defectscan infer — {predictor.spec.arch}/{predictor.spec.encoder}, tile {predictor.tile[0]}, "
-                        f"overlap {predictor.overlap}, {predictor.stitch}, {predictor.precision}")
+                        f"overlap {predictor.overlap}, {predictor.stitch}, {predictor.precision}"
+                        + (f", {shard.world} processes" if shard.world > 1 else ""))
     class_cols = list(predictor.class_names.values())
     for col in ("image", "size", "tiles", "time", "MP/s", *class_cols, "defect area"):
         table.add_column(col, justify="left" if col == "image" else "right")
-    rows: list[dict] = []
-    with progress_bar() as progress:
-        for path, name in zip(paths, output_names(paths)):
+    mine: list[tuple[int, dict, list[str] | None]] = []  # (image index, summary row, table cells)
+    with progress_bar(shard.is_main) as progress:
+        for index, (path, name) in shard.take(list(zip(paths, output_names(paths)))):
             task = progress.add_task(f"{escape(path.name)}: reading", total=None)  # a huge PNG decodes for minutes
             try:
                 source = open_image(path)
@@ -67,16 +73,24 @@ def infer(
                 s = write_prediction(predictor, path, source, out / name,
                                      progress=lambda d, n: progress.update(task, completed=d, total=n))
             except DefectscanError as exc:
-                rows.append(batch_row(path, name, class_cols, error=str(exc)))
+                mine.append((index, batch_row(path, name, class_cols, error=str(exc)), None))
                 progress.update(task, description=f"[red]{escape(path.name)} (failed)")
                 print_error(exc)
                 continue
-            rows.append(batch_row(path, name, class_cols, s))
-            table.add_row(escape(path.name), f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
+            mine.append((index, batch_row(path, name, class_cols, s),
+                         [escape(path.name), f"{s['width']}x{s['height']}", str(s["tiles"]), f"{s['seconds']:.1f}s",
                           f"{s['megapixels_per_second']:.2f}", *(str(s["regions_per_class"][c]) for c in class_cols),
-                          f"{100 * s['defect_area_fraction']:.3f}%")
+                          f"{100 * s['defect_area_fraction']:.3f}%"]))
+    gathered = sorted((x for part in shard.gather(mine) for x in part), key=lambda x: x[0])
+    distributed.close()
+    rows = [row for _, row, _ in gathered]
+    for _, _, cells in gathered:
+        if cells:
+            table.add_row(*cells)
     done = [r for r in rows if r["status"] == "ok"]
     failures = len(rows) - len(done)
+    if not shard.is_main:  # rank 0 reports and writes the summary; every rank exits with the same status
+        raise typer.Exit(1 if failures else 0)
     if not done:
         console.print(f"[red]all {failures} image(s) failed; nothing written[/]")
         raise typer.Exit(1)

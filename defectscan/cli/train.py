@@ -27,7 +27,11 @@ def train(
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
 ) -> None:
-    """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept."""
+    """Train a segmentation model; validation runs the tiling engine on full images; best checkpoint kept.
+    Under torchrun: DistributedDataParallel, each process an equal part of every batch; rank 0 writes the run."""
+    from functools import partial
+
+    from defectscan import distributed
     from defectscan.training import RunDir
     from defectscan.training import train as run_training
     from defectscan.training.config import Config
@@ -38,7 +42,15 @@ def train(
                  ("training.device", device), ("model.init_checkpoint", finetune)]
     cfg, run_dir = run_config(config, set_, shortcuts, out, resume, schema=Config, what="run",
                               default_dir=lambda c: config.stem if config else "train")
-    result = run_with_progress(run_training, cfg, run_dir, resume is not None)
+    shard = distributed.current_shard(cfg.training.device)
+    run_dir = Path(shard.gather(str(run_dir))[0])  # a default directory is named by rank 0's clock
+    if shard.is_main:
+        result = run_with_progress(partial(run_training, shard=shard), cfg, run_dir, resume is not None)
+    else:
+        run_training(cfg, run_dir, resume=resume is not None, log=lambda message: None, shard=shard)
+    distributed.close()
+    if not shard.is_main:
+        return
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a (no validation split)"
     console.print(f"done in {result.seconds / 60:.1f} min: {result.epochs_run} epoch(s), best epoch {result.best_epoch} "
                   f"(val {cfg.training.select} {best}); checkpoint {RunDir(run_dir).checkpoint('best')}")

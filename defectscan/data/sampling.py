@@ -124,13 +124,21 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 class IndexRange(torch.utils.data.Sampler):
-    """Sample indices first..last-1: a run's crops are numbered globally, so a resumed epoch continues the list."""
+    """Sample indices first..last-1: a run's crops are numbered globally, so a resumed epoch continues the list.
 
-    def __init__(self, first: int, last: int) -> None:
-        self.first, self.last = first, last
+    Under torchrun (`world` processes), the range is cut into global batches of `batch` crops and rank r takes
+    the r-th equal part of each: crop i is the same image region whatever the number of processes, and the
+    processes together see exactly the batches one process would."""
+
+    def __init__(self, first: int, last: int, batch: int = 1, rank: int = 0, world: int = 1) -> None:
+        if batch % world:
+            raise ValueError(f"a batch of {batch} cannot be split equally over {world} processes")
+        self.first, self.last, self.batch, self.rank, self.world = first, last, batch, rank, world
 
     def __iter__(self):
-        return iter(range(self.first, self.last))
+        part = self.batch // self.world
+        for start in range(self.first, self.last, self.batch):
+            yield from range(start + self.rank * part, min(start + (self.rank + 1) * part, self.last))
 
     def __len__(self) -> int:
-        return self.last - self.first
+        return sum(1 for _ in self)

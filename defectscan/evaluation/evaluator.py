@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from defectscan.data.dataset import Sample, SegmentationDataset
+from defectscan.distributed import SINGLE, Shard
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.cost import count_flops, count_parameters, peak_memory_mb, reset_peak_rss
 from defectscan.inference import Predictor, SegmentedImage, defect_score, score_to_u8
-from defectscan.io.images import ImageSource
+from defectscan.io.images import ImageSource, header_size
 from defectscan.metrics import RegionMatcher, ScoreHistogram, confusion_matrix, iou_dice, pro_auc
 from defectscan.reporting.overlays import MaskPreview, outcome_codes, render_outcomes
 from defectscan.schemas import EvalOptions, Metrics
@@ -39,6 +40,22 @@ class Example:
     dice: float
     errors: int
     preview: np.ndarray  # RGB
+    index: int = 0  # position in the evaluated list: ties go to the earlier image, however the list was sharded
+
+
+@dataclass
+class ImageResult:
+    """One image's contribution to an `Evaluation`: what `Evaluation.add` sums, kept whole so that processes
+    sharing an evaluation can send theirs to one place and add them in image order (bit-identical sums)."""
+
+    index: int
+    conf: np.ndarray
+    hist: dict[str, ScoreHistogram]  # per defect class and "any"
+    regions: tuple[int, int, int]  # true regions, found, false-positive regions
+    overlap_curve: np.ndarray
+    pixels: int
+    class_regions: dict[str, list[int]]  # multi-class models: [true, found, false positive] per class
+    row: dict  # the per_image row
 
 
 @dataclass
@@ -67,6 +84,23 @@ class Evaluation:
     @property
     def images(self) -> int:
         return len(self.per_image)
+
+    def add(self, r: ImageResult) -> None:
+        """Count one image (in image order: float sums then equal one process's)."""
+        self.conf += r.conf
+        for name, h in r.hist.items():
+            self.hist[name].merge(h)
+        self.image_hists.append(r.hist["any"])
+        self.gt_regions += r.regions[0]
+        self.found_regions += r.regions[1]
+        self.fp_regions += r.regions[2]
+        self.overlap_sum += r.overlap_curve
+        self.pixels += r.pixels
+        for name, counts in r.class_regions.items():
+            total = self.class_regions.setdefault(name, [0, 0, 0])
+            for j, c in enumerate(counts):
+                total[j] += c
+        self.per_image.append(r.row)
 
     @property
     def image_scores(self) -> list[float]:
@@ -189,10 +223,16 @@ def evaluate(
     *,
     progress: Callable[[int, int], None] | None = None,
     mask_sink: Callable[[Sample, tuple[int, int]], ContextManager[RowSink]] | None = None,
+    shard: Shard = SINGLE,
 ) -> Evaluation:
     """Run `predictor` over `samples` and accumulate every metric. `mask_sink(sample, (H, W))` opens where each
     image's class mask goes (e.g. a `PngRowWriter`): it receives the mask's rows top to bottom. The predictor's
     model is switched to eval mode for the pass and back to its previous mode afterwards.
+
+    With a `shard` of several processes (torchrun), this process scores its share of `samples` (`Shard.take`)
+    and every process returns the whole evaluation: the per-image results are gathered and added in image order,
+    so every count, sum and example equals one process's. `seconds` is then this process's wall time and
+    `inference_seconds` the sum over processes.
 
     Per image, memory holds the decoded image, the ground truth (1 byte per pixel) and the scores at its defect
     pixels; the class mask and the score exist only strip by strip."""
@@ -201,9 +241,7 @@ def evaluate(
     model_classes = list(predictor.class_names.values())
     if list(classes[1:]) != model_classes:
         raise DefectscanError(f"{ds.root}: dataset classes {list(classes[1:])} differ from the model's {model_classes}")
-    k = len(classes)
-    ev = Evaluation(classes, predictor.threshold, opts, np.zeros((k, k), np.int64),
-                    {c: ScoreHistogram() for c in (*classes[1:], "any")})
+    ev = _empty_evaluation(classes, predictor.threshold, opts)
     model, spec = predictor.model, predictor.spec
     device = predictor.tiles.device
     was_training = model.training
@@ -212,30 +250,75 @@ def evaluate(
         torch.cuda.reset_peak_memory_stats(device)
     if opts.cost:
         reset_peak_rss()
+    seam_at = _seam_images(samples, opts)
+    mine = shard.take(samples)
+    results: list[ImageResult] = []  # several processes: kept until they are gathered
+    seam: list[tuple[int, dict]] = []
     t_start = time.perf_counter()
     try:
-        for i, sample in enumerate(samples):
+        for done, (index, sample) in enumerate(mine, 1):
             source = ds.open_source(sample)
             target = ds.load_mask(sample, source.shape)
-            seam = bool(opts.seam_images and len(ev.seam) < opts.seam_images and target.size <= opts.seam_max_pixels)
-            metrics = ImageMetrics(ev, predictor, target, keep_score=seam)
+            metrics = ImageMetrics(ev, predictor, target, keep_score=index in seam_at)
             image = predictor.segment_rows(source, on_strip=metrics.add_probabilities)
             with mask_sink(sample, source.shape) if mask_sink else contextlib.nullcontext() as sink:
                 metrics.add_masks(image, sink)
             ev.inference_seconds += image.seconds
-            metrics.finish(sample, source, image)
-            if seam:
-                ev.seam.append(_seam_check(predictor, source.to_rgb8(), metrics.score, sample.image.name))
+            result = metrics.finish(index, sample, source, image)
+            if shard.world == 1:
+                ev.add(result)
+            else:
+                results.append(result)
+            if index in seam_at:
+                seam.append((index, _seam_check(predictor, source.to_rgb8(), metrics.score, sample.image.name)))
             if progress:
-                progress(i + 1, len(samples))
+                progress(done, len(mine))
+        if shard.world > 1:
+            ev = _gathered(ev, shard.gather((results, ev.best, ev.worst, seam, ev.inference_seconds)))
+        else:
+            ev.seam = [row for _, row in seam]
         ev.seconds = time.perf_counter() - t_start
         if opts.cost:
             th, tw = predictor.tile
             x = torch.zeros(1, spec.in_channels, th, tw, device=device)
             ev.cost = {"device": str(device), "parameters": count_parameters(model), "tile": [th, tw],
                        "gflops_per_tile": float(f"{count_flops(model, x) / 1e9:.4g}"), **peak_memory_mb(device)}
+            if shard.world > 1:
+                ev.cost["processes"] = shard.world  # peak memory: this process's
     finally:
         model.train(was_training)
+    return ev
+
+
+def _empty_evaluation(classes: Sequence[str], threshold: float, opts: EvalOptions) -> Evaluation:
+    k = len(classes)
+    return Evaluation(tuple(classes), threshold, opts, np.zeros((k, k), np.int64),
+                      {c: ScoreHistogram() for c in (*classes[1:], "any")})
+
+
+def _seam_images(samples: Sequence[Sample], opts: EvalOptions) -> set[int]:
+    """Indices of the images also run untiled: the first `seam_images` whose header says they fit
+    `seam_max_pixels` (decided before scoring, so that every process of a sharded run agrees)."""
+    chosen: set[int] = set()
+    for i, sample in enumerate(samples):
+        if len(chosen) >= opts.seam_images:
+            break
+        size = header_size(sample.image)
+        if size is not None and size[0] * size[1] <= opts.seam_max_pixels:
+            chosen.add(i)
+    return chosen
+
+
+def _gathered(local: Evaluation, parts: list[tuple]) -> Evaluation:
+    """The whole evaluation from every process's (results, best, worst, seam rows, inference seconds)."""
+    ev = _empty_evaluation(local.classes, local.threshold, local.options)
+    for r in sorted((r for part in parts for r in part[0]), key=lambda r: r.index):
+        ev.add(r)
+    k = local.options.examples
+    ev.best = sorted((e for part in parts for e in part[1]), key=lambda e: (-e.dice, e.errors, e.index))[:k]
+    ev.worst = sorted((e for part in parts for e in part[2]), key=lambda e: (e.dice, -e.errors, e.index))[:k]
+    ev.seam = [row for _, row in sorted((x for part in parts for x in part[3]), key=lambda x: x[0])]
+    ev.inference_seconds = sum(part[4] for part in parts)
     return ev
 
 
@@ -253,7 +336,7 @@ class ImageMetrics:
         self.conf = np.zeros((k, k), np.int64)
         self.truth_px = np.zeros(k, np.int64)
         self.max_score = 0
-        self.hist = ScoreHistogram()  # this image's "any" scores
+        self.hist = {name: ScoreHistogram() for name in (*ev.classes[1:], "any")}  # this image's scores
         self.gt_scores: dict[int, np.ndarray] = {}  # y0 -> scores at the strip's defect pixels (what PRO needs)
         self.score = np.empty(target.shape, np.uint8) if keep_score else None  # the seam check's whole map
         opts = ev.options
@@ -265,8 +348,8 @@ class ImageMetrics:
     def add_probabilities(self, y0: int, probs: np.ndarray, score: np.ndarray) -> None:
         truth = self.target[y0 : y0 + len(score)]
         for class_id, name in self.classes.defect_names.items():
-            self.ev.hist[name].add(probs[self.classes.channel(class_id)], truth == class_id)
-        self.hist.add(score, truth)
+            self.hist[name].add(probs[self.classes.channel(class_id)], truth == class_id)
+        self.hist["any"].add(score, truth)
         self.max_score = max(self.max_score, int(score.max()))
         self.gt_scores[y0] = score[truth != 0]
         self.truth_px += np.bincount(truth.ravel(), minlength=len(self.truth_px))
@@ -291,41 +374,35 @@ class ImageMetrics:
             if sink is not None:
                 sink.write(mask)
 
-    def finish(self, sample: Sample, source: ImageSource, image: SegmentedImage) -> None:
-        ev, conf = self.ev, self.conf
-        ev.conf += conf
-        ev.hist["any"].merge(self.hist)
-        ev.image_hists.append(self.hist)
+    def finish(self, index: int, sample: Sample, source: ImageSource, image: SegmentedImage) -> ImageResult:
+        """The image's result (`Evaluation.add` counts it); offers it as a best/worst example on the way."""
+        conf = self.conf
         rs = self.regions.finish()
-        ev.gt_regions += rs.gt_regions
-        ev.found_regions += rs.found
-        ev.fp_regions += rs.false_positive_regions
-        ev.overlap_sum += rs.overlap_curve
-        ev.pixels += self.target.size
-        if len(ev.classes) > 2:
+        class_regions: dict[str, list[int]] = {}
+        if len(self.ev.classes) > 2:
             for class_id, name in self.classes.defect_names.items():
-                counts = ev.class_regions.setdefault(name, [0, 0, 0])
+                counts = class_regions[name] = [0, 0, 0]
                 if class_id in self.class_regions:
                     rc = self.class_regions[class_id].finish()
-                    counts[0] += rc.gt_regions
-                    counts[1] += rc.found
-                    counts[2] += rc.false_positive_regions
+                    counts[:] = rc.gt_regions, rc.found, rc.false_positive_regions
         tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
         dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
-        ev.per_image.append({
+        row = {
             "image": sample.image.name, "width": source.width, "height": source.height,
             "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
             "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
             "defect_dice": _r(dice) if dice is not None else None,
             "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
             "fp_regions": rs.false_positive_regions, "max_score": round(self.max_score / 255, 4),
-            "defective": tp + fn > 0, "flagged": bool(image.regions), "seconds": round(image.seconds, 3)})
+            "defective": tp + fn > 0, "flagged": bool(image.regions), "seconds": round(image.seconds, 3)}
         if dice is not None and self.outcomes is not None:  # both empty: nothing worth a preview
-            _offer_example(ev, sample, source, self.outcomes, dice, fp + fn)
+            _offer_example(self.ev, index, sample, source, self.outcomes, dice, fp + fn)
+        return ImageResult(index, conf, self.hist, (rs.gt_regions, rs.found, rs.false_positive_regions),
+                           rs.overlap_curve, int(self.target.size), class_regions, row)
 
 
-def _offer_example(ev: Evaluation, sample: Sample, source: ImageSource, outcomes: MaskPreview, dice: float,
-                   errors: int) -> None:
+def _offer_example(ev: Evaluation, index: int, sample: Sample, source: ImageSource, outcomes: MaskPreview,
+                   dice: float, errors: int) -> None:
     """Keep previews of the `examples` best and worst images (bounded memory, rendered only when kept)."""
     opts = ev.options
     best_key = lambda e: (-e.dice, e.errors)  # noqa: E731 - smaller is better
@@ -334,7 +411,7 @@ def _offer_example(ev: Evaluation, sample: Sample, source: ImageSource, outcomes
     keep_worst = _keep_example(ev.worst, opts.examples, (dice, -errors), worst_key)
     if not (keep_best or keep_worst):
         return
-    ex = Example(sample.image.name, dice, errors, render_outcomes(source, outcomes))
+    ex = Example(sample.image.name, dice, errors, render_outcomes(source, outcomes), index)
     for keep, pool, key in ((keep_best, ev.best, best_key), (keep_worst, ev.worst, worst_key)):
         if keep:
             pool.append(ex)

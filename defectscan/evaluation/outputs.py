@@ -20,7 +20,8 @@ from defectscan.data.dataset import Sample, SegmentationDataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.evaluator import Evaluation, evaluate
 from defectscan.inference import Predictor
-from defectscan.io.files import atomic_dir, csv_text
+from defectscan.distributed import SINGLE, Shard
+from defectscan.io.files import csv_text, shared_atomic_dir
 from defectscan.io.png import PngRowWriter
 from defectscan.io.provenance import hardware, library_versions
 from defectscan.metrics import pro_curve
@@ -131,9 +132,10 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                    run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
                    progress: Callable[[int, int], None] | None = None, command: str = "",
                    class_map: Mapping[str, str] | None = None,
-                   log: Callable[[str], None] = lambda message: None) -> EvalSummary:
+                   log: Callable[[str], None] = lambda message: None, shard: Shard = SINGLE) -> EvalSummary:
     """Evaluate and write the output directory; returns what metrics.json holds. Dataset classes are matched to
-    the model's by name (`match_classes`); `log` receives notes on how."""
+    the model's by name (`match_classes`); `log` receives notes on how. With a `shard` of several processes,
+    each scores and writes the predictions of its share of the images; rank 0 writes the rest (see `evaluate`)."""
     opts = options or EvalOptions()
     checkpoint, out = Path(checkpoint), Path(out)
     predictor, ds, mapping = open_for_scoring(checkpoint, data, opts, data_format=data_format, class_map=class_map,
@@ -143,13 +145,13 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     samples, how = select_samples(ds, split, run_splits)
     if limit:
         samples = samples[:limit]
-    with atomic_dir(out) as tmp:
+    with shared_atomic_dir(out, shard) as tmp:
         (tmp / "predictions").mkdir()
 
         def prediction_png(sample: Sample, shape: tuple[int, int]) -> PngRowWriter:
             return PngRowWriter(tmp / "predictions" / f"{sample.stem}.png", *shape)
 
-        ev = evaluate(predictor, ds, samples, opts, progress=progress, mask_sink=prediction_png)
+        ev = evaluate(predictor, ds, samples, opts, progress=progress, mask_sink=prediction_png, shard=shard)
         summary = EvalSummary(
             model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],
@@ -157,9 +159,10 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             command=command, options=opts, trained_on_images=predictor.meta.get("extra", {}).get("train_images"),
             class_map={k: v for k, v in mapping.items() if k != v}, precision=predictor.precision,
             metrics=ev.metrics())
-        (tmp / METRICS_FILE).write_text(summary.to_json(), encoding="utf-8")
-        (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")
-        (tmp / "report.html").write_text(evaluation_report(ev, summary), encoding="utf-8")
+        if shard.is_main:
+            (tmp / METRICS_FILE).write_text(summary.to_json(), encoding="utf-8")
+            (tmp / "per_image.csv").write_text(csv_text(ev.per_image), encoding="utf-8")
+            (tmp / "report.html").write_text(evaluation_report(ev, summary), encoding="utf-8")
     return summary
 
 

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from defectscan.distributed import Shard
 from defectscan.errors import DefectscanError
 
 _UMASK = os.umask(0)
@@ -76,6 +77,39 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final: str | Path, shard: Shard) -> Iterator[Path]:
+    """`atomic_dir` for the processes of one sharded command: each writes its files into its own temporary folder
+    next to `final`; when the block ends, rank 0 moves the others' files into its folder and swaps it into place.
+    `final` must be on a filesystem every process sees (one node, or a shared mount)."""
+    if shard.world == 1:
+        with atomic_dir(final) as tmp:
+            yield tmp
+        return
+    final = Path(final)
+    if shard.is_main:
+        with atomic_dir(final) as tmp:
+            yield tmp
+            for folder in map(Path, shard.gather(str(tmp))[1:]):
+                if not folder.is_dir():
+                    raise DefectscanError(f"{folder}: another process's output folder is not visible here; the "
+                                          f"output must be on a filesystem every process sees")
+                for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                    dest = tmp / f.relative_to(folder)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dest)
+        shard.barrier()  # the others keep their folders until the moves are done
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        shard.gather(str(tmp))
+        shard.barrier()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def swap_dir_into_place(new: Path, final: Path) -> None:

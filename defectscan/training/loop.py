@@ -3,6 +3,10 @@ resumable. The run directory's files are `RunDir`'s business (training/rundir.py
 
 Determinism: crop `i` of the run depends only on (seed, i) and the dropout RNG is reseeded each epoch, so on the
 CPU a run resumed from its last epoch checkpoint ends with the same weights as an uninterrupted one.
+
+Under torchrun (`shard`), DistributedDataParallel: every process takes an equal part of each global batch
+(`IndexRange`), gradients are averaged, validation is sharded and reduced exactly (`evaluate`), and rank 0 alone
+writes the run directory (which must be on a filesystem every process sees, for --resume).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from defectscan.data import Splits, label_budget, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.data.cache import cache_root, choose_mode, load_training_pairs
 from defectscan.data.sampling import CropDataset, IndexRange, build_augment
+from defectscan.distributed import SINGLE, Shard
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
@@ -96,21 +101,29 @@ def _metric_row(m: Evaluation, select: str) -> tuple[float | None, dict[str, Any
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = print,
-          progress_factory: Callable[[str, int], Callable[[int, dict], None]] | None = None) -> TrainResult:
-    """Train as configured into `run_dir`. `progress_factory(description, total)` returns an update callback."""
+          progress_factory: Callable[[str, int], Callable[[int, dict], None]] | None = None,
+          shard: Shard = SINGLE) -> TrainResult:
+    """Train as configured into `run_dir`. `progress_factory(description, total)` returns an update callback.
+    With a `shard` of several processes, rank 0 checks, locks, logs and writes the run directory; the others
+    only compute (and read the directory's state on --resume)."""
     run = RunDir(run_dir)
     stack = contextlib.ExitStack()
+    if not shard.is_main:
+        log, progress_factory = (lambda message: None), None
 
     def check_directory() -> None:
-        run.check_can_start(cfg, resume)
+        if shard.is_main:
+            run.check_can_start(cfg, resume)
 
     check_directory()
-    if resume:  # the directory exists: hold it for the whole run
+    if resume and shard.is_main:  # the directory exists: hold it for the whole run
         stack.enter_context(run.locked())
     log_file = None
     pending: list[str] = []
 
     def say(msg: str, *, step_line: bool = False) -> None:
+        if not shard.is_main:
+            return
         if not (step_line and progress_factory is not None):  # a progress bar already shows the steps
             log(msg)
         line = time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n"
@@ -122,6 +135,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
 
     def open_log() -> None:
         nonlocal log_file
+        if not shard.is_main:
+            return
         if not resume:  # the first write: from here this process owns the directory
             stack.enter_context(run.locked())
             check_directory()  # a run that started beside this one may have filled it meanwhile
@@ -130,24 +145,28 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, log: Log = 
 
     with stack:
         try:
-            return _train(cfg, run, resume, say, open_log, progress_factory)
+            return _train(cfg, run, resume, say, open_log, progress_factory, shard)
         finally:
             if log_file is not None:
                 log_file.close()
 
 
 def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[[], None],
-           progress_factory) -> TrainResult:
+           progress_factory, shard: Shard) -> TrainResult:
     t_start = time.perf_counter()
     if resume and not run.has_state():
         say("no finished epoch to resume from: starting the run from the beginning")
         resume = False
     tc, sc, oc = cfg.training, cfg.sampling, cfg.optim
+    if sc.batch_size % shard.world:
+        raise DefectscanError(f"sampling.batch_size {sc.batch_size} cannot be split equally over {shard.world} "
+                              f"processes: make it a multiple of {shard.world}")
     ds, splits, train_samples = prepare_data(cfg, say)
     spec = model_spec_for(cfg, ds)
     device = resolve_device(tc.device)
     amp_dtype = resolve_amp(tc.amp, device)
-    say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}")
+    say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}"
+        + (f"; {shard.world} processes, {sc.batch_size // shard.world} crops each per step" if shard.world > 1 else ""))
     loss_fn = build_loss(cfg.loss, spec.head, len(spec.classes))
     augment = build_augment(cfg.augment)
     torch.manual_seed(tc.seed)
@@ -160,7 +179,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         match_state_dict(model, start.state_dict(), source=cfg.model.init_checkpoint)
         say(f"starting from the weights of {cfg.model.init_checkpoint}")
     open_log()
-    if not resume:
+    if not resume and shard.is_main:
         run.write_config(cfg)
         run.write_splits(splits.source, [s.stem for s in train_samples],
                          {s.stem for s in splits.train} - {s.stem for s in train_samples},
@@ -192,7 +211,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             progress_state["bad_validations"] = 0  # an extended run gets its patience back
             say(f"extending the run from {planned} to {tc.epochs} epochs: the learning rate follows the longer "
                 f"schedule from step {done * sc.steps_per_epoch} on")
-            run.write_config(cfg)
+            if shard.is_main:
+                run.write_config(cfg)
         if not complete:
             say(f"resuming after epoch {done}")
 
@@ -209,7 +229,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         opts = EvalOptions(stitch=vc.stitch, batch_size=vc.batch_size, amp=tc.amp, min_area=vc.min_area,
                            seam_images=0, examples=0, cost=False)
         predictor = Predictor(net, net_spec, opts.infer_options())
-        return evaluate(predictor, ds, samples, opts, progress=counter(description, len(samples)))
+        return evaluate(predictor, ds, samples, opts, progress=counter(description, len(samples)), shard=shard)
 
     if not complete:  # a finished run resumed has nothing to train: its images need not be decoded
         mode = choose_mode(cfg.data.cache, train_samples)
@@ -229,14 +249,16 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             f"learning rate never reaches optim.lr; lower optim.warmup_epochs")
     pin = device.type == "cuda"
     history: list[dict] = progress_state["history"]
+    net = _distributed(model, device, shard, say)  # what the training steps call; `model` is what is saved
 
     for epoch in range(tc.epochs + 1 if complete else progress_state["epoch"] + 1, tc.epochs + 1):
         t_epoch = time.perf_counter()
         torch.manual_seed(tc.seed * 100_003 + epoch)  # dropout/drop-path draws depend on the epoch only
         first = (epoch - 1) * sc.steps_per_epoch
         loader = torch.utils.data.DataLoader(
-            crops, batch_size=sc.batch_size,
-            sampler=IndexRange(first * sc.batch_size, (first + sc.steps_per_epoch) * sc.batch_size),
+            crops, batch_size=sc.batch_size // shard.world,
+            sampler=IndexRange(first * sc.batch_size, (first + sc.steps_per_epoch) * sc.batch_size, sc.batch_size,
+                               shard.rank, shard.world),
             num_workers=sc.workers, pin_memory=pin, persistent_workers=False)
         update = progress_factory(f"epoch {epoch}/{tc.epochs}", sc.steps_per_epoch) if progress_factory else None
         model.train()
@@ -249,7 +271,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=pin)
             with autocast(device, amp_dtype):
-                logits = model(x)
+                logits = net(x)
             loss = loss_fn(logits, y)
             losses.append(optimizer_step(loss, model, opt, scaler, oc.clip_grad, f"epoch {epoch} step {k + 1}"))
             if update:
@@ -257,6 +279,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:
                 say(step_line(epoch, tc.epochs, k, sc.steps_per_epoch, losses[-tc.log_every:], lr, t_epoch,
                               total_steps - step - 1) + " (training steps only)", step_line=True)
+        if shard.world > 1:  # every process's mean loss (equal parts of each batch): the epoch's mean
+            losses = [loss for part in shard.gather(losses) for loss in part]
         row: dict[str, Any] = {"epoch": epoch, "step": first + sc.steps_per_epoch, "lr": round(lr, 8),
                                "train_loss": round(float(np.mean(losses)), 5),
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}
@@ -283,12 +307,13 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         extra = {"run": str(run.path.name), "epoch": epoch, "metrics": row, "dataset": str(ds.root),
                  "train_images": len(train_samples), "precision": precision_name(amp_dtype)}
         half = tc.half_checkpoints
-        if improved:
-            best_extra = {**extra, "validation_scores": val_scores} if val_scores else extra
-            save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
-        save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
-        run.save_state(model, opt, progress_state)  # written last: resume starts from here
-        run.write_history(history)
+        if shard.is_main:
+            if improved:
+                best_extra = {**extra, "validation_scores": val_scores} if val_scores else extra
+                save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
+            save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
+            run.save_state(model, opt, progress_state)  # written last: resume starts from here
+            run.write_history(history)
         say(f"epoch {epoch}/{tc.epochs} loss {row['train_loss']:.4f}"
             + (f" val mIoU {row['val_mean_iou']} mDice {row['val_mean_dice']} AP {row['val_defect_ap']}"
                if "val_mean_iou" in row else "")
@@ -297,19 +322,39 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             say(f"early stop: no improvement in {tc.early_stop} validation(s)")
             break
 
-    _choose_threshold(cfg, run, len(splits.val), say)
+    if shard.is_main:
+        _choose_threshold(cfg, run, len(splits.val), say)
+    shard.barrier()  # the best checkpoint and its threshold are on disk for every process
     test = None
     if splits.test and cfg.validation.test and not (complete and run.has_test_metrics()):
         best_model, best_spec, _ = load_checkpoint(run.checkpoint("best"))
         m = validate(best_model.to(device), best_spec, splits.test, "test")
         metrics = m.metrics().model_dump(mode="json", exclude={"cost"})  # no cost measured during training
         test = {"epoch": progress_state["best_epoch"], **metrics, "per_image": m.per_image}
-        run.write_test_metrics(test)
+        if shard.is_main:
+            run.write_test_metrics(test)
         say(f"test ({len(splits.test)} images, best epoch {progress_state['best_epoch']}): mIoU {test['mean_iou']} "
             f"mDice {test['mean_dice']} defect pixel AP {test['defect_pixel_ap']}")
     seconds = time.perf_counter() - t_start
     return TrainResult(run.path, progress_state["best_epoch"], progress_state["best_metric"], progress_state["epoch"],
                        seconds, test)
+
+
+def _distributed(model: torch.nn.Module, device: torch.device, shard: Shard, say: Log) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel for a sharded run (itself for one process). On GPUs batch norm
+    becomes SyncBatchNorm (statistics over the global batch); torch has no CPU SyncBatchNorm, so on CPUs each
+    process normalises over its own part of the batch: a BN-free model (e.g. model.encoder_kwargs
+    {norm_layer: groupnorm1} and model.arch_kwargs {decoder_use_norm: false}) trains as one process would."""
+    if shard.world == 1:
+        return model
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, shared statistics
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    if has_bn:
+        say(f"note: batch norm on CPUs normalises over each process's {shard.world}th of a batch (no CPU "
+            f"SyncBatchNorm); results differ from one process")
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
 def _choose_threshold(cfg: Config, run: RunDir, val_images: int, say: Log) -> None:
