@@ -28,7 +28,8 @@ def trained_threshold(meta: Mapping, current: float) -> float:
 
 
 def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str = "val", rule: str = "stable_f1",
-                        target: float | None = None, tolerance: float = STABLE_F1_TOLERANCE, out: str | Path | None = None, data_format: str = "auto",
+                        target: float | None = None, tolerance: float = STABLE_F1_TOLERANCE,
+                        out: str | Path | None = None, data_format: str = "auto",
                         options: EvalOptions | None = None,
                         run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
                         class_map: Mapping[str, str] | None = None, limit: int | None = None,

@@ -12,10 +12,12 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from defectscan.distributed import Shard
 from defectscan.errors import DefectscanError
+
+if TYPE_CHECKING:  # only a type here: file helpers do not import torch
+    from defectscan.distributed import Shard
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
