@@ -41,7 +41,8 @@ def iou_dice(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return iou, dice
 
 
-THRESHOLD_RULES = ("stable_f1", "best_f1", "precision", "recall")
+POOLED_THRESHOLD_RULES = ("best_f1", "precision", "recall")  # need only the pooled histogram
+THRESHOLD_RULES = ("stable_f1", *POOLED_THRESHOLD_RULES)
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ class ScoreHistogram:
         """The decision threshold "defect where score >= threshold" by `rule`: 'best_f1'; 'precision' (the lowest
         threshold, i.e. the most recall, whose precision reaches `target`); 'recall' (the highest threshold whose
         recall reaches `target`). A target no level reaches falls back to best F1, saying so in `note`."""
-        if rule not in THRESHOLD_RULES[1:]:
-            raise ValueError(f"a pooled threshold rule is one of {', '.join(THRESHOLD_RULES[1:])}, got {rule!r} "
+        if rule not in POOLED_THRESHOLD_RULES:
+            raise ValueError(f"a pooled threshold rule is one of {', '.join(POOLED_THRESHOLD_RULES)}, got {rule!r} "
                              f"(stable_f1 needs per-image histograms: metrics.choose_threshold)")
         if self.pos.sum() == 0:
             raise ValueError("no defect pixels: a threshold cannot be chosen")

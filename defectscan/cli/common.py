@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import typer
 from rich.console import Console
@@ -12,6 +12,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from defectscan.errors import DefectscanError
+
+if TYPE_CHECKING:  # a type only: importing defectscan.distributed here would load torch at every CLI start
+    from defectscan.distributed import Shard
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Pixel-level defect detection on high-resolution industrial images.")
@@ -79,6 +82,18 @@ def wide_console() -> Console:
 
 def command_line() -> str:
     return " ".join(["defectscan", *sys.argv[1:]])
+
+
+def join_processes(device: str, remove_leftovers: Callable[[], object]) -> Shard:
+    """This process's `Shard` under torchrun (one process otherwise). Rank 0 first runs `remove_leftovers` (what
+    killed runs left in the output) while the others wait, so that no rank removes another's live files."""
+    from defectscan import distributed
+
+    shard = distributed.current_shard(device)
+    if shard.is_main:
+        remove_leftovers()
+    shard.barrier()
+    return shard
 
 
 def progress_bar(enabled: bool = True) -> Progress:

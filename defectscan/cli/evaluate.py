@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option, command_line,
-                                   console, max_pixels_option, parse_class_map, print_note, progress_bar,
+                                   console, join_processes, max_pixels_option, parse_class_map, print_note, progress_bar,
                                    threads_option, wide_console)
 
 
@@ -57,10 +57,7 @@ def evaluate(
     classes = parse_class_map(class_map)
     run = RunDir.containing(model)  # a training run's checkpoint is evaluated on that run's own split
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
-    shard = distributed.current_shard(device)
-    if shard.is_main:  # what runs killed while writing this output left (not the other ranks' live folders)
-        remove_leftovers(out_dir.parent, out_dir.name)
-    shard.barrier()
+    shard = join_processes(device, lambda: remove_leftovers(out_dir.parent, out_dir.name))
     with progress_bar(shard.is_main) as progress:
         task = progress.add_task(f"evaluating {model.name}" + (f" (rank 0 of {shard.world})" if shard.world > 1
                                                                else ""), total=None)

@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, console, max_pixels_option, print_error,
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, console, join_processes,
+                                   max_pixels_option, print_error,
                                    print_note, progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
@@ -50,10 +51,7 @@ def infer(
     apply_threads(threads)
     paths = collect_images(images, recursive=recursive, exclude=out)
     check_output_dir(out)
-    shard = distributed.current_shard(device)
-    if shard.is_main:
-        remove_leftovers(out)  # of earlier runs killed while writing here (not the other ranks' live files)
-    shard.barrier()
+    shard = join_processes(device, lambda: remove_leftovers(out))
     predictor = Predictor.from_checkpoint(model, opts)
     for note in predictor.notes if shard.is_main else ():
         print_note(note)

@@ -16,7 +16,7 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation.evaluator import evaluate
 from defectscan.evaluation.outputs import open_for_scoring, select_samples
 from defectscan.metrics import STABLE_F1_TOLERANCE, THRESHOLD_RULES, ThresholdChoice, choose_threshold
-from defectscan.models import read_sidecar, set_threshold
+from defectscan.models import set_threshold
 from defectscan.schemas import EvalOptions
 
 
@@ -57,7 +57,7 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
     if ev.hist["any"].pos.sum() == 0:
         raise DefectscanError(f"{ds.root}: the {split} images hold no defect pixels, so no threshold can be chosen "
                               f"on them")
-    default = trained_threshold(read_sidecar(checkpoint), predictor.threshold)
+    default = trained_threshold(predictor.meta, predictor.threshold)
     choice = choose_threshold(ev.image_hists, rule, target, default=default, tolerance=tolerance)
     written = set_threshold(checkpoint, choice.threshold, {
         **choice.to_dict(), "split": split, "split_source": how, "images": len(samples), "data": str(ds.root),
