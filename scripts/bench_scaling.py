@@ -2,6 +2,7 @@
 
     python scripts/bench_scaling.py                 # about 5 min on 2 cores
     python scripts/bench_scaling.py --procs 4 --images 16
+    python scripts/bench_scaling.py --cases ray     # the Ray engine against the local one (needs defectscan[ray])
 
 Cases, each in its own launch (the script starts itself under torchrun for the multi-process ones):
   1 process x 1 thread, 1 process x N threads, N processes x 1 thread (gloo).
@@ -11,6 +12,9 @@ real step code (loss, clipping, AdamW) on a global batch of `--batch` crops spli
 Unet (GroupNorm encoder, no decoder norm: the configuration that trains as one process would), timed after
 `--warmup` steps. Also measured: one gradient all-reduce (the message DDP sends per step) with 2+ processes.
 The numbers feed the projection to many GPUs in the README ("More than one machine").
+Ray (`--cases ray` or `all`): whole `defectscan infer` commands on the same wafers, wall time from launch to exit
+(start-up and model loading included, as a user waits for them): local engine 1 process x 1 thread, local engine
+1 x N threads, and `--engine ray` with N workers x 1 thread on a private local Ray.
 """
 
 from __future__ import annotations
@@ -106,6 +110,30 @@ def launch(args: argparse.Namespace, what: str, procs: int, threads: int) -> dic
     return json.loads(result.read_text())
 
 
+def ray_cases(args: argparse.Namespace) -> None:
+    from defectscan.models import ModelSpec, build_model, save_checkpoint
+
+    work = Path(args.work)
+    torch.manual_seed(0)
+    save_checkpoint(build_model(ModelSpec(**SPEC)), ModelSpec(**SPEC), work / "model")
+    base = [sys.executable, "-m", "defectscan", "infer", str(work / "data" / "images"), "-m",
+            str(work / "model.safetensors"), "--device", "cpu"]
+    print("| infer command | wall s | images/s | vs local 1x1 |")
+    print("|---|---|---|---|")
+    first = None
+    for name, extra in (("local, 1 process x 1 thread", ["--threads", "1"]),
+                        (f"local, 1 process x {args.procs} threads", ["--threads", str(args.procs)]),
+                        (f"--engine ray, {args.procs} workers x 1 thread",
+                         ["--engine", "ray", "--workers", str(args.procs), "--threads", "1"])):
+        out = work / f"out-{len(name)}"
+        t0 = time.perf_counter()
+        subprocess.run(base + extra + ["-o", str(out)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": extra[-1]})
+        wall = time.perf_counter() - t0
+        first = first or wall
+        print(f"| {name} | {wall:.1f} | {args.images / wall:.3f} | {first / wall:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--procs", type=int, default=2)
@@ -119,6 +147,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work")
     ap.add_argument("--result")
+    ap.add_argument("--cases", choices=("torchrun", "ray", "all"), default="torchrun")
     args = ap.parse_args()
     if args.worker:
         args.what = args.worker
@@ -135,6 +164,10 @@ def main() -> None:
         write_dataset(Path(work) / "data", size=args.size, count=args.images, seed=0)
         print(f"# {hardware()}; torch {torch.__version__}; Unet-resnet18 (GroupNorm), {args.images} wafers of "
               f"{args.size} px, train: global batch {args.batch} x {args.crop} px, {args.steps} timed steps")
+        if args.cases in ("ray", "all"):
+            ray_cases(args)
+        if args.cases == "ray":
+            return
         cases = [(1, 1), (1, args.procs), (args.procs, 1)]
         print("| case | infer images/s | vs 1x1 | train steps/s | vs 1x1 | gradient MB | all-reduce s |")
         print("|---|---|---|---|---|---|---|")

@@ -84,11 +84,16 @@ def test_sharded_infer_writes_the_same_files(tmp_path):
     for out, processes in (("one", 1), ("two", 2)):
         _run(["infer", str(data / "images"), "-m", str(ckpt), "-o", str(tmp_path / out), "--threshold", "0.45"],
              processes)
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
-    assert len([f for f in files if f.name == "mask.png"]) == 5
+    assert_same_infer_outputs(tmp_path / "one", tmp_path / "two", images=5)
+
+
+def assert_same_infer_outputs(one: Path, two: Path, images: int) -> None:
+    """Two `infer` output folders hold the same files with the same contents, timings left out."""
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert len([f for f in files if f.name == "mask.png"]) == images
     for f in files:
-        a, b = (tmp_path / "one" / f), (tmp_path / "two" / f)
+        a, b = one / f, two / f
         if f.suffix == ".json":
             assert _without_timing(json.loads(a.read_text())) == _without_timing(json.loads(b.read_text())), f
         elif f.name == "summary.csv":  # one row per image, in input order
@@ -96,7 +101,6 @@ def test_sharded_infer_writes_the_same_files(tmp_path):
             assert [_without_timing(r) for r in ra] == [_without_timing(r) for r in rb]
         else:
             assert a.read_bytes() == b.read_bytes(), f
-
 
 DDP_TINY = [  # a small network without batch norm (no CPU SyncBatchNorm) and a loss that is a mean over pixels
     "model.encoder=resnet10t", "model.tile=128", "model.overlap=32",

@@ -14,7 +14,7 @@ import numpy as np
 
 from defectscan.errors import DefectscanError
 from defectscan.io.files import atomic_dir, csv_text, write_text
-from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource
+from defectscan.io.images import SUPPORTED_SUFFIXES, ImageSource, open_image
 from defectscan.io.png import PngRowWriter
 from defectscan.models import describe
 from defectscan.reporting.overlays import MaskPreview, render_overlay
@@ -63,6 +63,20 @@ def write_prediction(predictor, image_path: Path, source: ImageSource, out_dir: 
         }
         write_region_tables(tmp / "defects.json", tmp / "defects.csv", head, regions)
     return summary
+
+
+def infer_one(predictor, image_path: Path, out_dir: Path, *, progress: Callable[[int, int], None] | None = None,
+              on_open: Callable[[], None] | None = None) -> tuple[dict | None, str | None]:
+    """Open one image and write its outputs (`write_prediction`): (summary, None), or (None, why it failed) for
+    an image defectscan refuses (unreadable, truncated, too large...), so one bad file never stops a batch.
+    `on_open` runs once the image is open (a huge PNG can take minutes to decode)."""
+    try:
+        source = open_image(image_path)
+        if on_open is not None:
+            on_open()
+        return write_prediction(predictor, image_path, source, out_dir, progress=progress), None
+    except DefectscanError as exc:
+        return None, str(exc)
 
 
 def write_region_tables(json_path: Path, csv_path: Path, head: dict, regions: list[Region]) -> None:
