@@ -244,8 +244,9 @@ def evaluate(
     ev = _empty_evaluation(classes, predictor.threshold, opts)
     model, spec = predictor.model, predictor.spec
     device = predictor.tiles.device
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training  # None: an exported graph (ONNX Runtime)
+    if model is not None:
+        model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if opts.cost:
@@ -280,13 +281,18 @@ def evaluate(
         ev.seconds = time.perf_counter() - t_start
         if opts.cost:
             th, tw = predictor.tile
-            x = torch.zeros(1, spec.in_channels, th, tw, device=device)
-            ev.cost = {"device": str(device), "parameters": count_parameters(model), "tile": [th, tw],
-                       "gflops_per_tile": float(f"{count_flops(model, x) / 1e9:.4g}"), **peak_memory_mb(device)}
+            if model is not None:
+                x = torch.zeros(1, spec.in_channels, th, tw, device=device)
+                ev.cost = {"device": str(device), "parameters": count_parameters(model), "tile": [th, tw],
+                           "gflops_per_tile": float(f"{count_flops(model, x) / 1e9:.4g}"), **peak_memory_mb(device)}
+            else:  # FLOPs are counted on torch modules; the graph's weights are counted from its initialisers
+                ev.cost = {"device": f"{device} ({predictor.precision})", "parameters": predictor.tiles.parameters,
+                           "tile": [th, tw], **peak_memory_mb(device)}
             if shard.world > 1:
                 ev.cost["processes"] = shard.world  # peak memory: this process's
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     return ev
 
 
@@ -421,6 +427,8 @@ def _offer_example(ev: Evaluation, index: int, sample: Sample, source: ImageSour
 
 def _seam_check(predictor: Predictor, image: np.ndarray, tiled_score: np.ndarray, name: str) -> dict:
     """The same image as one whole tile (padded to the stride): how far tiled output is from untiled output."""
+    if getattr(predictor.tiles, "fixed_size", None):
+        return {"image": name, "skipped": "the ONNX graph takes fixed-size tiles only"}
     h, w = image.shape[:2]
     stride = predictor.spec.stride
     whole_tile = (math.ceil(h / stride) * stride, math.ceil(w / stride) * stride)

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscan.inference.backends import TorchTiles
+from defectscan.errors import DefectscanError
+from defectscan.inference.backends import TileBackend, TorchTiles
 from defectscan.inference.postprocess import ClassMap, StripSegmenter
 from defectscan.io.images import ImageSource
 from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat, prefers_channels_last
-from defectscan.runtime import precision_name, resolve_device
+from defectscan.runtime import resolve_device
 from defectscan.schemas import InferOptions, Region
 from defectscan.tiling import plan_tiles, tiled_inference, tiled_rows, validate_tile
 
@@ -45,8 +46,8 @@ class Predictor:
     a caller's model (training validation: the model is used where it is and in the mode the caller set).
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, options: InferOptions | None = None, *,
-                 checkpoint: Path | None = None, meta: dict | None = None) -> None:
+    def __init__(self, model: nn.Module | None, spec: ModelSpec, options: InferOptions | None = None, *,
+                 checkpoint: Path | None = None, meta: dict | None = None, tiles: TileBackend | None = None) -> None:
         self.model, self.spec, self.checkpoint, self.meta = model, spec, checkpoint, meta or {}
         self.options = opts = options or InferOptions()
         self.classes = ClassMap.of(spec)
@@ -55,14 +56,26 @@ class Predictor:
         self.threshold = spec.threshold if opts.threshold is None else opts.threshold  # both validated in [0, 1]
         self.stitch = opts.stitch or spec.stitch
         plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
-        self.tiles = TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp, tta=opts.tta,
-                                trained_in=self.meta.get("extra", {}).get("precision"))
+        self.tiles = tiles or TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp,
+                                         tta=opts.tta, trained_in=self.meta.get("extra", {}).get("precision"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, options: InferOptions | None = None) -> "Predictor":
-        """Load a checkpoint (default: the bundled model) onto the options' device, in eval mode."""
+        """Load a checkpoint (default: the bundled model) onto the options' device, in eval mode; an exported
+        `.onnx` model (with its sidecar) runs under ONNX Runtime instead (`model` is then None)."""
         options = options or InferOptions()
         path = Path(checkpoint) if checkpoint else default_checkpoint()
+        if path.suffix == ".onnx":
+            from defectscan.inference.onnx_backend import OnnxTiles, read_onnx_model
+
+            spec, meta = read_onnx_model(path)
+            if options.amp not in ("auto", "off"):
+                raise DefectscanError(f"--amp {options.amp}: an ONNX model computes in the precision it was exported "
+                                      f"in ({meta.get('precision', 'float32')})")
+            tiles = OnnxTiles(path, meta, spec, tta=options.tta, device=options.device)
+            if tiles.fixed_size and options.tile not in (None, spec.tile):
+                raise DefectscanError(f"--tile {options.tile}: {path.name} was exported for {spec.tile} px tiles only")
+            return cls(None, spec, options, checkpoint=path, meta=meta, tiles=tiles)
         model, spec, meta = load_checkpoint(path)
         device = resolve_device(options.device)
         model = model.to(device).eval()
@@ -73,7 +86,7 @@ class Predictor:
     @property
     def precision(self) -> str:
         """What the forward passes compute in (float32, mixed bfloat16, mixed float16): recorded in every output."""
-        return precision_name(self.tiles.amp_dtype)
+        return self.tiles.precision
 
     @property
     def class_names(self) -> dict[int, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -41,6 +43,23 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks (checkpoints and graphs are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: str | Path):
+    """A JSON file's content; text that is not JSON is a one-line error naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DefectscanError(f"{path}: not valid JSON ({exc})") from None
 
 
 def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:

@@ -6,7 +6,6 @@ Nothing here unpickles: safetensors holds only tensors, and foreign `.pth` files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -16,7 +15,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from defectscan.errors import DefectscanError
-from defectscan.io.files import atomic_path, write_text
+from defectscan.io.files import atomic_path, file_sha256, read_json, write_text
 from defectscan.io.provenance import library_versions
 from defectscan.models.factory import ModelSpec, build_model, describe
 from defectscan.models.weights import load_state_file, match_state_dict
@@ -30,14 +29,6 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -68,7 +59,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "model": spec.to_dict(),
         "weights_file": weights.name,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"extra": dict(extra)} if extra else {}),
@@ -83,7 +74,7 @@ def set_threshold(path: str | Path, threshold: float, record: Mapping[str, Any],
     weights and sidecar are written there and the original is left as it was. Returns the weights path."""
     weights, sidecar = checkpoint_paths(path)
     meta = read_sidecar(path)
-    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+    if meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
         raise DefectscanError(f"{weights}: weights do not match their sidecar (checksum differs; file replaced or damaged?)")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -110,10 +101,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise DefectscanError(f"{sidecar}: checkpoint sidecar not found (a defectscan checkpoint is <name>.safetensors + <name>.json)")
     if not weights.is_file():
         raise DefectscanError(f"{weights}: checkpoint weights not found")
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DefectscanError(f"{sidecar}: not valid JSON ({exc})") from None
+    meta = read_json(sidecar)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DefectscanError(f"{sidecar}: not a defectscan checkpoint sidecar")
     version = meta.get("format_version", 0)
@@ -146,7 +134,7 @@ def load_checkpoint(
                 raise DefectscanError(
                     f"{weights}: checkpoint is {describe(spec)}, but {describe(expect)} was asked for ({name} differs)"
                 )
-    if verify and meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+    if verify and meta.get("weights_sha256") and file_sha256(weights) != meta["weights_sha256"]:
         raise DefectscanError(f"{weights}: weights do not match their sidecar (checksum differs; file replaced or damaged?)")
     model = build_model(spec)
     match_state_dict(model, load_state_file(weights), source=f"{weights} ({describe(spec)})")

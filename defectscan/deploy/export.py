@@ -1,0 +1,292 @@
+"""`defectscan export`: a checkpoint -> an ONNX graph (+ an int8 one) that ONNX Runtime runs as `infer --model`.
+
+The graph is the network alone (normalised input -> logits; `inference.onnx_backend`). It is exported with dynamic
+height and width where the network allows it, by TorchScript tracing first (seconds) and torch.export second
+(minutes on some CNNs, but it exports operators tracing cannot), and kept only if it agrees with torch at a second
+tile size too. A network whose graph does not stay size-independent is exported at the tile size instead, stated
+in the sidecar and on screen. Every export is checked against torch on random and real tiles (probabilities within
+`FP32_TOLERANCE`) and refused otherwise; nothing is written unless every file is.
+
+int8: ONNX Runtime static quantisation (QDQ, int8 weights per output channel, activations calibrated on tiles cut
+from the training images; `--calibration`). Its distance to the float graph is measured and recorded, not bounded:
+the accuracy cost is what `evaluate --model model.int8.onnx` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from defectscan.errors import DefectscanError
+from defectscan.inference.backends import TorchTiles
+from defectscan.inference.onnx_backend import (INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME, OnnxTiles,
+                                               onnx_sidecar_path)
+from defectscan.inference.writers import collect_images
+from defectscan.io.files import atomic_dir, file_sha256, write_text
+from defectscan.io.images import open_image
+from defectscan.io.provenance import library_versions
+from defectscan.models import ModelSpec, describe, load_checkpoint
+from defectscan.models.checkpoint import checkpoint_paths
+from defectscan.tiling import validate_tile
+from defectscan.tiling.readers import read_tile
+
+FP32_TOLERANCE = 1e-4  # max |probability difference| between the float graph and torch
+OPSETS = (18, 23)  # what torch's exporter writes and onnxruntime runs (both ends tested)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    files: list[Path]
+    dynamic_hw: bool
+    checks: dict
+
+
+def _tiles_from_images(paths: list[Path], tile: int, count: int, seed: int) -> np.ndarray:
+    """`count` tile-sized crops (N, tile, tile, C) uint8 at random places of the images, round-robin over images
+    (reflection-padded where an image is smaller than the tile)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    sources = [open_image(p) for p in paths[: max(count, 1)]]
+    for i in range(count):
+        src = sources[i % len(sources)]
+        h, w = src.shape
+        y0, x0 = int(rng.integers(0, max(h - tile, 0) + 1)), int(rng.integers(0, max(w - tile, 0) + 1))
+        out.append(read_tile(src, y0, x0, tile, tile))
+    return np.stack(out)
+
+
+def _synthetic_tiles(tile: int, count: int, seed: int, channels: int) -> np.ndarray:
+    """Tiles of a synthetic wafer (structured images with defects) when no images were given."""
+    from defectscan.data.synth import generate_wafer
+    from defectscan.io.images import ImageSource
+
+    image, _ = generate_wafer(max(2 * tile, 512), seed=seed)
+    source = ImageSource(image if channels == 3 else np.repeat(image[..., :1], channels, axis=2))
+    rng = np.random.default_rng(seed)
+    h, w = source.shape
+    return np.stack([read_tile(source, int(rng.integers(0, h - tile + 1)), int(rng.integers(0, w - tile + 1)),
+                               tile, tile) for _ in range(count)])
+
+
+class _Network(torch.nn.Module):
+    """The exported function: the model's forward on a plain tensor, so the graph has one input and one output."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+
+def _export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int, *, dynamic: bool, dynamo: bool) -> None:
+    """One export attempt. TorchScript tracing (`dynamo=False`, deprecated by torch but seconds where torch.export
+    takes minutes on some CNNs) records sizes the Python code computed as constants; the graph is then only kept
+    if it matches torch at a second size too (`export_onnx`)."""
+    example = torch.zeros(2, spec.in_channels, spec.tile, spec.tile)
+    kwargs: dict = {}
+    if dynamic and dynamo:  # sizes stay multiples of the encoder's stride: what the tiling engine feeds
+        dim, stride = torch.export.Dim, spec.stride
+        kwargs["dynamic_shapes"] = {"image": {0: dim("batch", min=1, max=1024),
+                                              2: stride * dim("h", min=1, max=65536 // stride),
+                                              3: stride * dim("w", min=1, max=65536 // stride)}}
+    elif dynamo:  # the batch stays free: the tiling engine's last batch is smaller
+        kwargs["dynamic_shapes"] = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    else:
+        axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+        kwargs["dynamic_axes"] = {INPUT_NAME: axes, OUTPUT_NAME: axes}
+    with warnings.catch_warnings(), _quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_Network(model).eval(),  # eval: the exporter restores the wrapper's mode
+                                    (example,), None if dynamo else str(path),
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                                    dynamo=dynamo, external_data=False, verbose=False, **kwargs)
+    if dynamo:
+        program.save(str(path), external_data=False)
+
+
+class _quiet_exporter:
+    """torch.export and onnxscript log every pass at INFO/WARNING: not the user's business unless it fails."""
+
+    NAMES = ("torch.export", "torch.onnx", "onnxscript", "torch._dynamo", "torch.fx")
+
+    def __enter__(self):
+        self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
+        for n in self.NAMES:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _max_difference(reference: TorchTiles, graph: OnnxTiles, tiles: np.ndarray, batch: int = 4) -> float:
+    worst = 0.0
+    for i in range(0, len(tiles), batch):
+        t = torch.from_numpy(tiles[i : i + batch])
+        worst = max(worst, float((reference(t) - graph(t)).abs().max()))
+    return worst
+
+
+def _mask_agreement(a: TorchTiles | OnnxTiles, b: OnnxTiles, tiles: np.ndarray, threshold: float) -> float:
+    """Fraction of pixels whose thresholded defect decision is the same under both."""
+    t = torch.from_numpy(tiles)
+    pa, pb = a(t), b(t)
+    return float(((pa >= threshold) == (pb >= threshold)).float().mean())
+
+
+def _sidecar(spec: ModelSpec, onnx_path: Path, *, source: Path, source_meta: dict, opset: int, dynamic: bool,
+             precision: str, check: dict) -> dict:
+    return {
+        "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "model": spec.to_dict(),
+        "onnx_file": onnx_path.name, "onnx_sha256": file_sha256(onnx_path), "opset": opset, "precision": precision,
+        "input": {"name": INPUT_NAME, "layout": "NCHW float32, (pixel / 255 - mean) / std", "dynamic_hw": dynamic,
+                  "size_multiple": spec.stride, "tile": spec.tile},
+        "output": {"name": OUTPUT_NAME, "layout": "NCHW float32 logits", "activation": spec.head},
+        "source": {"checkpoint": str(source), "weights_sha256": source_meta.get("weights_sha256")},
+        "check": check, "versions": {**library_versions(), **_runtime_versions()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"extra": source_meta["extra"]} if "extra" in source_meta else {}),
+    }
+
+
+def _runtime_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratch: Path) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    normalise = TorchTiles(torch.nn.Identity(), head="none", mean=spec.mean, std=spec.std, amp="off",
+                           device="cpu", channels_last=False)
+
+    class Tiles(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(range(0, len(tiles), 4))
+
+        def get_next(self):
+            i = next(self.items, None)
+            if i is None:
+                return None
+            return {INPUT_NAME: normalise.normalise(torch.from_numpy(tiles[i : i + 4])).numpy()}
+
+    prepared = scratch / "prepared.onnx"
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        logging.getLogger("root").setLevel(logging.ERROR)
+        try:  # symbolic shape inference gives up on dynamic sizes (and leaves a file in the working folder)
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(int8), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain Exceptions
+            raise DefectscanError(f"int8 quantisation failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    prepared.unlink()
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, tile: int | None = None,
+                int8: bool = False, calibration: list[Path] | None = None, calibration_tiles: int = 32,
+                seed: int = 0, log: Callable[[str], None] = print) -> ExportResult:
+    """Export `checkpoint` into folder `out` (model.onnx + model.json, and model.int8.onnx + model.int8.json with
+    `int8`), each graph checked against torch first. `calibration`: image files or folders (real tiles for the
+    check; needed for int8). The folder appears whole or not at all."""
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise DefectscanError(f"--opset {opset}: supported opsets are {OPSETS[0]}..{OPSETS[1]}")
+    if int8 and not calibration:
+        raise DefectscanError("--int8 needs --calibration DATA: images (the training images) to calibrate "
+                              "activation ranges on")
+    weights, _ = checkpoint_paths(checkpoint)
+    model, spec, meta = load_checkpoint(checkpoint)
+    tile_hw = validate_tile(tile or spec.tile, spec.stride, model_name=describe(spec))
+    spec = dataclasses.replace(spec, tile=tile_hw[0])
+    paths = collect_images(calibration) if calibration else []
+    real = (_tiles_from_images(paths, spec.tile, max(calibration_tiles, 4), seed) if paths
+            else _synthetic_tiles(spec.tile, 4, seed, spec.in_channels))
+    rng = np.random.default_rng(seed)
+    random = rng.integers(0, 256, (2, spec.tile, spec.tile, spec.in_channels), dtype=np.uint8)
+    reference = TorchTiles(model.float().eval(), head=spec.head, mean=spec.mean, std=spec.std, amp="off",
+                           device="cpu", channels_last=False)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        fp32 = tmp / "model.onnx"
+        t0 = time.perf_counter()
+        bigger = spec.tile + spec.stride
+        wide = (_tiles_from_images(paths, bigger, 2, seed) if paths
+                else _synthetic_tiles(bigger, 2, seed, spec.in_channels))
+        tried: list[str] = []
+        for dynamic, dynamo in ((True, False), (True, True), (False, True), (False, False)):
+            how = f"{'dynamic' if dynamic else 'fixed'} size by {'torch.export' if dynamo else 'tracing'}"
+            try:
+                _export(model, spec, fp32, opset, dynamic=dynamic, dynamo=dynamo)
+                graph = _session(fp32, spec, dynamic)
+                if dynamic:  # a traced graph may hold the example's sizes as constants: try another size
+                    other = _max_difference(reference, graph, wide)
+                    if other > FP32_TOLERANCE:
+                        tried.append(f"{how}: differs from torch by {other:.2g} at {bigger} px")
+                        continue
+                break
+            except Exception as exc:  # noqa: BLE001 - each exporter refuses some operators; the next may not
+                tried.append(f"{how}: {type(exc).__name__}: {_first_line(exc)}")
+        else:
+            raise DefectscanError(f"{describe(spec)} does not export to ONNX opset {opset}: " + "; ".join(tried))
+        why = "; ".join(tried)
+        if not dynamic:
+            log(f"note: {describe(spec)} exported at a fixed {spec.tile} px tile size ({why})")
+        seconds = time.perf_counter() - t0
+        diff_random, diff_real = _max_difference(reference, graph, random), _max_difference(reference, graph, real)
+        if max(diff_random, diff_real) > FP32_TOLERANCE:
+            raise DefectscanError(f"the ONNX graph of {describe(spec)} differs from torch by "
+                                  f"{max(diff_random, diff_real):.2g} in probability (limit {FP32_TOLERANCE:g}); "
+                                  "nothing written")
+        check = {"tolerance": FP32_TOLERANCE, "max_abs_difference_random": diff_random,
+                 "max_abs_difference_real": diff_real, "real_tiles": len(real),
+                 "real_tiles_from": "calibration images" if paths else "a synthetic wafer",
+                 "export_seconds": round(seconds, 1), "exporter": "torch.export" if dynamo else "tracing"}
+        if why:
+            check["attempts_refused"] = why
+        files = [fp32]
+        write_text(onnx_sidecar_path(fp32), json.dumps(_sidecar(spec, fp32, source=weights, source_meta=meta,
+                   opset=opset, dynamic=dynamic, precision="float32", check=check), indent=2) + "\n")
+        log(f"float32 graph: max |difference| to torch {max(diff_random, diff_real):.2g} "
+            f"({'dynamic' if dynamic else 'fixed'} size)")
+        if int8:
+            q = tmp / "model.int8.onnx"
+            t0 = time.perf_counter()
+            _quantize(fp32, q, real, spec, tmp)
+            qgraph = _session(q, spec, dynamic)
+            qcheck = {"calibration_tiles": len(real), "calibration_images": len(paths),
+                      "max_abs_difference_to_float32": _max_difference(reference, qgraph, real),
+                      "mask_agreement_with_float32": _mask_agreement(graph, qgraph, real, spec.threshold),
+                      "quantize_seconds": round(time.perf_counter() - t0, 1)}
+            write_text(onnx_sidecar_path(q), json.dumps(_sidecar(spec, q, source=weights, source_meta=meta,
+                       opset=opset, dynamic=dynamic, precision="int8", check=qcheck), indent=2) + "\n")
+            files.append(q)
+            log(f"int8 graph: max |difference| to float32 {qcheck['max_abs_difference_to_float32']:.3f}, "
+                f"mask agreement {100 * qcheck['mask_agreement_with_float32']:.3f} % on {len(real)} tiles")
+    return ExportResult([out / f.name for f in files], dynamic, check)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else ""
+
+
+def _session(path: Path, spec: ModelSpec, dynamic: bool) -> OnnxTiles:
+    meta = {"input": {"dynamic_hw": dynamic}, "precision": "check"}
+    return OnnxTiles(path, meta, spec, device="cpu")

@@ -1,0 +1,126 @@
+"""`defectscan export` and ONNX Runtime models: every family equals torch, tiled inference equals torch's, int8
+runs end to end with its accuracy measured, and bad input is refused on one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install "defectscan[onnx]"')
+
+from _helpers import defect_image, run_cli  # noqa: E402
+from defectscan.deploy import export_onnx  # noqa: E402
+from defectscan.inference import Predictor, TorchTiles  # noqa: E402
+from defectscan.inference.onnx_backend import OnnxTiles, read_onnx_model  # noqa: E402
+from defectscan.models import ModelSpec, build_model, save_checkpoint  # noqa: E402
+from defectscan.schemas import InferOptions  # noqa: E402
+from test_distributed import _checkpoint  # noqa: E402
+from test_evaluation import dataset_with_clean_images  # noqa: E402
+
+FAMILIES = [pytest.param("resnet10t", id="cnn-resnet10t"),
+            pytest.param("efficientnet_lite0", id="cnn-lite0", marks=pytest.mark.slow),
+            pytest.param("swin_t", id="transformer-swin_t", marks=pytest.mark.slow),
+            pytest.param("vitae_t_win", id="hybrid-vitae_t_win", marks=pytest.mark.slow),
+            pytest.param("vit_s", id="transformer-vit_s", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("encoder", FAMILIES)
+def test_every_family_exports_with_dynamic_size_and_equals_torch(tmp_path, encoder):
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", encoder=encoder, classes=("defect",), tile=64, overlap=16)
+    model = build_model(spec).eval()
+    save_checkpoint(model, spec, tmp_path / "m")
+    result = export_onnx(tmp_path / "m.safetensors", tmp_path / "out", log=lambda m: None)
+    assert result.dynamic_hw and max(result.checks["max_abs_difference_random"],
+                                     result.checks["max_abs_difference_real"]) <= 1e-4
+    spec_onnx, meta = read_onnx_model(tmp_path / "out" / "model.onnx")
+    assert spec_onnx == spec and meta["input"]["dynamic_hw"] and meta["precision"] == "float32"
+    # an independent check at a size the export never saw (not square, not the tile)
+    graph = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec_onnx, device="cpu")
+    reference = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", device="cpu")
+    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 96, 160, 3), dtype=np.uint8))
+    assert float((graph(tiles) - reference(tiles)).abs().max()) <= 1e-4
+
+
+def test_tiled_onnx_inference_equals_tiled_torch_inference(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    export_onnx(ckpt, tmp_path / "out", log=lambda m: None)
+    image = np.concatenate([defect_image(150, 0)[0], defect_image(150, 1)[0][:, :80]], axis=1)  # 150 x 230
+    opts = InferOptions(device="cpu", threshold=0.45)
+    torch_run = Predictor.from_checkpoint(ckpt, opts).predict(image)
+    onnx_predictor = Predictor.from_checkpoint(tmp_path / "out" / "model.onnx", opts)
+    onnx_run = onnx_predictor.predict(image)
+    assert onnx_predictor.model is None and onnx_predictor.precision == "onnxruntime float32"
+    assert np.mean(torch_run.mask != onnx_run.mask) <= 1e-4  # within 0.01 % of pixels
+    assert np.abs(torch_run.probs.astype(int) - onnx_run.probs.astype(int)).max() <= 1  # one uint8 level
+
+
+@pytest.mark.slow
+def test_int8_export_runs_end_to_end_and_its_accuracy_is_measured(monkeypatch, capsys, tmp_path):
+    data = dataset_with_clean_images(tmp_path / "d", defective=4, clean=2)
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    code, _, err = run_cli(monkeypatch, capsys, "export", ckpt, "-o", tmp_path / "x", "--int8",
+                           "--calibration", data / "images", "--calibration-tiles", "8")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "x" / "model.int8.json").read_text())
+    assert meta["precision"] == "int8" and meta["check"]["calibration_tiles"] == 8
+    assert 0.5 < meta["check"]["mask_agreement_with_float32"] <= 1.0
+    assert meta["check"]["max_abs_difference_to_float32"] > 0  # quantised: not the float graph
+    assert (tmp_path / "x" / "model.int8.onnx").stat().st_size < 0.4 * (tmp_path / "x" / "model.onnx").stat().st_size
+    scores = {}
+    for name, model in (("fp32", ckpt), ("int8", tmp_path / "x" / "model.int8.onnx")):
+        code, _, err = run_cli(monkeypatch, capsys, "evaluate", "-m", model, "-d", data, "--split", "all",
+                               "-o", tmp_path / f"ev_{name}", "--threshold", "0.45", "--device", "cpu")
+        assert code == 0, err
+        scores[name] = json.loads((tmp_path / f"ev_{name}" / "metrics.json").read_text())["metrics"]
+    assert "int8" in scores["int8"]["cost"]["device"] and scores["int8"]["cost"]["parameters"] > 0
+    assert 0.0 <= scores["int8"]["defect_iou"] <= 1.0
+    assert abs(scores["int8"]["defect_iou"] - scores["fp32"]["defect_iou"]) < 0.2  # computed, and not garbage
+
+
+def test_export_refuses_bad_input_on_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    cases = [([junk], "sidecar"), ([ckpt, "--opset", "99"], "--opset 99"),
+             ([ckpt, "--format", "tflite"], "only onnx"), ([ckpt, "--int8"], "--int8 needs --calibration"),
+             ([ckpt, "--int8", "--calibration", tmp_path / "empty"], "no images"),
+             ([ckpt, "--tile", "70"], "70")]
+    for args, message in cases:
+        code, _, err = run_cli(monkeypatch, capsys, "export", *args, "-o", out)
+        assert code == 1 and message in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and not out.exists(), args
+
+
+def test_onnx_model_without_or_with_a_mismatched_sidecar_is_refused(monkeypatch, capsys, tmp_path):
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    export_onnx(ckpt, tmp_path / "x", log=lambda m: None)
+    image = tmp_path / "i.png"
+    cv2.imwrite(str(image), defect_image(96, 0)[0])
+    graph, sidecar = tmp_path / "x" / "model.onnx", tmp_path / "x" / "model.json"
+    meta = json.loads(sidecar.read_text())
+
+    def infer(expect: str) -> None:
+        code, _, err = run_cli(monkeypatch, capsys, "infer", image, "-m", graph, "-o", tmp_path / "o")
+        assert code == 1 and expect in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()
+
+    sidecar.write_text(json.dumps({**meta, "model": {**meta["model"], "in_channels": 1, "mean": [0.5],
+                                                     "std": [0.5]}}))
+    infer("graph takes 3 channels, its sidecar says 1")
+    sidecar.write_text(json.dumps({**meta, "input": {**meta["input"], "dynamic_hw": False}}))
+    infer("dynamic-size, its sidecar says otherwise")
+    sidecar.unlink()
+    infer("sidecar not found")
+    sidecar.write_text(json.dumps(meta))
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    infer("checksum differs")
+    code, _, err = run_cli(monkeypatch, capsys, "infer", image, "-m", tmp_path / "x" / "none.onnx", "-o",
+                           tmp_path / "o")
+    assert code == 1 and "no such ONNX model" in err
