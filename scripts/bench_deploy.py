@@ -76,11 +76,11 @@ def main() -> None:
     from defectscan.models.checkpoint import read_sidecar
     from defectscan.runtime import set_threads
 
-    threads = set_threads(args.threads)
+    set_threads(args.threads)
     image, _ = generate_wafer(args.size, seed=7)
     import onnxruntime
 
-    print(f"# {hardware()}; {threads} threads; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+    print(f"# {hardware()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"speed on a {args.size} px wafer, median of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
