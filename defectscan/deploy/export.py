@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
+import os
+import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -106,7 +108,7 @@ def _export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int, *, 
     else:
         axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
         kwargs["dynamic_axes"] = {INPUT_NAME: axes, OUTPUT_NAME: axes}
-    with warnings.catch_warnings(), _quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), _quiet_exporter(), _native_output_silenced():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(_Network(model).eval(),  # eval: the exporter restores the wrapper's mode
                                     (example,), None if dynamo else str(path),
@@ -114,6 +116,22 @@ def _export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int, *, 
                                     dynamo=dynamo, external_data=False, verbose=False, **kwargs)
     if dynamo:
         program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Point file descriptors 1 and 2 at a scratch file for the block: the TorchScript exporter prints whole graphs
+    from C++ when an operator is not supported, which Python's redirect_stdout cannot catch."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
 class _quiet_exporter:
