@@ -55,16 +55,21 @@ class ExportResult:
 
 
 def _tiles_from_images(paths: list[Path], tile: int, count: int, seed: int) -> np.ndarray:
-    """`count` tile-sized crops (N, tile, tile, C) uint8 at random places of the images, round-robin over images
-    (reflection-padded where an image is smaller than the tile)."""
+    """`count` tile-sized crops (N, tile, tile, C) uint8 at random places, spread evenly over the images (reflection-
+    padded where an image is smaller than the tile). One image is open at a time: calibration images may be huge."""
     rng = np.random.default_rng(seed)
-    out = []
-    sources = [open_image(p) for p in paths[: max(count, 1)]]
-    for i in range(count):
-        src = sources[i % len(sources)]
+    if len(paths) > count:  # images spread over the whole (sorted) list, not its first lot
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+    per_image = -(-count // len(paths))
+    out: list[np.ndarray] = []
+    for path in paths:
+        if len(out) == count:
+            break
+        src = open_image(path)
         h, w = src.shape
-        y0, x0 = int(rng.integers(0, max(h - tile, 0) + 1)), int(rng.integers(0, max(w - tile, 0) + 1))
-        out.append(read_tile(src, y0, x0, tile, tile))
+        for _ in range(min(per_image, count - len(out))):
+            y0, x0 = int(rng.integers(0, max(h - tile, 0) + 1)), int(rng.integers(0, max(w - tile, 0) + 1))
+            out.append(read_tile(src, y0, x0, tile, tile))
     return np.stack(out)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -128,10 +127,7 @@ def ray_infer(items: list[tuple[int, Path, Path]], *, checkpoint: Path | None, o
                                "options": options.model_dump(), "threads": pool.cpus, "max_pixels": max_pixels},
         num_cpus=pool.cpus, num_gpus=pool.gpus)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # Ray Data's tuning hints about block counts
-            rows_done = iter(dataset.iter_rows())
-        for row in rows_done:
+        for row in dataset.iter_rows():
             result = json.loads(row["result"])
             yield int(row["index"]), result["summary"], result["error"]
     except ray.exceptions.RayError as exc:
