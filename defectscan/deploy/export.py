@@ -139,18 +139,21 @@ def _native_output_silenced():
             os.close(saved[0]), os.close(saved[1])
 
 
-class _quiet_exporter:
-    """torch.export and onnxscript log every pass at INFO/WARNING: not the user's business unless it fails."""
+_NOISY_LOGGERS = ("torch.export", "torch.onnx", "onnxscript", "torch._dynamo", "torch.fx", "")  # "": the root
+# logger, which onnxruntime's quantisation tools use
 
-    NAMES = ("torch.export", "torch.onnx", "onnxscript", "torch._dynamo", "torch.fx")
 
-    def __enter__(self):
-        self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
-        for n in self.NAMES:
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.export, onnxscript and onnxruntime.quantization log every pass at INFO/WARNING: not the user's business
+    unless it fails (the failure itself is reported)."""
+    levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
+    try:
+        for n in _NOISY_LOGGERS:
             logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for n, level in self.levels.items():
+        yield
+    finally:
+        for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
 
 
@@ -212,7 +215,6 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
     prepared = scratch / "prepared.onnx"
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        logging.getLogger("root").setLevel(logging.ERROR)
         try:  # symbolic shape inference gives up on dynamic sizes (and leaves a file in the working folder)
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(int8), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
