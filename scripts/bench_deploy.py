@@ -43,7 +43,7 @@ def megapixels_per_second(model: Path, amp: str, image: np.ndarray, repeats: int
     return image.shape[0] * image.shape[1] / 1e6 / statistics.median(times)
 
 
-def test_iou(model: Path, data: Path, amp: str, out: Path) -> float:
+def iou_on_test_split(model: Path, data: Path, amp: str, out: Path) -> float:
     cmd = [sys.executable, "-m", "defectscan", "evaluate", "-m", str(model), "-d", str(data), "--split", "test",
            "-o", str(out), "--device", "cpu", "--amp", amp]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,7 +107,7 @@ def main() -> None:
             paths = {"model": ckpt, "onnx": out / "model.onnx", "int8": out / "model.int8.onnx"}
             sizes = [paths[k].stat().st_size / 2**20 for k in ("model", "onnx", "int8")]
             speed = [megapixels_per_second(paths[k], amp, image, args.repeats) for _, k, amp in VARIANTS]
-            iou = ([test_iou(paths[k], data, amp, work / "eval" / f"{out.name}-{k}-{amp}") for _, k, amp in VARIANTS]
+            iou = ([iou_on_test_split(paths[k], data, amp, work / "eval" / f"{out.name}-{k}-{amp}") for _, k, amp in VARIANTS]
                    if data else [None] * 4)
             agreement = json.loads((out / "model.int8.json").read_text())["check"]["mask_agreement_with_float32"]
             print(f"| {label} | {sizes[0]:.1f} / {sizes[1]:.1f} / {sizes[2]:.1f} | "

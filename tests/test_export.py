@@ -116,6 +116,8 @@ def test_onnx_model_without_or_with_a_mismatched_sidecar_is_refused(monkeypatch,
     infer("graph takes 3 channels, its sidecar says 1")
     sidecar.write_text(json.dumps({**meta, "input": {**meta["input"], "dynamic_hw": False}}))
     infer("dynamic-size, its sidecar says otherwise")
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "input"}))
+    infer("no 'input' section")
     sidecar.unlink()
     infer("sidecar not found")
     sidecar.write_text(json.dumps(meta))

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 from defectscan.inference.backends import TorchTiles
 from defectscan.inference.onnx_backend import (INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME, OnnxTiles,
                                                onnx_sidecar_path)
@@ -86,17 +86,6 @@ def _synthetic_tiles(tile: int, count: int, seed: int, channels: int) -> np.ndar
                                tile, tile) for _ in range(count)])
 
 
-class _Network(torch.nn.Module):
-    """The exported function: the model's forward on a plain tensor, so the graph has one input and one output."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image)
-
-
 def _export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int, *, dynamic: bool, dynamo: bool) -> None:
     """One export attempt. TorchScript tracing (`dynamo=False`, deprecated by torch but seconds where torch.export
     takes minutes on some CNNs) records sizes the Python code computed as constants; the graph is then only kept
@@ -105,18 +94,17 @@ def _export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int, *, 
     kwargs: dict = {}
     if dynamic and dynamo:  # sizes stay multiples of the encoder's stride: what the tiling engine feeds
         dim, stride = torch.export.Dim, spec.stride
-        kwargs["dynamic_shapes"] = {"image": {0: dim("batch", min=1, max=1024),
-                                              2: stride * dim("h", min=1, max=65536 // stride),
-                                              3: stride * dim("w", min=1, max=65536 // stride)}}
+        kwargs["dynamic_shapes"] = ({0: dim("batch", min=1, max=1024),
+                                     2: stride * dim("h", min=1, max=65536 // stride),
+                                     3: stride * dim("w", min=1, max=65536 // stride)},)
     elif dynamo:  # the batch stays free: the tiling engine's last batch is smaller
-        kwargs["dynamic_shapes"] = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}}
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)
     else:
         axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
         kwargs["dynamic_axes"] = {INPUT_NAME: axes, OUTPUT_NAME: axes}
     with warnings.catch_warnings(), _quiet_exporter(), _native_output_silenced():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(_Network(model).eval(),  # eval: the exporter restores the wrapper's mode
-                                    (example,), None if dynamo else str(path),
+        program = torch.onnx.export(model.eval(), (example,), None if dynamo else str(path),
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
                                     dynamo=dynamo, external_data=False, verbose=False, **kwargs)
     if dynamo:
@@ -157,19 +145,18 @@ def _quiet_exporter():
             logging.getLogger(n).setLevel(level)
 
 
-def _max_difference(reference: TorchTiles, graph: OnnxTiles, tiles: np.ndarray, batch: int = 4) -> float:
-    worst = 0.0
+def _compare(a: TorchTiles | OnnxTiles, b: OnnxTiles, tiles: np.ndarray, threshold: float = 0.5,
+             batch: int = 4) -> tuple[float, float]:
+    """(max |probability difference|, fraction of probabilities on the same side of `threshold`) between two
+    backends over `tiles`, in batches."""
+    worst, same, total = 0.0, 0, 0
     for i in range(0, len(tiles), batch):
         t = torch.from_numpy(tiles[i : i + batch])
-        worst = max(worst, float((reference(t) - graph(t)).abs().max()))
-    return worst
-
-
-def _mask_agreement(a: TorchTiles | OnnxTiles, b: OnnxTiles, tiles: np.ndarray, threshold: float) -> float:
-    """Fraction of pixels whose thresholded defect decision is the same under both."""
-    t = torch.from_numpy(tiles)
-    pa, pb = a(t), b(t)
-    return float(((pa >= threshold) == (pb >= threshold)).float().mean())
+        pa, pb = a(t), b(t)
+        worst = max(worst, float((pa - pb).abs().max()))
+        same += int(((pa >= threshold) == (pb >= threshold)).sum())
+        total += pa.numel()
+    return worst, same / total
 
 
 def _sidecar(spec: ModelSpec, onnx_path: Path, *, source: Path, source_meta: dict, opset: int, dynamic: bool,
@@ -221,7 +208,7 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain Exceptions
-            raise DefectscanError(f"int8 quantisation failed: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise DefectscanError(f"int8 quantisation failed: {type(exc).__name__}: {one_line(exc)[:200]}") from None
     prepared.unlink()
 
 
@@ -261,20 +248,20 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
                 _export(model, spec, fp32, opset, dynamic=dynamic, dynamo=dynamo)
                 graph = _session(fp32, spec, dynamic)
                 if dynamic:  # a traced graph may hold the example's sizes as constants: try another size
-                    other = _max_difference(reference, graph, wide)
+                    other, _ = _compare(reference, graph, wide)
                     if other > FP32_TOLERANCE:
                         tried.append(f"{how}: differs from torch by {other:.2g} at {bigger} px")
                         continue
                 break
             except Exception as exc:  # noqa: BLE001 - each exporter refuses some operators; the next may not
-                tried.append(f"{how}: {type(exc).__name__}: {_first_line(exc)}")
+                tried.append(f"{how}: {type(exc).__name__}: {one_line(exc)[:200]}")
         else:
             raise DefectscanError(f"{describe(spec)} does not export to ONNX opset {opset}: " + "; ".join(tried))
         why = "; ".join(tried)
         if not dynamic:
             log(f"note: {describe(spec)} exported at a fixed {spec.tile} px tile size ({why})")
         seconds = time.perf_counter() - t0
-        diff_random, diff_real = _max_difference(reference, graph, random), _max_difference(reference, graph, real)
+        (diff_random, _), (diff_real, _) = _compare(reference, graph, random), _compare(reference, graph, real)
         if max(diff_random, diff_real) > FP32_TOLERANCE:
             raise DefectscanError(f"the ONNX graph of {describe(spec)} differs from torch by "
                                   f"{max(diff_random, diff_real):.2g} in probability (limit {FP32_TOLERANCE:g}); "
@@ -295,9 +282,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
             t0 = time.perf_counter()
             _quantize(fp32, q, real, spec, tmp)
             qgraph = _session(q, spec, dynamic)
+            # against the float graph, which the int8 one was quantised from; agreement at the model's threshold
+            q_diff, q_same = _compare(graph, qgraph, real, spec.threshold)
             qcheck = {"calibration_tiles": len(real), "calibration_images": len(paths),
-                      "max_abs_difference_to_float32": _max_difference(reference, qgraph, real),
-                      "mask_agreement_with_float32": _mask_agreement(graph, qgraph, real, spec.threshold),
+                      "max_abs_difference_to_float32": q_diff, "mask_agreement_with_float32": q_same,
                       "quantize_seconds": round(time.perf_counter() - t0, 1)}
             write_text(onnx_sidecar_path(q), json.dumps(_sidecar(spec, q, source=weights, source_meta=meta,
                        opset=opset, dynamic=dynamic, precision="int8", check=qcheck), indent=2) + "\n")
@@ -305,11 +293,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
             log(f"int8 graph: max |difference| to float32 {qcheck['max_abs_difference_to_float32']:.3f}, "
                 f"mask agreement {100 * qcheck['mask_agreement_with_float32']:.3f} % on {len(real)} tiles")
     return ExportResult([out / f.name for f in files], dynamic, check)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else ""
 
 
 def _session(path: Path, spec: ModelSpec, dynamic: bool) -> OnnxTiles:

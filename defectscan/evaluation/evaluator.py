@@ -427,7 +427,7 @@ def _offer_example(ev: Evaluation, index: int, sample: Sample, source: ImageSour
 
 def _seam_check(predictor: Predictor, image: np.ndarray, tiled_score: np.ndarray, name: str) -> dict:
     """The same image as one whole tile (padded to the stride): how far tiled output is from untiled output."""
-    if getattr(predictor.tiles, "fixed_size", None):
+    if predictor.tiles.fixed_size:
         return {"image": name, "skipped": "the ONNX graph takes fixed-size tiles only"}
     h, w = image.shape[:2]
     stride = predictor.spec.stride

@@ -7,6 +7,7 @@ backend (`onnx_backend.OnnxTiles`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Literal, Sequence
 
@@ -35,17 +36,20 @@ def _weights_channels_last(model: nn.Module) -> bool:
     return False
 
 
-class TileBackend:
+class TileBackend(abc.ABC):
     """What every tile predictor shares: (B, th, tw, C) uint8 tiles -> normalised float input -> logits (from
     `forward`, the backend's own) -> activated probabilities, averaged over flips with TTA.
 
-    Subclasses set `device`, `head`, `tta`, `scale` / `shift` (via `_set_normalisation`) and implement `forward`.
+    Subclasses set `device`, `head`, `tta`, `scale` / `shift` (via `_set_normalisation`) and implement `forward`
+    and `precision`. `fixed_size`: the only (height, width) the backend takes, or None for any multiple of the
+    model's stride.
     """
 
     device: torch.device
     head: Head
     tta: bool
     channels_last: bool = False
+    fixed_size: tuple[int, int] | None = None
 
     def _set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -57,9 +61,9 @@ class TileBackend:
         return self.device.type == "cuda"
 
     @property
+    @abc.abstractmethod
     def precision(self) -> str:
         """What the forward passes compute in: recorded in every output."""
-        raise NotImplementedError
 
     def normalise(self, tiles: torch.Tensor) -> torch.Tensor:
         """(B, th, tw, C) uint8 -> (B, C, th, tw) float32 network input on the backend's device."""
@@ -67,9 +71,9 @@ class TileBackend:
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x.mul_(self.scale).sub_(self.shift)
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, C, th, tw) input -> (B, K, th, tw) logits."""
-        raise NotImplementedError
 
     def _context(self):
         return contextlib.nullcontext()

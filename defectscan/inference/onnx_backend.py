@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 from defectscan.inference.backends import TileBackend
 from defectscan.io.files import file_sha256, read_json
 from defectscan.models import ModelSpec
@@ -44,6 +44,8 @@ def read_onnx_model(path: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
         raise DefectscanError(f"{sidecar}: not a defectscan ONNX sidecar")
     if meta.get("format_version", 0) > ONNX_FORMAT_VERSION:
         raise DefectscanError(f"{sidecar}: written by a newer defectscan (format {meta.get('format_version')})")
+    if not isinstance(meta.get("input"), dict):
+        raise DefectscanError(f"{sidecar}: no 'input' section (the graph's input name and size mode)")
     if meta.get("onnx_sha256") and file_sha256(path) != meta["onnx_sha256"]:
         raise DefectscanError(f"{path}: graph does not match its sidecar (checksum differs; file replaced or damaged?)")
     try:
@@ -86,7 +88,7 @@ class OnnxTiles(TileBackend):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-            raise DefectscanError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise DefectscanError(f"{path}: ONNX Runtime cannot load it ({one_line(exc)})") from None
         self._check_inputs(path, meta, spec)
         self.path, self.device, self.head, self.tta = str(path), torch.device("cpu"), spec.head, tta
         self.fixed_size = None if meta["input"].get("dynamic_hw") else (spec.tile, spec.tile)
@@ -97,7 +99,8 @@ class OnnxTiles(TileBackend):
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
             raise DefectscanError(f"{path}: graph inputs/outputs {[i.name for i in inputs]} -> "
-                                  f"{[o.name for o in outputs]} are not a defectscan export ({INPUT_NAME} -> {OUTPUT_NAME})")
+                                  f"{[o.name for o in outputs]} are not a defectscan export "
+                                  f"({INPUT_NAME} -> {OUTPUT_NAME})")
         _, channels, h, w = inputs[0].shape
         if channels != spec.in_channels:
             raise DefectscanError(f"{path}: graph takes {channels} channels, its sidecar says {spec.in_channels}")

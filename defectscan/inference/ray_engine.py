@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 from defectscan.schemas import InferOptions
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # only summaries travel: a locally started Ray need not claim 30 % of RAM
@@ -64,7 +64,7 @@ def connect(address: str | None, *, cpus: int | None = None) -> None:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise DefectscanError(f"could not start or join {where}: {_first_line(exc)}") from None
+        raise DefectscanError(f"could not start or join {where}: {one_line(exc, last=True)}") from None
 
 
 def plan(device: str, workers: int | None, threads: int | None, images: int) -> RayPlan:
@@ -131,15 +131,11 @@ def ray_infer(items: list[tuple[int, Path, Path]], *, checkpoint: Path | None, o
             result = json.loads(row["result"])
             yield int(row["index"]), result["summary"], result["error"]
     except ray.exceptions.RayError as exc:
-        raise DefectscanError(f"a Ray worker failed: {_first_line(exc)}") from None
+        # a RayTaskError's last line is the worker's own error
+        raise DefectscanError(f"a Ray worker failed: {one_line(exc, last=True)}") from None
 
 
 def shutdown() -> None:
     ray = _import_ray()
     ray.shutdown()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__  # a RayTaskError ends with the worker's own error line
 

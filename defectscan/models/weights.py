@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from .pt/.pth through the weights-only (non-pickle) loader."""
@@ -25,7 +25,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DefectscanError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise DefectscanError(f"{path}: cannot read weights ({type(exc).__name__}: {one_line(exc)})") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -32,7 +32,7 @@ from typing import Callable
 import yaml
 from pydantic import ValidationError
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 from defectscan.evaluation import EVALUATION_DIR, run_evaluation
 from defectscan.evaluation.outputs import METRICS_FILE
 from defectscan.io.files import write_text
@@ -89,7 +89,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise DefectscanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise DefectscanError(f"{path}: not valid YAML ({one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise DefectscanError(f"{path}: a study file is a mapping of keys")
     try:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from defectscan.errors import DefectscanError
+from defectscan.errors import DefectscanError, one_line
 from defectscan.metrics import STABLE_F1_TOLERANCE
 from defectscan.schemas import Amp, describe_validation_error, error_key
 
@@ -285,7 +285,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DefectscanError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise DefectscanError(f"{path}: invalid YAML ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise DefectscanError(f"{path}: a config is a mapping of sections")
     base = data.pop("base", None)
