@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calibration-tiles", type=int, default=32)
+    ap.add_argument("--defect-share", type=float, default=0.5)
+    ap.add_argument("--calibration-method", default="minmax")
+    ap.add_argument("--keep-float", nargs="*", default=[], help="module paths left in float in the int8 graph")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -103,6 +106,8 @@ def main() -> None:
         for label, ckpt, calibration, data in models:
             out = work / "export" / label.replace(" ", "_").replace("/", "_")
             export_onnx(ckpt, out, int8=True, calibration=calibration, calibration_tiles=args.calibration_tiles,
+                        defect_share=args.defect_share, calibration_method=args.calibration_method,
+                        keep_float=args.keep_float,
                         log=lambda m: print(f"  {label}: {m}", file=sys.stderr))
             paths = {"model": ckpt, "onnx": out / "model.onnx", "int8": out / "model.int8.onnx"}
             sizes = [paths[k].stat().st_size / 2**20 for k in ("model", "onnx", "int8")]

@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install 
 
 from _helpers import defect_image, run_cli  # noqa: E402
 from defectscan.deploy import export_onnx  # noqa: E402
+from defectscan.errors import DefectscanError  # noqa: E402
 from defectscan.inference import Predictor, TorchTiles  # noqa: E402
 from defectscan.inference.onnx_backend import OnnxTiles, read_onnx_model  # noqa: E402
 from defectscan.models import ModelSpec, build_model, save_checkpoint  # noqa: E402
@@ -23,26 +24,44 @@ from test_evaluation import dataset_with_clean_images  # noqa: E402
 
 FAMILIES = [pytest.param("resnet10t", id="cnn-resnet10t"),
             pytest.param("efficientnet_lite0", id="cnn-lite0", marks=pytest.mark.slow),
+            pytest.param("efficientnet-b0", id="cnn-efficientnet-b0", marks=pytest.mark.slow),
+            pytest.param("convnext_tiny", id="cnn-convnext_tiny", marks=pytest.mark.slow),
             pytest.param("swin_t", id="transformer-swin_t", marks=pytest.mark.slow),
+            pytest.param("swinv2_t", id="transformer-swinv2_t", marks=pytest.mark.slow),
             pytest.param("vitae_t_win", id="hybrid-vitae_t_win", marks=pytest.mark.slow),
+            pytest.param("vitae_t", id="hybrid-vitae_t", marks=pytest.mark.slow),
             pytest.param("vit_s", id="transformer-vit_s", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("encoder", FAMILIES)
 def test_every_family_exports_with_dynamic_size_and_equals_torch(tmp_path, encoder):
+    _export_and_compare(tmp_path, "unet", encoder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,dynamic", [("fpn", True), ("deeplabv3plus", True), ("segformer", True),
+                                          ("upernet", False)])  # UperNet's pyramid pooling: kernels from the size
+def test_every_decoder_exports_and_equals_torch(tmp_path, arch, dynamic):
+    notes: list[str] = []
+    _export_and_compare(tmp_path, arch, "resnet10t", dynamic=dynamic, log=notes.append)
+    assert any("fixed 64 px tile size" in n for n in notes) != dynamic  # a fixed-size export is said
+
+
+def _export_and_compare(tmp_path, arch: str, encoder: str, dynamic: bool = True, log=lambda m: None) -> None:
     torch.manual_seed(0)
-    spec = ModelSpec(arch="unet", encoder=encoder, classes=("defect",), tile=64, overlap=16)
+    spec = ModelSpec(arch=arch, encoder=encoder, classes=("defect",), tile=64, overlap=16)
     model = build_model(spec).eval()
     save_checkpoint(model, spec, tmp_path / "m")
-    result = export_onnx(tmp_path / "m.safetensors", tmp_path / "out", log=lambda m: None)
-    assert result.dynamic_hw and max(result.checks["max_abs_difference_random"],
-                                     result.checks["max_abs_difference_real"]) <= 1e-4
+    result = export_onnx(tmp_path / "m.safetensors", tmp_path / "out", log=log)
+    assert result.dynamic_hw == dynamic and max(result.checks["max_abs_difference_random"],
+                                                result.checks["max_abs_difference_real"]) <= 1e-4
     spec_onnx, meta = read_onnx_model(tmp_path / "out" / "model.onnx")
-    assert spec_onnx == spec and meta["input"]["dynamic_hw"] and meta["precision"] == "float32"
-    # an independent check at a size the export never saw (not square, not the tile)
+    assert spec_onnx == spec and meta["input"]["dynamic_hw"] == dynamic and meta["precision"] == "float32"
+    # an independent check on tiles the export never saw (dynamic: a size it never saw, not square, not the tile)
     graph = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec_onnx, device="cpu")
     reference = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", device="cpu")
-    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 96, 160, 3), dtype=np.uint8))
+    shape = (3, 96, 160, 3) if dynamic else (3, 64, 64, 3)
+    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
     assert float((graph(tiles) - reference(tiles)).abs().max()) <= 1e-4
 
 
@@ -69,6 +88,7 @@ def test_int8_export_runs_end_to_end_and_its_accuracy_is_measured(monkeypatch, c
     meta = json.loads((tmp_path / "x" / "model.int8.json").read_text())
     assert meta["precision"] == "int8" and meta["check"]["calibration_tiles"] == 8
     assert 0.5 < meta["check"]["mask_agreement_with_float32"] <= 1.0
+    assert 0.0 <= meta["check"]["defect_iou_with_float32"] <= 1.0 and meta["check"]["float_nodes"] == 0
     assert meta["check"]["max_abs_difference_to_float32"] > 0  # quantised: not the float graph
     assert (tmp_path / "x" / "model.int8.onnx").stat().st_size < 0.4 * (tmp_path / "x" / "model.onnx").stat().st_size
     scores = {}
@@ -82,6 +102,24 @@ def test_int8_export_runs_end_to_end_and_its_accuracy_is_measured(monkeypatch, c
     assert abs(scores["int8"]["defect_iou"] - scores["fp32"]["defect_iou"]) < 0.2  # computed, and not garbage
 
 
+def test_int8_keeps_the_named_modules_in_float(tmp_path):
+    import onnx
+
+    data = dataset_with_clean_images(tmp_path / "d", defective=2, clean=0)
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    export_onnx(ckpt, tmp_path / "x", int8=True, calibration=[data / "images"], calibration_tiles=4,
+                keep_float=["/decoder", "/segmentation_head"], log=lambda m: None)
+    meta = json.loads((tmp_path / "x" / "model.int8.json").read_text())["check"]
+    assert meta["kept_float"] == ["/decoder", "/segmentation_head"] and meta["float_nodes"] > 0
+    nodes = onnx.load(str(tmp_path / "x" / "model.int8.onnx")).graph.node
+    quantised = {n.name.split("/")[1] for n in nodes if n.op_type == "QuantizeLinear" and n.name.startswith("/")}
+    assert "encoder" in quantised and not quantised & {"decoder", "segmentation_head"}
+    with pytest.raises(DefectscanError, match="--keep-float /nowhere: no node"):
+        export_onnx(ckpt, tmp_path / "y", int8=True, calibration=[data / "images"], calibration_tiles=4,
+                    keep_float=["/nowhere"], log=lambda m: None)
+    assert not (tmp_path / "y").exists()
+
+
 def test_export_refuses_bad_input_on_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path):
     ckpt = _checkpoint(tmp_path / "m" / "model")
     junk = tmp_path / "junk.safetensors"
@@ -91,7 +129,9 @@ def test_export_refuses_bad_input_on_one_line_and_writes_nothing(monkeypatch, ca
     cases = [([junk], "sidecar"), ([ckpt, "--opset", "99"], "--opset 99"),
              ([ckpt, "--format", "tflite"], "only onnx"), ([ckpt, "--int8"], "--int8 needs --calibration"),
              ([ckpt, "--int8", "--calibration", tmp_path / "empty"], "no images"),
-             ([ckpt, "--tile", "70"], "70")]
+             ([ckpt, "--tile", "70"], "70"),
+             ([ckpt, "--int8", "--calibration", tmp_path / "empty", "--calibration-method", "kl"], "minmax"),
+             ([ckpt, "--defect-share", "2"], "--defect-share")]
     for args, message in cases:
         code, _, err = run_cli(monkeypatch, capsys, "export", *args, "-o", out)
         assert code == 1 and message in err and "Traceback" not in err, (args, err)
@@ -126,3 +166,30 @@ def test_onnx_model_without_or_with_a_mismatched_sidecar_is_refused(monkeypatch,
     code, _, err = run_cli(monkeypatch, capsys, "infer", image, "-m", tmp_path / "x" / "none.onnx", "-o",
                            tmp_path / "o")
     assert code == 1 and "no such ONNX model" in err
+
+
+class _DarkIsDefect(torch.nn.Module):
+    """A stand-in model that calls dark pixels defects: which tiles hold defects is known."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20 * (0.3 - x[:, :1])
+
+
+def test_calibration_tiles_include_the_tiles_where_the_model_sees_defects(tmp_path):
+    from defectscan.deploy.export import _defect_fraction, select_calibration_tiles
+
+    paths = []
+    for i in range(4):  # bright images with one dark square each, at different places
+        image = np.full((160, 160, 3), 200, np.uint8)
+        image[60:84, 10 + 30 * i : 34 + 30 * i] = 10
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    spec = ModelSpec(arch="unet", encoder="resnet10t", classes=("defect",), tile=32, overlap=0,
+                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    reference = TorchTiles(_DarkIsDefect(), head="sigmoid", mean=spec.mean, std=spec.std, amp="off", device="cpu")
+    random = select_calibration_tiles(paths, reference, spec, 8, 0, defect_share=0.0)
+    focused = select_calibration_tiles(paths, reference, spec, 8, 0, defect_share=0.5)
+    assert random.shape == focused.shape == (8, 32, 32, 3)
+    fraction = _defect_fraction(reference, spec, focused)
+    assert (fraction > 0).sum() >= 4  # the focused half: tiles that hold some dark square
+    assert fraction.mean() > _defect_fraction(reference, spec, random).mean()

@@ -21,6 +21,12 @@ def export(
     calibration: List[Path] = typer.Option([], "--calibration", help="Images or folders (the training images) for "
                                            "int8 calibration and the real-tile check (repeatable)."),
     calibration_tiles: int = typer.Option(32, min=4, help="Tiles cut from the calibration images."),
+    defect_share: float = typer.Option(0.5, help="Share of the calibration tiles picked where the "
+                                       "float model sees most defect (from 4x as many random ones); the rest random."),
+    calibration_method: str = typer.Option("minmax", help="Activation range calibration: minmax, percentile "
+                                           "(99.99th) or entropy."),
+    keep_float: List[str] = typer.Option([], "--keep-float", help="Module path left in float in the int8 graph "
+                                         "(repeatable; nodes whose names start with it, e.g. /encoder)."),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's); fixed-size "
                                        "graphs take only this size."),
     opset: int = typer.Option(18, help="ONNX opset (18..23)."),
@@ -36,7 +42,8 @@ def export(
     apply_max_pixels(max_pixels)
     apply_threads(threads)
     result = export_onnx(model, out, opset=opset, tile=tile, int8=int8, calibration=calibration or None,
-                         calibration_tiles=calibration_tiles,
+                         calibration_tiles=calibration_tiles, calibration_method=calibration_method,
+                         defect_share=defect_share, keep_float=keep_float,
                          log=lambda m: print_note(m[len("note: "):]) if m.startswith("note: ") else console.print(
                              escape(m), highlight=False))
     console.print(f"wrote {', '.join(escape(str(f)) for f in result.files)} (+ .json sidecars)")
