@@ -101,7 +101,7 @@ def main() -> None:
             models.append((f"{encoder} (untrained)", work / encoder / "model.safetensors",
                            [work / "synth" / "images"], None))
         print("| model | MB torch / ONNX / int8 | MP/s torch fp32 | torch bf16 | ONNX fp32 | ONNX int8 | "
-              "test IoU fp32 | bf16 | ONNX fp32 | ONNX int8 | int8 mask agreement (calibration tiles) |")
+              "test IoU fp32 | bf16 | ONNX fp32 | ONNX int8 | int8 defect IoU with fp32 (calibration tiles) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for label, ckpt, calibration, data in models:
             out = work / "export" / label.replace(" ", "_").replace("/", "_")
@@ -114,11 +114,11 @@ def main() -> None:
             speed = [megapixels_per_second(paths[k], amp, image, args.repeats) for _, k, amp in VARIANTS]
             iou = ([iou_on_test_split(paths[k], data, amp, work / "eval" / f"{out.name}-{k}-{amp}") for _, k, amp in VARIANTS]
                    if data else [None] * 4)
-            agreement = json.loads((out / "model.int8.json").read_text())["check"]["mask_agreement_with_float32"]
+            agreement = json.loads((out / "model.int8.json").read_text())["check"]["defect_iou_with_float32"]
             print(f"| {label} | {sizes[0]:.1f} / {sizes[1]:.1f} / {sizes[2]:.1f} | "
                   + " | ".join(f"{s:.2f}" for s in speed) + " | "
                   + " | ".join("-" if v is None else f"{v:.3f}" for v in iou)
-                  + f" | {100 * agreement:.2f} % |", flush=True)
+                  + f" | {agreement:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from defectscan.tiling import validate_tile
 from defectscan.tiling.readers import read_tile
 
 FP32_TOLERANCE = 1e-4  # max |probability difference| between the float graph and torch
+INT8_DEFECT_IOU_NOTE = 0.9  # below it, int8 lost 0.06-0.08 validation IoU on BSData (README, deployment)
 OPSETS = (18, 23)  # what torch's exporter writes and onnxruntime runs (both ends tested)
 
 
@@ -357,6 +358,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
             log(f"int8 graph: defect mask IoU with float32 {agreement.defect_iou:.3f}, pixel agreement "
                 f"{100 * agreement.same_side:.3f} %, max |difference| {agreement.max_difference:.3f} on {len(real)} "
                 f"calibration tiles" + (f" ({float_nodes} nodes kept in float)" if keep_float else ""))
+            if agreement.defect_iou < INT8_DEFECT_IOU_NOTE:
+                log(f"note: int8 changes the defect masks of the calibration tiles (IoU {agreement.defect_iou:.2f} "
+                    "with float32): check `evaluate` on validation images; --keep-float on the first encoder "
+                    "stages recovered the loss of EfficientNet-Lite0 (README, deployment)")
     return ExportResult([out / f.name for f in files], dynamic, check)
 
 
