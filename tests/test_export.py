@@ -193,3 +193,22 @@ def test_calibration_tiles_include_the_tiles_where_the_model_sees_defects(tmp_pa
     fraction = _defect_fraction(reference, spec, focused)
     assert (fraction > 0).sum() >= 4  # the focused half: tiles that hold some dark square
     assert fraction.mean() > _defect_fraction(reference, spec, random).mean()
+
+
+def test_int8_check_compares_defect_masks_without_a_softmax_background():
+    from defectscan.deploy.export import _compare
+
+    def backend(defect_columns: int):
+        def probabilities(tiles: torch.Tensor) -> torch.Tensor:  # softmax: background, defect
+            p = torch.zeros(tiles.shape[0], 2, 8, 8)
+            p[:, 1, :, :defect_columns] = 1.0
+            p[:, 0] = 1.0 - p[:, 1]
+            return p
+        return probabilities
+
+    tiles = np.zeros((2, 8, 8, 3), np.uint8)
+    a = _compare(backend(2), backend(1), tiles, head="softmax")
+    assert a.defect_iou == pytest.approx(0.5) and a.defect_fraction == pytest.approx(2 / 8)
+    assert a.same_side == pytest.approx(1 - 2 * 8 / (2 * 8 * 8))  # one column differs in both channels
+    # with the background counted as a class the masks would look 0.93 alike: not what the check reports
+    assert _compare(backend(0), backend(0), tiles, head="softmax").defect_iou == 1.0
