@@ -75,14 +75,18 @@ def _tiles_from_images(paths: list[Path], tile: int, count: int, seed: int) -> n
     return np.stack(out)
 
 
+def _defect_masks(probs: torch.Tensor, head: str, threshold: float) -> torch.Tensor:
+    """(B, K, H, W) probabilities -> boolean masks of the defect classes (a softmax background left out)."""
+    return (probs[:, 1:] if head == "softmax" else probs) >= threshold
+
+
 def _defect_fraction(reference: TorchTiles, spec: ModelSpec, tiles: np.ndarray, batch: int = 4) -> np.ndarray:
     """Per tile, the fraction of pixels the float model calls a defect (any defect class at its threshold)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(tiles), batch):
-            p = reference(torch.from_numpy(tiles[i : i + batch]))
-            p = p[:, 1:] if spec.head == "softmax" else p
-            out.append((p >= spec.threshold).any(dim=1).float().mean(dim=(1, 2)).numpy())
+            masks = _defect_masks(reference(torch.from_numpy(tiles[i : i + batch])), spec.head, spec.threshold)
+            out.append(masks.any(dim=1).float().mean(dim=(1, 2)).numpy())
     return np.concatenate(out)
 
 
@@ -184,19 +188,17 @@ class Agreement:
 def _compare(a: TorchTiles | OnnxTiles, b: OnnxTiles, tiles: np.ndarray, threshold: float = 0.5,
              head: str = "sigmoid", batch: int = 4) -> Agreement:
     """How closely two backends agree over `tiles`, in batches. Defect masks leave out a softmax background."""
-    worst, same, total, inter, union, defect = 0.0, 0, 0, 0, 0, 0
-    first = 1 if head == "softmax" else 0
+    worst, same, total, inter, union, defect, cells = 0.0, 0, 0, 0, 0, 0, 0
     for i in range(0, len(tiles), batch):
         t = torch.from_numpy(tiles[i : i + batch])
         pa, pb = a(t), b(t)
         worst = max(worst, float((pa - pb).abs().max()))
-        ma, mb = pa >= threshold, pb >= threshold
-        same += int((ma == mb).sum())
+        same += int(((pa >= threshold) == (pb >= threshold)).sum())
         total += pa.numel()
-        ma, mb = ma[:, first:], mb[:, first:]
-        inter, union, defect = inter + int((ma & mb).sum()), union + int((ma | mb).sum()), defect + int(ma.sum())
-    return Agreement(worst, same / total, inter / union if union else 1.0,
-                     defect / (total / pa.shape[1] * (pa.shape[1] - first)))
+        ma, mb = _defect_masks(pa, head, threshold), _defect_masks(pb, head, threshold)
+        inter, union = inter + int((ma & mb).sum()), union + int((ma | mb).sum())
+        defect, cells = defect + int(ma.sum()), cells + ma.numel()
+    return Agreement(worst, same / total, inter / union if union else 1.0, defect / cells)
 
 
 def _sidecar(spec: ModelSpec, onnx_path: Path, *, source: Path, source_meta: dict, opset: int, dynamic: bool,
@@ -221,7 +223,7 @@ def _runtime_versions() -> dict:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # -> CalibrationMethod
 
 
 def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratch: Path, method: str,
@@ -258,9 +260,7 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
                                       "(names are module paths: /encoder/..., /decoder/...)")
             quantize_static(str(prepared), str(int8), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                              "percentile": CalibrationMethod.Percentile,
-                                              "entropy": CalibrationMethod.Entropy}[method],
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                             extra_options={"CalibPercentile": 99.99} if method == "percentile" else None,
                             nodes_to_exclude=exclude)
         except DefectscanError:
