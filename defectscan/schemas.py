@@ -355,6 +355,7 @@ class StudySpec(_Options):
     seeds: list[int] = Field(min_length=1)
     metric: str = "defect_dice"
     evaluate: StudyEvaluate = StudyEvaluate()
+    records: Optional[str] = None  # directory (relative to the study file) for one durable record per finished cell
 
     @field_validator("labeled", mode="before")
     @classmethod

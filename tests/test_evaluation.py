@@ -413,6 +413,54 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.slow
+def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monkeypatch, capsys):
+    """Run directories stay on the machine that trained; the committed records carry the study on."""
+    import defectscan.studies.benchmark as benchmark
+
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    (tmp_path / "train.yaml").write_text(
+        "model: {encoder: resnet10t, tile: 64, overlap: 16, arch_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}\n"
+        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
+        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("name: tiny\ntrain_config: train.yaml\nset: [optim.lr=0.001]\nbackbones: [{name: r10t}]\n"
+                          "labeled: [2]\nseeds: [0, 1]\nrecords: results/tiny\n"
+                          "evaluate: {seam_images: 0, examples: 0}\n")
+    calls = []
+    real_train = benchmark.train
+    monkeypatch.setattr(benchmark, "train", lambda *a, **k: (calls.append(a[1]), real_train(*a, **k))[1])
+    rows = run_study(load_study(study_file), tmp_path / "machine1", only="r10t__n2__s0", log=lambda m: None)
+    record = tmp_path / "results" / "tiny" / "r10t__n2__s0.json"
+    saved = json.loads(record.read_text())
+    assert saved["row"] == rows[0] and saved["history"][0]["epoch"] == 1.0
+    assert saved["config"]["data"]["root"] == "d" and "device" not in saved["config"]["training"]
+    assert rows[0]["precision"] == "float32" and "(bf16: " in rows[0]["hardware"]
+    # a finished cell directory without its record (made before `records:`) is recorded, not trained again
+    record.unlink()
+    run_study(load_study(study_file), tmp_path / "machine1", log=lambda m: None, only="r10t__n2__s0")
+    assert len(calls) == 1 and json.loads(record.read_text())["row"] == rows[0]
+    # another machine: no cell directories, the dataset elsewhere; the recorded cell is not trained again
+    moved = tmp_path / "moved" / "d"
+    moved.parent.mkdir()
+    (tmp_path / "d").rename(moved)
+    rows2 = run_study(load_study(study_file, [f"data.root={moved}"]), tmp_path / "machine2", log=lambda m: None)
+    assert len(calls) == 2 and [r["cell"] for r in rows2] == ["r10t__n2__s0", "r10t__n2__s1"]
+    assert rows2[0] == rows[0] and (tmp_path / "results" / "tiny" / "r10t__n2__s1.json").is_file()
+    # a third machine rebuilds the report from the records alone
+    code, _, _ = run_cli(monkeypatch, capsys, "benchmark", study_file, "--out", tmp_path / "machine3",
+                         "--report-only", "--data", moved)
+    assert code == 0 and json.loads((tmp_path / "machine3" / "summary.json").read_text())["cells_done"] == 2
+    assert "cells ran on: " in (tmp_path / "machine3" / "report.html").read_text()
+    # an edited study does not silently take the records of the old one
+    study_file.write_text(study_file.read_text().replace("optim.lr=0.001", "optim.lr=0.002"))
+    with pytest.raises(DefectscanError, match="recorded with another training config"):
+        run_study(load_study(study_file, [f"data.root={moved}"]), tmp_path / "machine4", log=lambda m: None)
+    record.write_text("{not json")
+    with pytest.raises(DefectscanError, match="cannot read the cell record"):
+        run_study(load_study(study_file), tmp_path / "machine4", only="r10t__n2__s0", log=lambda m: None)
+
+
+@pytest.mark.slow
 def test_pretrained_row_pretrains_once_without_test_images_and_counts_its_time(tmp_path, monkeypatch):
     import defectscan.studies.benchmark as benchmark
 

@@ -22,7 +22,7 @@ from defectscan.inference.postprocess import ClassMap, StripSegmenter
 from defectscan.io.images import ImageSource
 from defectscan.models import ModelSpec, default_checkpoint, describe, load_checkpoint
 from defectscan.models.factory import center_stitch_caveat, prefers_channels_last
-from defectscan.runtime import resolve_device
+from defectscan.runtime import emulated_bf16_note, resolve_device
 from defectscan.schemas import InferOptions, Region
 from defectscan.tiling import plan_tiles, tiled_inference, tiled_rows, validate_tile
 
@@ -95,10 +95,13 @@ class Predictor:
 
     @property
     def notes(self) -> list[str]:
+        notes = []
         caveat = center_stitch_caveat(self.spec)
         if self.stitch == "center" and caveat:
-            return [f"{caveat}: center stitching is not exact; consider --stitch gaussian"]
-        return []
+            notes.append(f"{caveat}: center stitching is not exact; consider --stitch gaussian")
+        if isinstance(self.tiles, TorchTiles) and (bf16 := emulated_bf16_note(self.tiles.device, self.tiles.amp_dtype)):
+            notes.append(bf16.removeprefix("warning: ").replace("amp off", "--amp off"))
+        return notes
 
     def probabilities(self, image: ImageSource | np.ndarray, *, tile: tuple[int, int] | None = None,
                       overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:

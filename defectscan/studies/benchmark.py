@@ -7,6 +7,7 @@ one training run plus one `evaluate` of its best checkpoint on the fixed test sp
     <out>/cells/<backbone>__n<labeled>__s<seed>/run/         the training run directory
     <out>/cells/<backbone>__n<labeled>__s<seed>/evaluation/  evaluate's output (metrics.json marks the cell done)
     <out>/pretrain/<encoder>-<config digest>/                 a row's self-supervised pretraining (`pretrain:`)
+    <records>/<cell>.json                                     the cell's durable record (`records:`, studies.records)
 
 A row with `pretrain: {config: ..., set: [...]}` first pretrains its encoder (`defectscan pretrain`) on every
 image of the row's dataset except its test split, once: the run is keyed by its resolved config, so rows and
@@ -15,7 +16,9 @@ encoder; its pretraining time is reported beside the training time as part of th
 
 The seed sets both the training seed and the nested labeled subset, so the spread across seeds covers "which
 images were labeled" as well as initialisation and crop order. Finished cells are never recomputed; an
-interrupted cell resumes from its last finished epoch. The aggregate (results.csv, summary.json,
+interrupted cell resumes from its last finished epoch. With `records: DIR` in the study file a finished cell also
+leaves a small record there (commit it): on another machine, without the cell directory, the record marks the
+cell finished and the report is rebuilt from the records. The aggregate (results.csv, summary.json,
 learning_curve.png, report.html) is rewritten after every cell.
 """
 
@@ -36,10 +39,13 @@ from defectscan.errors import DefectscanError, one_line
 from defectscan.evaluation import EVALUATION_DIR, run_evaluation
 from defectscan.evaluation.outputs import METRICS_FILE
 from defectscan.io.files import write_text
+from defectscan.io.provenance import hardware
 from defectscan.models import encoder_info
+from defectscan.models.checkpoint import read_sidecar
 from defectscan.schemas import (
     BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
+from defectscan.studies.records import check_record, read_record, record_path, write_record
 from defectscan.studies.report import collect_rows, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
@@ -57,6 +63,10 @@ class Study:
     seeds: list[int]
     metric: str = "defect_dice"
     evaluate: StudyEvaluate = field(default_factory=StudyEvaluate)
+    records: Path | None = None  # where each finished cell's durable record goes (studies.records)
+
+    def record(self, cell: "Cell") -> Path | None:
+        return record_path(self.records, cell.name) if self.records is not None else None
 
     def cells(self) -> list["Cell"]:
         """Seed by seed: a study that runs across several sessions has every row and labeled count of seed 0
@@ -101,7 +111,8 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise DefectscanError(f"{path}: train_config {train_config} does not exist")
     load_config(train_config, [*spec.set, *overrides])  # a bad key or value is found now, not in the first cell
     study = Study(path, spec.name or path.stem, train_config, [*spec.set, *overrides], list(spec.backbones),
-                  list(spec.labeled), list(spec.seeds), spec.metric, spec.evaluate)
+                  list(spec.labeled), list(spec.seeds), spec.metric, spec.evaluate,
+                  (path.parent / spec.records).resolve() if spec.records else None)
     for backbone in study.backbones:  # likewise every row's own overrides and pretraining config
         cfg = load_config(train_config, [*study.overrides, *backbone.set])
         if backbone.pretrain is not None:
@@ -157,9 +168,19 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         overrides.append(f"model.encoder_weights={json.dumps(str(pre_weights))}")
         cfg = load_config(study.train_config, overrides)
     opts = eval_options(study, cfg, device)
+    split, record = study.evaluate.split, study.record(cell)
     if row_file.is_file():
-        check_finished_cell(cell_dir, cfg, opts, study.evaluate.split)
-        return json.loads(row_file.read_text()), False
+        check_finished_cell(cell_dir, cfg, opts, split)
+        row = json.loads(row_file.read_text())
+        if record is not None and record.is_file():
+            check_record(record, read_record(record), cfg, opts, split, out)
+        elif record is not None:  # finished before the study kept records: record it now
+            write_record(study.records, cell.name, row, cfg, opts, split, out, _history(cell_dir / "run"))
+        return row, False
+    if record is not None and record.is_file():  # finished on another machine
+        rec = read_record(record)
+        check_record(record, rec, cfg, opts, split, out)
+        return rec["row"], False
     if pre_dir is not None:
         ensure_pretrained(pcfg, pre_dir, log=log, progress_factory=progress_factory)
     run = RunDir(cell_dir / "run")
@@ -174,7 +195,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
     ev = study.evaluate
     update = progress_factory(f"evaluating {cell.name}", 0) if progress_factory else None
     result = run_evaluation(run.checkpoint("best"), cfg.data.root, cell_dir / EVALUATION_DIR,
-                            split=ev.split, data_format=cfg.data.format, options=opts,
+                            split=split, data_format=cfg.data.format, options=opts,
                             limit=ev.limit, run_splits=run.split_source(),
                             progress=(lambda d, n: update(d, {})) if update else None)
     labeled = run.labeled_images()  # the label budget: training and validation images together
@@ -186,9 +207,24 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "labeled": labeled, "train_images": run.train_images(),
            "labeled_setting": "all" if cell.labeled is None else cell.labeled, "seed": cell.seed,
            "train_seconds": round(run.seconds(), 1),
-           "eval_seconds": result.metrics.seconds, "test_images": result.metrics.images, **result.headline()}
+           "eval_seconds": result.metrics.seconds, "test_images": result.metrics.images,
+           # times compare only within one machine and precision: a study may run across several
+           "hardware": hardware(), "precision": read_sidecar(run.checkpoint("best"))["extra"].get("precision"),
+           **result.headline()}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
+    if record is not None:
+        write_record(study.records, cell.name, row, cfg, opts, split, out, _history(run.path))
     return row, True
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """The run's per-epoch rows (metrics.csv) with numbers as numbers."""
+    def value(v: str):
+        try:
+            return float(v) if v != "" else None
+        except ValueError:
+            return v
+    return [{k: value(v) for k, v in row.items()} for row in RunDir(run_dir).read_history()]
 
 
 def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:

@@ -1,5 +1,5 @@
 """The study's aggregate: results.csv, summary.json, summary.md, learning_curve.png and report.html, rebuilt from
-the finished cells (`<out>/cells/*/cell.json`)."""
+the finished cells (`<out>/cells/*/cell.json`, else the study's durable records)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,20 @@ from defectscan.io.provenance import hardware, library_versions
 from defectscan.reporting import plots
 from defectscan.reporting.html import png_bytes_uri, render
 from defectscan.schemas import HEADLINE_METRICS
+from defectscan.studies.records import read_record
 
 
 def collect_rows(study, out: Path) -> list[dict]:
-    """The result rows of the study's finished cells, in the study's cell order."""
+    """The result rows of the study's finished cells, in the study's cell order: from the cell directory, else
+    from the cell's durable record (a cell finished on another machine)."""
     rows = []
     for cell in study.cells():
         f = Path(out) / "cells" / cell.name / "cell.json"
+        record = study.record(cell)
         if f.is_file():
             rows.append(json.loads(f.read_text()))
+        elif record is not None and record.is_file():
+            rows.append(read_record(record)["row"])
     return rows
 
 
@@ -117,7 +122,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
     info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
             "platform": platform.platform(), "versions": library_versions(),
-            "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
     main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
     plots.write_png(main_curve, out / "learning_curve.png")
@@ -146,13 +151,22 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                     round(s["parameters"] / 1e6, 2) if s["parameters"] else None, s["gflops_per_tile"], s["mp_per_s"],
                     s["latency_s"], s["peak_rss_mb"], s["train_seconds"], s["pretrain_seconds"]]
                    for s in largest.values()],
-        cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s"],
+        cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s", "precision", "machine"],
         cell_rows=[[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"],
-                    r["eval_seconds"]] for r in rows])
+                    r["eval_seconds"], r.get("precision", "-"), r.get("hardware", "-")] for r in rows])
     write_text(out / "report.html", html)
     write_text(out / "summary.md", markdown_table(summary, shown) + "\nWhere the 95% intervals of "
                f"{study.metric} separate:\n" + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
     return True
+
+
+def _machines(rows: list[dict]) -> str:
+    """Which machines the cells ran on, with counts: a study resumed across sessions may mix CPUs, and then its
+    times and speeds compare only between cells of one machine."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("hardware") or "not recorded"] = counts.get(r.get("hardware") or "not recorded", 0) + 1
+    return "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in counts.items())
 
 
 def markdown_table(summary: list[dict], metrics: list[str]) -> str:

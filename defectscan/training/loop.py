@@ -32,7 +32,7 @@ from defectscan.io.provenance import hardware
 from defectscan.metrics import choose_threshold, read_validation_scores, validation_scores
 from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
-from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
+from defectscan.runtime import autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
@@ -167,6 +167,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     amp_dtype = resolve_amp(tc.amp, device)
     say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}"
         + (f"; {shard.world} processes, {sc.batch_size // shard.world} crops each per step" if shard.world > 1 else ""))
+    if note := emulated_bf16_note(device, amp_dtype):
+        say(note)
     loss_fn = build_loss(cfg.loss, spec.head, len(spec.classes))
     augment = build_augment(cfg.augment)
     torch.manual_seed(tc.seed)

@@ -39,7 +39,7 @@ from defectscan.io.files import atomic_path, write_text
 from defectscan.io.images import write_image
 from defectscan.io.provenance import hardware, library_versions
 from defectscan.models import ModelSpec, build_model, encoder_info
-from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
+from defectscan.runtime import autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device
 from defectscan.training.config import PretrainConfig
 from defectscan.training.loop import step_line
 from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
@@ -181,6 +181,8 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         + (f"; {left_out} test images left out (data.exclude_test)" if left_out else "")
         + f"); device {device} ({hardware()}), {precision_name(amp_dtype)}"
         + (f"; resuming after epoch {done}" if done else ""))
+    if note := emulated_bf16_note(device, amp_dtype):
+        say(note)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     total = tc.epochs * sc.steps_per_epoch
