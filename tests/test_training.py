@@ -23,7 +23,7 @@ from defectscan.schemas import EvalOptions, InferOptions
 from defectscan.io.images import write_image
 from defectscan.metrics import read_validation_scores
 from defectscan.models import ModelSpec, build_model, load_checkpoint
-from defectscan.training import load_config, train
+from defectscan.training import RunDir, load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
 from defectscan.data.sampling import CropDataset, build_augment
@@ -187,6 +187,10 @@ def test_training_with_validation_and_test_split(tmp_path):
     assert not set(splits["test"]) & set(splits["train"])
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     assert "val_mean_iou" in header and "val_defect_ap" in header
+    # each epoch's validation image counts, which scripts/epoch_selection.py replays as small validation sets
+    per_image = RunDir(tmp_path / "run").read_validation_images()
+    assert [(r["epoch"], Path(r["image"]).stem) for r in per_image] == [(str(e), splits["val"][0]) for e in (1, 2, 3)]
+    assert all(int(r["tp_px"]) + int(r["fn_px"]) == int(r["gt_defect_px"]) > 0 for r in per_image)
     test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert test["images"] == 1 and 0 <= test["defect_pixel_ap"] <= 1 and result.test["mean_iou"] == test["mean_iou"]
     # the run's checkpoint works with `infer` unchanged
@@ -204,7 +208,6 @@ def test_training_with_validation_and_test_split(tmp_path):
     assert chosen["positives"] == images[0].pos.sum() > 0 and test["threshold"] == spec.threshold
     assert "threshold" in (tmp_path / "run" / "train.log").read_text()
     from defectscan.evaluation.calibrate import calibrate_threshold
-    from defectscan.training import RunDir
 
     with pytest.raises(DefectscanError, match="test images"):  # a run's test images never choose its threshold
         calibrate_threshold(tmp_path / "run" / "best.safetensors", data, split="all",

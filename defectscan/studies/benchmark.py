@@ -175,7 +175,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         if record is not None and record.is_file():
             check_record(record, read_record(record), cfg, opts, split, out)
         elif record is not None:  # finished before the study kept records: record it now
-            write_record(study.records, cell.name, row, cfg, opts, split, out, _history(cell_dir / "run"))
+            write_record(study.records, cell.name, row, cfg, opts, split, out, **_history(cell_dir / "run"))
         return row, False
     if record is not None and record.is_file():  # finished on another machine
         rec = read_record(record)
@@ -213,18 +213,21 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            **result.headline()}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     if record is not None:
-        write_record(study.records, cell.name, row, cfg, opts, split, out, _history(run.path))
+        write_record(study.records, cell.name, row, cfg, opts, split, out, **_history(run.path))
     return row, True
 
 
-def _history(run_dir: Path) -> list[dict]:
-    """The run's per-epoch rows (metrics.csv) with numbers as numbers."""
+def _history(run_dir: Path) -> dict[str, list[dict]]:
+    """What the run recorded per epoch, numbers as numbers: its metrics.csv rows and each validation image's pixel
+    counts (validation_images.csv)."""
     def value(v: str):
         try:
             return float(v) if v != "" else None
         except ValueError:
             return v
-    return [{k: value(v) for k, v in row.items()} for row in RunDir(run_dir).read_history()]
+    run = RunDir(run_dir)
+    return {name: [{k: value(v) for k, v in row.items()} for row in rows]
+            for name, rows in (("history", run.read_history()), ("validation_images", run.read_validation_images()))}
 
 
 def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:

@@ -6,7 +6,8 @@ e.g. `results/<study>/` in the repository) gets, for every finished cell, `DIR/<
 report needs and what proves the cell is the one the study asks for:
 
     {"cell": ..., "row": {result row}, "config": {resolved training config}, "evaluation": {split, options},
-     "history": [per-epoch training and validation rows], "hardware": ..., "versions": {...}, "recorded": ...}
+     "history": [per-epoch training and validation rows], "validation_images": [per epoch and validation image:
+     its pixel counts], "hardware": ..., "versions": {...}, "recorded": ...}
 
 A cell with a record is finished: it is not trained again on a machine without its run directory, and the report
 is rebuilt from the records alone. A record made with other settings than the study now gives the cell is an
@@ -66,12 +67,12 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
 
 
 def write_record(records: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
-                 history: list[dict]) -> Path:
+                 history: list[dict], validation_images: list[dict]) -> Path:
     """Write (atomically) the cell's record; the hardware is that of this process, which trained the cell unless
     the record is backfilled from an older cell directory (then `row['hardware']`, if any, is the one to trust)."""
     record = {"version": RECORD_VERSION, "cell": cell_name, "row": row, "config": comparable_config(cfg, out),
               "evaluation": {"split": split, **{k: getattr(opts, k) for k in EVAL_KEYS}},
-              "history": history, "hardware": row.get("hardware") or hardware(), "versions": library_versions(),
+              "history": history, "validation_images": validation_images, "hardware": row.get("hardware") or hardware(), "versions": library_versions(),
               "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = record_path(records, cell_name)
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")

@@ -93,6 +93,9 @@ def prepare_data(cfg: Config, log: Log) -> tuple[SegmentationDataset, Splits, li
     return ds, splits, train
 
 
+VALIDATION_IMAGE_KEYS = ("image", "gt_defect_px", "tp_px", "fp_px", "fn_px")
+
+
 def _metric_row(m: Evaluation, select: str) -> tuple[float | None, dict[str, Any]]:
     s = m.metrics()
     row = {"val_mean_iou": s.mean_iou, "val_mean_dice": s.mean_dice, "val_defect_ap": s.defect_pixel_ap}
@@ -293,6 +296,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             val_scores = validation_scores(m.image_hists)  # kept with a best checkpoint: its threshold comes from it
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
+            # each image's pixel counts per epoch: what shows how reliably a validation set of a few images picks
+            # an epoch (scripts/epoch_selection.py); kept in the resumable state like the history
+            progress_state.setdefault("validation_images", []).extend(
+                {"epoch": epoch, **{k: r[k] for k in VALIDATION_IMAGE_KEYS}} for r in m.per_image)
             row["val_seconds"] = round(m.seconds, 1)
             best = progress_state["best_metric"]
             improved = metric is not None and (best is None or metric > best)
@@ -315,7 +322,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                 save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
             save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
             run.save_state(model, opt, progress_state)  # written last: resume starts from here
-            run.write_history(history)
+            run.write_history(history, progress_state.get("validation_images", []))
         say(f"epoch {epoch}/{tc.epochs} loss {row['train_loss']:.4f}"
             + (f" val mIoU {row['val_mean_iou']} mDice {row['val_mean_dice']} AP {row['val_defect_ap']}"
                if "val_mean_iou" in row else "")

@@ -33,6 +33,7 @@ class RunDir:
     SPLITS = "splits.json"
     STATE = "last_state.pt"
     METRICS = "metrics.csv"
+    VALIDATION_IMAGES = "validation_images.csv"
     CURVES = "curves.png"
     TEST_METRICS = "test_metrics.json"
     LOG = "train.log"
@@ -154,18 +155,21 @@ class RunDir:
         return payload
 
     # ---- history and results ----------------------------------------------------------------------------------
-    def write_history(self, history: list[dict]) -> None:
-        """metrics.csv (one row per epoch, the union of the rows' keys) and curves.png."""
+    def write_history(self, history: list[dict], validation_images: list[dict] = ()) -> None:
+        """metrics.csv (one row per epoch, the union of the rows' keys), curves.png and, with a validation split,
+        validation_images.csv (one row per epoch and validation image: its pixel counts)."""
         if not history:
             return
-        keys: list[str] = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        write_text(self.path / self.METRICS, csv_text(history, fieldnames=keys))
+        write_text(self.path / self.METRICS, csv_text(history))
         plots.write_png(plots.training_curves(history), self.path / self.CURVES)
+        if validation_images:
+            write_text(self.path / self.VALIDATION_IMAGES, csv_text(list(validation_images)))
 
     def read_history(self) -> list[dict[str, str]]:
         return read_csv(self.path / self.METRICS)
+
+    def read_validation_images(self) -> list[dict[str, str]]:
+        return read_csv(self.path / self.VALIDATION_IMAGES)
 
     def seconds(self) -> float:
         """Training plus validation time over the recorded epochs."""
