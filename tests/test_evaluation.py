@@ -483,6 +483,7 @@ def test_pretrained_row_pretrains_once_without_test_images_and_counts_its_time(t
     ssl = [r for r in rows if r["backbone"] == "ssl"]
     assert len(ssl) == 2 and all(r["pretrain_seconds"] == meta["seconds"] > 0 for r in ssl)
     assert all(r["pretrained"] == f"self-supervised ({pre.name})" for r in ssl)
+    assert len({r["pretrained_sha256"] for r in ssl}) == 1 and len(ssl[0]["pretrained_sha256"]) == 16
     cfg = RunDir(out / "cells" / "ssl__n2__s1" / "run").read_config()
     assert cfg.model.encoder_weights == str(pre / "encoder.safetensors")
     assert all(r["pretrain_seconds"] == 0.0 for r in rows if r["backbone"] == "scratch")

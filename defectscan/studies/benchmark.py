@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from defectscan.errors import DefectscanError, one_line
 from defectscan.evaluation import EVALUATION_DIR, run_evaluation
 from defectscan.evaluation.outputs import METRICS_FILE
-from defectscan.io.files import write_text
+from defectscan.io.files import file_sha256, write_text
 from defectscan.io.provenance import hardware
 from defectscan.models import encoder_info
 from defectscan.models.checkpoint import read_sidecar
@@ -204,6 +204,8 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "pretrained": (f"self-supervised ({pre_dir.name})" if pre_dir is not None
                           else cfg.model.encoder_weights or "none"),
            "pretrain_seconds": json.loads(pre_meta.read_text())["seconds"] if pre_dir is not None else 0.0,
+           # the same pretraining config re-run on another machine (caches do not travel) gives other weights
+           "pretrained_sha256": file_sha256(pre_weights)[:16] if pre_dir is not None else None,
            "labeled": labeled, "train_images": run.train_images(),
            "labeled_setting": "all" if cell.labeled is None else cell.labeled, "seed": cell.seed,
            "train_seconds": round(run.seconds(), 1),
