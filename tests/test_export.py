@@ -120,6 +120,33 @@ def test_int8_keeps_the_named_modules_in_float(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_int8_keep_float_auto_searches_encoder_stages_from_the_input(tmp_path):
+    from defectscan.deploy.export import encoder_stages
+
+    data = dataset_with_clean_images(tmp_path / "d", defective=2, clean=0)
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    export_onnx(ckpt, tmp_path / "x", int8=True, calibration=[data / "images"], calibration_tiles=4,
+                keep_float=["auto"], int8_target=1.0, log=lambda m: None)  # unreachable: the search goes to the end
+    stages = encoder_stages(tmp_path / "x" / "model.onnx")
+    assert len(stages) >= 4 and len({s.count("/") for s in stages}) == 1  # one depth of module paths
+    assert stages[0].endswith("/conv1") and stages.index(stages[0][:-5] + "layer1") < len(stages) - 1  # input first
+    check = json.loads((tmp_path / "x" / "model.int8.json").read_text())["check"]
+    tried = check["keep_float_search"]["tried"]
+    assert [t["kept_float"] for t in tried] == [stages[:j] for j in range(len(stages))]  # never the whole encoder
+    assert check["kept_float"] == stages[:-1] and check["float_nodes"] > 0
+    assert check["defect_iou_with_float32"] == tried[-1]["defect_iou_with_float32"]
+    export_onnx(ckpt, tmp_path / "y", int8=True, calibration=[data / "images"], calibration_tiles=4,
+                keep_float=["auto"], int8_target=0.001, log=lambda m: None)  # met at once: all int8
+    check = json.loads((tmp_path / "y" / "model.int8.json").read_text())["check"]
+    assert check["kept_float"] == [] and len(check["keep_float_search"]["tried"]) == 1
+    for bad, why in ((["auto", "/decoder"], "give it alone"),):
+        with pytest.raises(DefectscanError, match=why):
+            export_onnx(ckpt, tmp_path / "z", int8=True, calibration=[data / "images"], keep_float=bad)
+    with pytest.raises(DefectscanError, match="--int8-target 1.5"):
+        export_onnx(ckpt, tmp_path / "z", int8=True, calibration=[data / "images"], int8_target=1.5)
+    assert not (tmp_path / "z").exists()
+
+
 def test_export_refuses_bad_input_on_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path):
     ckpt = _checkpoint(tmp_path / "m" / "model")
     junk = tmp_path / "junk.safetensors"

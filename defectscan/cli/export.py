@@ -26,7 +26,10 @@ def export(
     calibration_method: str = typer.Option("minmax", help="Activation range calibration: minmax, percentile "
                                            "(99.99th) or entropy."),
     keep_float: List[str] = typer.Option([], "--keep-float", help="Module path left in float in the int8 graph "
-                                         "(repeatable; nodes whose names start with it, e.g. /encoder)."),
+                                         "(repeatable; e.g. /encoder/model/blocks.0), or auto: encoder stages kept "
+                                         "in float from the input on until --int8-target is reached."),
+    int8_target: float = typer.Option(0.95, help="With --keep-float auto: the defect mask IoU with float32, on the "
+                                      "calibration tiles, that the int8 graph must reach."),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's); fixed-size "
                                        "graphs take only this size."),
     opset: int = typer.Option(18, help="ONNX opset (18..23)."),
@@ -43,7 +46,7 @@ def export(
     apply_threads(threads)
     result = export_onnx(model, out, opset=opset, tile=tile, int8=int8, calibration=calibration or None,
                          calibration_tiles=calibration_tiles, calibration_method=calibration_method,
-                         defect_share=defect_share, keep_float=keep_float,
+                         defect_share=defect_share, keep_float=keep_float, int8_target=int8_target,
                          log=lambda m: print_note(m[len("note: "):]) if m.startswith("note: ") else console.print(
                              escape(m), highlight=False))
     console.print(f"wrote {', '.join(escape(str(f)) for f in result.files)} (+ .json sidecars)")

@@ -45,6 +45,8 @@ from defectscan.tiling import validate_tile
 from defectscan.tiling.readers import read_tile
 
 FP32_TOLERANCE = 1e-4  # max |probability difference| between the float graph and torch
+KEEP_FLOAT_AUTO = "auto"  # --keep-float auto: search the encoder stages to keep in float (int8_target, default 0.95:
+# on BSData's Lite0, masks at IoU 0.96 with float32 kept validation IoU, at 0.81-0.83 they lost 0.06-0.08; README)
 INT8_DEFECT_IOU_NOTE = 0.9  # below it, int8 lost 0.06-0.08 validation IoU on BSData (README, deployment)
 OPSETS = (18, 23)  # what torch's exporter writes and onnxruntime runs (both ends tested)
 
@@ -226,10 +228,33 @@ def _runtime_versions() -> dict:
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}  # -> CalibrationMethod
 
 
+def _in_module(node_name: str, prefix: str) -> bool:
+    """Whether a node belongs to module path `prefix` (/encoder/model/blocks.1 holds .../blocks.1/..., not
+    .../blocks.10/...)."""
+    prefix = prefix.rstrip("/")
+    return node_name == prefix or node_name.startswith(prefix + "/")
+
+
+def encoder_stages(fp32: Path, min_stages: int = 4) -> list[str]:
+    """The encoder's module paths in the order the graph computes them, at the shallowest depth that splits the
+    encoder into at least `min_stages` parts (EfficientNet-Lite0: /encoder/model/conv_stem, .../bn1,
+    .../blocks.0, ...; ResNet: /encoder/conv1, ..., /encoder/layer1, ...)."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node
+             if n.name.startswith("/encoder/")]
+    stages: list[str] = []
+    for depth in range(2, 8):
+        stages = list(dict.fromkeys("/".join(n.split("/")[: depth + 1]) for n in names if n.count("/") > depth))
+        if len(stages) >= min_stages:
+            break
+    return stages
+
+
 def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratch: Path, method: str,
               keep_float: Sequence[str] = ()) -> int:
-    """Static QDQ quantisation of `fp32` into `int8`; nodes whose names start with a `keep_float` prefix (module
-    paths as the exporter names them, e.g. /decoder) stay in float. Returns how many nodes that kept."""
+    """Static QDQ quantisation of `fp32` into `int8`; nodes of the `keep_float` modules (paths as the exporter
+    names them, e.g. /decoder) stay in float. Returns how many nodes that kept."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -254,7 +279,7 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
         try:  # symbolic shape inference gives up on dynamic sizes (and leaves a file in the working folder)
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             exclude = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                       if any(n.name.startswith(p) for p in keep_float)]
+                       if any(_in_module(n.name, p) for p in keep_float)]
             if keep_float and not exclude:
                 raise DefectscanError(f"--keep-float {' '.join(keep_float)}: no node of the graph is named so "
                                       "(names are module paths: /encoder/..., /decoder/...)")
@@ -274,17 +299,22 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, tile: int | None = None,
                 int8: bool = False, calibration: list[Path] | None = None, calibration_tiles: int = 32,
                 calibration_method: str = "minmax", defect_share: float = 0.5, keep_float: Sequence[str] = (),
-                seed: int = 0, log: Callable[[str], None] = print) -> ExportResult:
+                int8_target: float = 0.95, seed: int = 0, log: Callable[[str], None] = print) -> ExportResult:
     """Export `checkpoint` into folder `out` (model.onnx + model.json, and model.int8.onnx + model.int8.json with
     `int8`), each graph checked against torch first. `calibration`: image files or folders (real tiles for the
     check; needed for int8). `keep_float`: module paths (e.g. /encoder/model/blocks.0) left in float in the int8
-    graph. The folder appears whole or not at all."""
+    graph, or ["auto"]: encoder stages kept in float one by one from the input until the int8 defect masks of the
+    calibration tiles reach IoU `int8_target` with float32's. The folder appears whole or not at all."""
     if not OPSETS[0] <= opset <= OPSETS[1]:
         raise DefectscanError(f"--opset {opset}: supported opsets are {OPSETS[0]}..{OPSETS[1]}")
     if calibration_method not in CALIBRATION_METHODS:
         raise DefectscanError(f"--calibration-method {calibration_method}: one of {', '.join(CALIBRATION_METHODS)}")
     if not 0 <= defect_share <= 1:
         raise DefectscanError(f"--defect-share {defect_share:g}: a fraction between 0 and 1")
+    if KEEP_FLOAT_AUTO in keep_float and len(keep_float) > 1:
+        raise DefectscanError("--keep-float auto searches the encoder stages itself: give it alone")
+    if not 0 < int8_target <= 1:
+        raise DefectscanError(f"--int8-target {int8_target:g}: a defect mask IoU in (0, 1]")
     if int8 and not calibration:
         raise DefectscanError("--int8 needs --calibration DATA: images (the training images) to calibrate "
                               "activation ranges on")
@@ -347,13 +377,27 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
         if int8:
             q = tmp / "model.int8.onnx"
             t0 = time.perf_counter()
-            float_nodes = _quantize(fp32, q, real, spec, tmp, calibration_method, keep_float)
-            # against the float graph, which the int8 one was quantised from, at the model's threshold
-            agreement = _compare(graph, _session(q, spec, dynamic), real, spec.threshold, spec.head)
+            auto = list(keep_float) == [KEEP_FLOAT_AUTO]
+            stages = encoder_stages(fp32) if auto else []
+            kept, searched = ([] if auto else list(keep_float)), []
+            while True:
+                float_nodes = _quantize(fp32, q, real, spec, tmp, calibration_method, kept)
+                # against the float graph, which the int8 one was quantised from, at the model's threshold
+                agreement = _compare(graph, _session(q, spec, dynamic), real, spec.threshold, spec.head)
+                if not auto:
+                    break
+                searched.append({"kept_float": list(kept), "defect_iou_with_float32": agreement.defect_iou})
+                log(f"int8 with {len(kept)} of {len(stages)} encoder stages in float"
+                    + (f" (up to {kept[-1]})" if kept else "") + f": defect mask IoU with float32 "
+                    f"{agreement.defect_iou:.3f} (target {int8_target:g})")
+                if agreement.defect_iou >= int8_target or len(kept) >= len(stages) - 1:
+                    break  # the whole encoder in float would be no int8 encoder at all
+                kept = stages[: len(kept) + 1]
             qcheck = {"calibration_tiles": len(real), "calibration_images": len(paths),
                       "calibration_method": calibration_method, "defect_share": defect_share,
                       "calibration_defect_fraction": agreement.defect_fraction,
-                      "kept_float": list(keep_float), "float_nodes": float_nodes,
+                      "kept_float": kept, "float_nodes": float_nodes,
+                      **({"keep_float_search": {"target": int8_target, "tried": searched}} if auto else {}),
                       "max_abs_difference_to_float32": agreement.max_difference,
                       "mask_agreement_with_float32": agreement.same_side,
                       "defect_iou_with_float32": agreement.defect_iou,
@@ -363,8 +407,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
             files.append(q)
             log(f"int8 graph: defect mask IoU with float32 {agreement.defect_iou:.3f}, pixel agreement "
                 f"{100 * agreement.same_side:.3f} %, max |difference| {agreement.max_difference:.3f} on {len(real)} "
-                f"calibration tiles" + (f" ({float_nodes} nodes kept in float)" if keep_float else ""))
-            if agreement.defect_iou < INT8_DEFECT_IOU_NOTE:
+                f"calibration tiles" + (f" ({float_nodes} nodes kept in float)" if kept else ""))
+            if auto and agreement.defect_iou < int8_target:
+                log(f"note: int8 did not reach defect mask IoU {int8_target:g} with float32 even with every encoder "
+                    f"stage but the last in float ({agreement.defect_iou:.2f}): the float32 graph may be the one to "
+                    "deploy")
+            elif agreement.defect_iou < INT8_DEFECT_IOU_NOTE:
                 log(f"note: int8 changes the defect masks of the calibration tiles (IoU {agreement.defect_iou:.2f} "
                     "with float32): check `evaluate` on validation images; --keep-float on the first encoder "
                     "stages recovered the loss of EfficientNet-Lite0 (README, deployment)")
