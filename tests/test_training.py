@@ -187,6 +187,14 @@ def test_training_with_validation_and_test_split(tmp_path):
     assert not set(splits["test"]) & set(splits["train"])
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     assert "val_mean_iou" in header and "val_defect_ap" in header
+    # one validation image cannot pick an epoch: with training.pick_epoch auto the last one is kept
+    logs: list[str] = []
+    auto = train(load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.2", "data.test_fraction=0.2",
+                                           "training.pick_epoch=auto", "validation.test=false"]),
+                 tmp_path / "auto", log=logs.append)
+    assert auto.best_epoch == 3 and any("fewer than" in m for m in logs)
+    best, last = (load_file(tmp_path / "auto" / f"{name}.safetensors") for name in ("best", "last"))
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
     # each epoch's validation image counts, which scripts/epoch_selection.py replays as small validation sets
     per_image = RunDir(tmp_path / "run").read_validation_images()
     assert [(r["epoch"], Path(r["image"]).stem) for r in per_image] == [(str(e), splits["val"][0]) for e in (1, 2, 3)]

@@ -111,6 +111,9 @@ class TrainingConfig(_Section):
     val_every: int = Field(1, ge=1)
     early_stop: int = Field(0, ge=0)  # stop after this many validations without improvement; 0: never
     select: Literal["iou", "dice"] = "iou"  # validation metric that picks the best checkpoint (mean over classes)
+    # which epoch becomes the `best` checkpoint: the best validation score, the last epoch, or auto: the best only
+    # with at least training.loop.PICK_MIN_IMAGES validation images (fewer pick noise; scripts/epoch_selection.py)
+    pick_epoch: Literal["auto", "best", "last"] = "auto"
     half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
     log_every: int = Field(25, ge=0)  # a train.log line every N steps (loss, lr, steps/s, ETA); 0: per epoch only
 
