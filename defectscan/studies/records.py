@@ -25,7 +25,7 @@ import yaml
 
 from defectscan.errors import DefectscanError
 from defectscan.io.files import write_text
-from defectscan.io.provenance import hardware, library_versions
+from defectscan.io.provenance import library_versions
 from defectscan.schemas import EvalOptions
 from defectscan.training.config import Config
 
@@ -68,12 +68,13 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
 
 def write_record(records: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
                  history: list[dict], validation_images: list[dict]) -> Path:
-    """Write (atomically) the cell's record; the hardware is that of this process, which trained the cell unless
-    the record is backfilled from an older cell directory (then `row['hardware']`, if any, is the one to trust)."""
+    """Write (atomically) the cell's record. The hardware is the row's (where the cell trained; None for a cell
+    finished before rows named it); the library versions are those of the recording process, which is the training
+    one unless the record was backfilled from an older cell directory."""
     record = {"version": RECORD_VERSION, "cell": cell_name, "row": row, "config": comparable_config(cfg, out),
               "evaluation": {"split": split, **{k: getattr(opts, k) for k in EVAL_KEYS}},
-              "history": history, "validation_images": validation_images, "hardware": row.get("hardware") or hardware(), "versions": library_versions(),
-              "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "history": history, "validation_images": validation_images, "hardware": row.get("hardware"),
+              "versions": library_versions(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = record_path(records, cell_name)
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path

@@ -122,7 +122,8 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
     info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
             "platform": platform.platform(), "versions": library_versions(),
-            "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()), "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()),
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
     main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
     plots.write_png(main_curve, out / "learning_curve.png")
@@ -165,7 +166,8 @@ def _machines(rows: list[dict]) -> str:
     times and speeds compare only between cells of one machine."""
     counts: dict[str, int] = {}
     for r in rows:
-        counts[r.get("hardware") or "not recorded"] = counts.get(r.get("hardware") or "not recorded", 0) + 1
+        name = r.get("hardware") or "not recorded"
+        counts[name] = counts.get(name, 0) + 1
     return "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in counts.items())
 
 

@@ -313,7 +313,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             best = progress_state["best_metric"]
             improved = metric is not None and (best is None or metric > best)
             if keep_last:  # the validation pass still gives the curves and the last epoch's threshold
-                improved = metric is not None
+                improved = True
             if improved:
                 progress_state.update(best_metric=metric, best_epoch=epoch, bad_validations=0)
             else:
