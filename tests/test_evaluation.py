@@ -351,16 +351,20 @@ def test_compare_and_benchmark_cli(tmp_path, monkeypatch, capsys):
 
 # --- benchmark study ------------------------------------------------------------------------------------------
 
+def _tiny_train_config(path: Path, data: Path) -> None:
+    """A training config whose cells take seconds: a small Unet, 2 steps, 2 of 6 images tested."""
+    path.write_text(
+        "model: {encoder: resnet10t, tile: 64, overlap: 16, arch_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}\n"
+        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
+        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys):
     import defectscan.studies.benchmark as benchmark
 
     data = folder_dataset(tmp_path / "d", 6, size=96)
-    (tmp_path / "train.yaml").write_text(
-        "model: {encoder: resnet10t, tile: 64, overlap: 16, arch_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}\n"
-        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
-        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\n"
-        "augment: []\ntraining: {epochs: 1, device: cpu}\n")
+    _tiny_train_config(tmp_path / "train.yaml", data)
     (tmp_path / "study.yaml").write_text(
         "name: tiny\ntrain_config: train.yaml\nset: [optim.lr=0.001]\n"
         "backbones:\n  - {name: r10t}\nlabeled: [2, all]\nseeds: [0, 1, 2]\n"
@@ -418,10 +422,7 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
     import defectscan.studies.benchmark as benchmark
 
     data = folder_dataset(tmp_path / "d", 6, size=96)
-    (tmp_path / "train.yaml").write_text(
-        "model: {encoder: resnet10t, tile: 64, overlap: 16, arch_kwargs: {decoder_channels: [32, 16, 16, 8, 8]}}\n"
-        f"data: {{root: {data}, val_fraction: 0.0, test_fraction: 0.34}}\n"
-        "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
+    _tiny_train_config(tmp_path / "train.yaml", data)
     study_file = tmp_path / "study.yaml"
     study_file.write_text("name: tiny\ntrain_config: train.yaml\nset: [optim.lr=0.001]\nbackbones: [{name: r10t}]\n"
                           "labeled: [2]\nseeds: [0, 1]\nrecords: results/tiny\n"
