@@ -96,14 +96,15 @@ def separations(summary: list[dict], metric: str) -> list[str]:
     return lines
 
 
-def learning_curve_png(summary: list[dict], metric: str, title: str) -> bytes:
-    """Mean metric against labeled images per backbone (log x), the bootstrap interval shaded."""
+def learning_curve_png(summary: list[dict], metric: str, title: str, split: str = "test") -> bytes:
+    """Mean metric (on the study's evaluation split) against labeled images per backbone (log x), the bootstrap
+    interval shaded."""
     series: dict[str, list] = {}
     for s in summary:
         if s[metric] is not None:
             series.setdefault(f"{s['backbone']} ({s['family']})", []).append(
                 (s["labeled"], s[metric], *s[f"{metric}_ci"]))
-    return plots.learning_curves(series, f"test {metric.replace('_', ' ')}", title)
+    return plots.learning_curves(series, f"{split} {metric.replace('_', ' ')}", title)
 
 
 def write_report(study, out: Path, *, command: str = "") -> bool:
@@ -125,10 +126,12 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
             "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()),
             "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
-    main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds")
+    split = study.evaluate.split  # a recipe search scores validation images, not the test split
+    main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds",
+                                    split)
     plots.write_png(main_curve, out / "learning_curve.png")
     curves = [{"uri": png_bytes_uri(main_curve if m == study.metric else
-                                    learning_curve_png(summary, m, f"{study.name}: {m}")), "caption": m}
+                                    learning_curve_png(summary, m, f"{study.name}: {m}", split)), "caption": m}
               for m in shown[:4]]
     largest: dict[str, dict] = {}
     for s in summary:
@@ -137,7 +140,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     metric = study.metric
     speed = plots.scatter([(s["backbone"], s["mp_per_s"], s[metric], tuple(s[f"{metric}_ci"]))
                            for s in largest.values() if s["mp_per_s"] and s[metric] is not None],
-                          "inference speed (megapixels / s, this machine)", f"test {metric}",
+                          "inference speed (megapixels / s, this machine)", f"{split} {metric}",
                           "accuracy vs speed (largest labeled set)")
     html = render(
         "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
