@@ -121,13 +121,13 @@ def test_int8_keeps_the_named_modules_in_float(tmp_path):
 
 
 def test_int8_keep_float_auto_searches_encoder_stages_from_the_input(tmp_path):
-    from defectscan.deploy.export import encoder_stages
+    from defectscan.deploy.export import _node_names, encoder_stages
 
     data = dataset_with_clean_images(tmp_path / "d", defective=2, clean=0)
     ckpt = _checkpoint(tmp_path / "m" / "model")
     export_onnx(ckpt, tmp_path / "x", int8=True, calibration=[data / "images"], calibration_tiles=4,
                 keep_float=["auto"], int8_target=1.0, log=lambda m: None)  # unreachable: the search goes to the end
-    stages = encoder_stages(tmp_path / "x" / "model.onnx")
+    stages = encoder_stages(_node_names(tmp_path / "x" / "model.onnx"))
     assert len(stages) >= 4 and len({s.count("/") for s in stages}) == 1  # one depth of module paths
     assert stages[0].endswith("/conv1") and stages.index(stages[0][:-5] + "layer1") < len(stages) - 1  # input first
     check = json.loads((tmp_path / "x" / "model.int8.json").read_text())["check"]

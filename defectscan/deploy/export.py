@@ -235,14 +235,11 @@ def _in_module(node_name: str, prefix: str) -> bool:
     return node_name == prefix or node_name.startswith(prefix + "/")
 
 
-def encoder_stages(fp32: Path, min_stages: int = 4) -> list[str]:
+def encoder_stages(node_names: Sequence[str], min_stages: int = 4) -> list[str]:
     """The encoder's module paths in the order the graph computes them, at the shallowest depth that splits the
     encoder into at least `min_stages` parts (EfficientNet-Lite0: /encoder/model/conv_stem, .../bn1,
     .../blocks.0, ...; ResNet: /encoder/conv1, ..., /encoder/layer1, ...)."""
-    import onnx
-
-    names = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node
-             if n.name.startswith("/encoder/")]
+    names = [n for n in node_names if n.startswith("/encoder/")]
     stages: list[str] = []
     for depth in range(2, 8):
         stages = list(dict.fromkeys("/".join(n.split("/")[: depth + 1]) for n in names if n.count("/") > depth))
@@ -251,14 +248,42 @@ def encoder_stages(fp32: Path, min_stages: int = 4) -> list[str]:
     return stages
 
 
-def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratch: Path, method: str,
-              keep_float: Sequence[str] = ()) -> int:
-    """Static QDQ quantisation of `fp32` into `int8`; nodes of the `keep_float` modules (paths as the exporter
-    names them, e.g. /decoder) stay in float. Returns how many nodes that kept."""
+@contextlib.contextmanager
+def _quantisation_errors():
+    """onnxruntime.quantization's chatter silenced; its plain Exceptions become one-line errors."""
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except DefectscanError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain Exceptions
+            raise DefectscanError(f"int8 quantisation failed: {type(exc).__name__}: {one_line(exc)[:200]}") from None
+
+
+def _prepare_for_quantisation(fp32: Path, scratch: Path) -> tuple[Path, list[str]]:
+    """The float graph as quantisation takes it (onnxruntime's pre-processing), once per export however many
+    quantisations the --keep-float search tries, and its node names."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = scratch / "prepared.onnx"
+    with _quantisation_errors():  # symbolic shape inference gives up on dynamic sizes (and leaves a file behind)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    return prepared, _node_names(prepared)
+
+
+def _node_names(graph: Path) -> list[str]:
     import onnx
+
+    return [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node]
+
+
+def _quantize(prepared: Path, node_names: Sequence[str], int8: Path, tiles: np.ndarray, spec: ModelSpec,
+              method: str, keep_float: Sequence[str] = ()) -> int:
+    """Static QDQ quantisation of the `prepared` graph into `int8`; nodes of the `keep_float` modules (paths as
+    the exporter names them, e.g. /decoder) stay in float. Returns how many nodes that kept."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     normalise = TorchTiles(torch.nn.Identity(), head="none", mean=spec.mean, std=spec.std, amp="off",
                            device="cpu", channels_last=False)
@@ -273,26 +298,16 @@ def _quantize(fp32: Path, int8: Path, tiles: np.ndarray, spec: ModelSpec, scratc
                 return None
             return {INPUT_NAME: normalise.normalise(torch.from_numpy(tiles[i : i + 4])).numpy()}
 
-    prepared = scratch / "prepared.onnx"
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
-        try:  # symbolic shape inference gives up on dynamic sizes (and leaves a file in the working folder)
-            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            exclude = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                       if any(_in_module(n.name, p) for p in keep_float)]
-            if keep_float and not exclude:
-                raise DefectscanError(f"--keep-float {' '.join(keep_float)}: no node of the graph is named so "
-                                      "(names are module paths: /encoder/..., /decoder/...)")
-            quantize_static(str(prepared), str(int8), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-                            extra_options={"CalibPercentile": 99.99} if method == "percentile" else None,
-                            nodes_to_exclude=exclude)
-        except DefectscanError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime.quantization raises plain Exceptions
-            raise DefectscanError(f"int8 quantisation failed: {type(exc).__name__}: {one_line(exc)[:200]}") from None
-    prepared.unlink()
+    exclude = [n for n in node_names if any(_in_module(n, p) for p in keep_float)]
+    if keep_float and not exclude:
+        raise DefectscanError(f"--keep-float {' '.join(keep_float)}: no node of the graph is named so "
+                              "(names are module paths: /encoder/..., /decoder/...)")
+    with _quantisation_errors():
+        quantize_static(str(prepared), str(int8), Tiles(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                        extra_options={"CalibPercentile": 99.99} if method == "percentile" else None,
+                        nodes_to_exclude=exclude)
     return len(exclude)
 
 
@@ -378,10 +393,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
             q = tmp / "model.int8.onnx"
             t0 = time.perf_counter()
             auto = list(keep_float) == [KEEP_FLOAT_AUTO]
-            stages = encoder_stages(fp32) if auto else []
+            prepared, node_names = _prepare_for_quantisation(fp32, tmp)
+            stages = encoder_stages(_node_names(fp32)) if auto else []
             kept, searched = ([] if auto else list(keep_float)), []
             while True:
-                float_nodes = _quantize(fp32, q, real, spec, tmp, calibration_method, kept)
+                float_nodes = _quantize(prepared, node_names, q, real, spec, calibration_method, kept)
                 # against the float graph, which the int8 one was quantised from, at the model's threshold
                 agreement = _compare(graph, _session(q, spec, dynamic), real, spec.threshold, spec.head)
                 if not auto:
@@ -393,6 +409,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 18, til
                 if agreement.defect_iou >= int8_target or len(kept) >= len(stages) - 1:
                     break  # the whole encoder in float would be no int8 encoder at all
                 kept = stages[: len(kept) + 1]
+            prepared.unlink()
             qcheck = {"calibration_tiles": len(real), "calibration_images": len(paths),
                       "calibration_method": calibration_method, "defect_share": defect_share,
                       "calibration_defect_fraction": agreement.defect_fraction,
