@@ -114,12 +114,12 @@ def resolve_amp(amp: str, device: torch.device, *, trained_in: str | None = None
 
 
 def emulated_bf16_note(device: torch.device, dtype: torch.dtype | None) -> str:
-    """A warning when bf16 autocast is asked for on a CPU without native bf16 (no AVX512-BF16, no AMX), where the
+    """The warning due when bf16 autocast is asked for on a CPU without native bf16 (no AVX512-BF16, no AMX), where the
     bf16 kernels are emulated: Lite0 training steps took 9-18x longer than float32 on an AMD EPYC without
     AVX-512 (scripts/bench_training.py). Empty when there is nothing to say."""
     if dtype is torch.bfloat16 and device.type == "cpu" and cpu_bf16() == "none":
-        return ("warning: this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), so bf16 autocast is emulated and "
-                "many times slower than float32 here; amp off (float32) is the fast choice on this machine")
+        return ("this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), so bf16 autocast is emulated and many "
+                "times slower than float32 here; float32 (amp off) is the fast choice on this machine")
     return ""
 
 

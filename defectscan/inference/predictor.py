@@ -100,7 +100,7 @@ class Predictor:
         if self.stitch == "center" and caveat:
             notes.append(f"{caveat}: center stitching is not exact; consider --stitch gaussian")
         if isinstance(self.tiles, TorchTiles) and (bf16 := emulated_bf16_note(self.tiles.device, self.tiles.amp_dtype)):
-            notes.append(bf16.removeprefix("warning: ").replace("amp off", "--amp off"))
+            notes.append(bf16)
         return notes
 
     def probabilities(self, image: ImageSource | np.ndarray, *, tile: tuple[int, int] | None = None,

@@ -175,7 +175,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         if record is not None and record.is_file():
             check_record(record, read_record(record), cfg, opts, split, out)
         elif record is not None:  # finished before the study kept records: record it now
-            write_record(study.records, cell.name, row, cfg, opts, split, out, **_history(cell_dir / "run"))
+            write_record(record, cell.name, row, cfg, opts, split, out, **_history(cell_dir / "run"))
         return row, False
     if record is not None and record.is_file():  # finished on another machine
         rec = read_record(record)
@@ -215,7 +215,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            **result.headline()}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     if record is not None:
-        write_record(study.records, cell.name, row, cfg, opts, split, out, **_history(run.path))
+        write_record(record, cell.name, row, cfg, opts, split, out, **_history(run.path))
     return row, True
 
 

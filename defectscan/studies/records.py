@@ -66,7 +66,7 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
     return data
 
 
-def write_record(records: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
+def write_record(path: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
                  history: list[dict], validation_images: list[dict]) -> Path:
     """Write (atomically) the cell's record. The hardware is the row's (where the cell trained; None for a cell
     finished before rows named it); the library versions are those of the recording process, which is the training
@@ -75,7 +75,6 @@ def write_record(records: Path, cell_name: str, row: dict, cfg: Config, opts: Ev
               "evaluation": {"split": split, **{k: getattr(opts, k) for k in EVAL_KEYS}},
               "history": history, "validation_images": validation_images, "hardware": row.get("hardware"),
               "versions": library_versions(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = record_path(records, cell_name)
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
 

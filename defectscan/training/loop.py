@@ -175,7 +175,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}"
         + (f"; {shard.world} processes, {sc.batch_size // shard.world} crops each per step" if shard.world > 1 else ""))
     if note := emulated_bf16_note(device, amp_dtype):
-        say(note)
+        say(f"warning: {note}")
     loss_fn = build_loss(cfg.loss, spec.head, len(spec.classes))
     augment = build_augment(cfg.augment)
     torch.manual_seed(tc.seed)
@@ -311,9 +311,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                 {"epoch": epoch, **{k: r[k] for k in VALIDATION_IMAGE_KEYS}} for r in m.per_image)
             row["val_seconds"] = round(m.seconds, 1)
             best = progress_state["best_metric"]
-            improved = metric is not None and (best is None or metric > best)
-            if keep_last:  # the validation pass still gives the curves and the last epoch's threshold
-                improved = True
+            # keep_last: the validation pass still gives the curves and the last epoch's threshold
+            improved = keep_last or (metric is not None and (best is None or metric > best))
             if improved:
                 progress_state.update(best_metric=metric, best_epoch=epoch, bad_validations=0)
             else:

@@ -182,7 +182,7 @@ def _run(cfg: PretrainConfig, run: RunDir, ds, samples, crops: MaskedCrops | Non
         + f"); device {device} ({hardware()}), {precision_name(amp_dtype)}"
         + (f"; resuming after epoch {done}" if done else ""))
     if note := emulated_bf16_note(device, amp_dtype):
-        say(note)
+        say(f"warning: {note}")
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     total = tc.epochs * sc.steps_per_epoch
