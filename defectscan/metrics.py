@@ -61,6 +61,11 @@ class ThresholdChoice:
     best_f1_threshold: float | None = None  # stable_f1: the raw best-F1 threshold it stayed away from
     f1_standard_error: float | None = None  # stable_f1: bootstrap (over images) error of F1(best) - F1(chosen)
 
+    @property
+    def iou(self) -> float:
+        """Pooled defect IoU at the threshold: tp / (tp + fp + fn) = 1 / (1/precision + 1/recall - 1)."""
+        return 1.0 / (1.0 / self.precision + 1.0 / self.recall - 1.0) if self.precision > 0 and self.recall > 0 else 0.0
+
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 

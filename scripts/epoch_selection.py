@@ -9,6 +9,11 @@ the earlier epoch, as `train` does), and that epoch is scored on the *other* val
 last epoch and against the best epoch those other images would pick themselves. The gap between "picked" and
 "last" tells whether k validation images are worth choosing an epoch with, or only add noise (issue 14: one
 validation image picked epoch 1 of 6 for two 5-label cells). Nothing here reads a test split.
+
+A run directory with validation_scores.npz (per epoch and image: score histograms) also replays the whole choice a
+run makes: the k images pick the epoch by one of three rules (the last epoch; the best IoU at model.threshold, what
+`train` does; the best IoU at each epoch's own validation.threshold choice) and then the threshold (stable_f1 on
+the same k images); the other images score that epoch at that threshold. Counted from the histograms (no min_area).
 """
 
 from __future__ import annotations
@@ -48,12 +53,68 @@ def pooled_iou(counts: np.ndarray) -> np.ndarray:
     return np.where(union > 0, tp / np.maximum(union, 1), 0.0)
 
 
+def load_scores(source: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pos, neg) histograms [epoch, image, level] of a run directory's validation_scores.npz, or None."""
+    if not (source.is_dir() and (source / "validation_scores.npz").is_file()):
+        return None
+    with np.load(source / "validation_scores.npz") as z:
+        return z["pos"].astype(np.int64), z["neg"].astype(np.int64)
+
+
+def replay_with_thresholds(pos: np.ndarray, neg: np.ndarray, sizes: list[int], draws: int, seed: int,
+                           default: float) -> dict[int, np.ndarray]:
+    """The k images choose epoch (three rules) and threshold (stable_f1); the others score the choice. Returns
+    {k: mean IoU on the other images per rule}, as printed."""
+    from defectscan.metrics import ScoreHistogram, choose_threshold
+
+    n_epochs, n_images, levels = pos.shape
+    default_level = int(round(default * 255))
+
+    def iou_at(e: int, images: np.ndarray, level: int) -> float:
+        tp, p, fp = pos[e, images, level:].sum(), pos[e, images].sum(), neg[e, images, level:].sum()
+        return tp / (p + fp) if p + fp > 0 else 0.0  # tp / (tp + fp + fn), fn = p - tp
+
+    def choice(e: int, images: np.ndarray):
+        hists = []
+        for i in images:
+            h = ScoreHistogram(levels)
+            h.pos, h.neg = pos[e, i], neg[e, i]
+            hists.append(h)
+        return choose_threshold(hists, "stable_f1", default=default) if pos[e, images].sum() > 0 else None
+
+    rng = np.random.default_rng(seed)
+    rules = ("last epoch", f"best IoU at {default:g}", "best IoU at own threshold")
+    print(f"\nepoch and threshold chosen on k images (stable_f1), scored on the others: mean IoU over {draws} draws")
+    print("| k | " + " | ".join(rules) + " | own threshold - last | own threshold - at 0.5 |")
+    print("|---|" + "---|" * (len(rules) + 2))
+    means = {}
+    for k in sizes:
+        if k >= n_images:
+            continue
+        scores = np.zeros((draws, len(rules)))
+        for d in range(draws):
+            chosen = rng.choice(n_images, k, replace=False)
+            rest = np.setdiff1d(np.arange(n_images), chosen)
+            choices = [choice(e, chosen) for e in range(n_epochs)]
+            at_default = [iou_at(e, chosen, default_level) for e in range(n_epochs)]
+            own = [c.iou if c else -1.0 for c in choices]
+            for r, e in enumerate((n_epochs - 1, int(np.argmax(at_default)), int(np.argmax(own)))):
+                level = int(round(choices[e].threshold * 255)) if choices[e] else default_level
+                scores[d, r] = iou_at(e, rest, level)
+        m = means[k] = scores.mean(axis=0)
+        print(f"| {k} | " + " | ".join(f"{v:.3f}" for v in m)
+              + f" | {np.mean(scores[:, 2] - scores[:, 0]):+.3f} | {np.mean(scores[:, 2] - scores[:, 1]):+.3f} |")
+    return means
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path, help="run directory or study cell record (.json)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 5, 10, 20])
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threshold-draws", type=int, default=300, help="draws of the replay with thresholds")
+    ap.add_argument("--default-threshold", type=float, default=0.5, help="model.threshold of the run")
     args = ap.parse_args()
     images, counts = load_counts(args.source)
     n_epochs, n_images = counts.shape[:2]
@@ -80,6 +141,9 @@ def main() -> None:
         picked, last = np.array(picked), np.array(last)
         print(f"| {k} | {picked.mean():.3f} | {last.mean():.3f} | {np.mean(best):.3f} | {np.mean(picked - last):+.3f} "
               f"| {np.mean(picked >= last):.0%} | {' '.join(str(h) for h in hist)} |")
+    scores = load_scores(args.source)
+    if scores is not None:
+        replay_with_thresholds(*scores, args.sizes, args.threshold_draws, args.seed, args.default_threshold)
 
 
 if __name__ == "__main__":

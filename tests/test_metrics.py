@@ -194,6 +194,11 @@ def test_stable_f1_follows_the_evidence_and_keeps_the_default_without_it():
     assert choose_threshold(many, "recall", 0.9) == pooled.choose_threshold("recall", 0.9)
     with pytest.raises(ValueError, match="stable_f1 needs per-image"):
         pooled.choose_threshold("stable_f1")
+    # a choice's IoU is the pooled pixel IoU at its threshold
+    stable = choose_threshold(many, "stable_f1")
+    level = int(round(stable.threshold * 255))
+    tp, fn, fp = pooled.pos[level:].sum(), pooled.pos[:level].sum(), pooled.neg[level:].sum()
+    assert stable.iou == pytest.approx(tp / (tp + fp + fn), abs=1e-5)
 
 
 def test_validation_scores_round_trip_and_old_pooled_format():

@@ -199,6 +199,15 @@ def test_training_with_validation_and_test_split(tmp_path):
     per_image = RunDir(tmp_path / "run").read_validation_images()
     assert [(r["epoch"], Path(r["image"]).stem) for r in per_image] == [(str(e), splits["val"][0]) for e in (1, 2, 3)]
     assert all(int(r["tp_px"]) + int(r["fn_px"]) == int(r["gt_defect_px"]) > 0 for r in per_image)
+    # ... and their score histograms, which also replay choosing the threshold; the best epoch's are the ones its
+    # checkpoint chose the threshold from
+    epochs, names, pos, neg = RunDir(tmp_path / "run").read_validation_scores()
+    assert list(epochs) == [1, 2, 3] and [Path(n).stem for n in names] == splits["val"] and pos.shape == neg.shape
+    stored = load_checkpoint(tmp_path / "run" / "best.safetensors")[2]["extra"]["validation_scores"]["per_image"]
+    assert pos[result.best_epoch - 1].tolist() == stored["pos"] and neg[result.best_epoch - 1].tolist() == stored["neg"]
+    history = RunDir(tmp_path / "run").read_history()
+    assert all(0 <= float(h["val_defect_iou_at_threshold"]) <= 1 and 0 < float(h["val_threshold"]) < 1
+               for h in history)
     test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert test["images"] == 1 and 0 <= test["defect_pixel_ap"] <= 1 and result.test["mean_iou"] == test["mean_iou"]
     # the run's checkpoint works with `infer` unchanged
@@ -498,3 +507,49 @@ def test_training_from_the_disk_cache_in_worker_processes_equals_training_from_m
         assert any("decode cache" in m for m in logged) == (mode == "disk")
     assert losses["memory"] == losses["disk"] and len(losses["disk"]) == 1
     assert len(list((tmp_path / "cache").glob("*.image.npy"))) == len(list((tmp_path / "cache").glob("*.mask.npy"))) > 0
+
+
+def test_validation_scores_of_a_redone_epoch_replace_the_interrupted_ones(tmp_path):
+    from defectscan.metrics import ScoreHistogram
+
+    run = RunDir(tmp_path)
+
+    def hists(value: int) -> list[ScoreHistogram]:
+        out = [ScoreHistogram(), ScoreHistogram()]
+        for h in out:
+            h.pos[value] = h.neg[0] = value
+        return out
+
+    for epoch, value in ((1, 1), (2, 2), (3, 3), (2, 7)):  # epoch 3 was written, then the run resumed after 1
+        run.write_validation_scores(epoch, ["a.png", "b.png"], hists(value))
+    epochs, names, pos, neg = run.read_validation_scores()
+    assert list(epochs) == [1, 2] and names == ["a.png", "b.png"] and pos.shape == (2, 2, 256)
+    assert pos[:, 0, 1].tolist() == [1, 0] and pos[:, 0, 7].tolist() == [0, 7]
+    (tmp_path / RunDir.VALIDATION_SCORES).write_bytes(b"truncated")
+    with pytest.raises(DefectscanError, match="cannot read validation scores"):
+        run.read_validation_scores()
+
+
+def test_epoch_selection_replay_with_thresholds_prefers_the_epoch_that_is_best_at_its_own_threshold(tmp_path, capsys):
+    import importlib.util
+
+    from defectscan.metrics import ScoreHistogram
+
+    spec = importlib.util.spec_from_file_location("epoch_selection", ROOT / "scripts" / "epoch_selection.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    run = RunDir(tmp_path)
+    # epochs 1 and 3 separate defects (score ~130) from background (~100) poorly; epoch 2 separates them well
+    # (~230 against ~150) but scores everything above 0.5: best at its own threshold, worst at 0.5
+    for epoch, (defect, background) in enumerate([(130, 100), (230, 150), (130, 100)], start=1):
+        hists = []
+        for _ in range(8):
+            h = ScoreHistogram()
+            h.add(np.clip(rng.normal(defect, 12, 400), 0, 255).astype(np.uint8), np.ones(400))
+            h.add(np.clip(rng.normal(background, 12, 4000), 0, 255).astype(np.uint8), np.zeros(4000))
+            hists.append(h)
+        run.write_validation_scores(epoch, [f"{i}.png" for i in range(8)], hists)
+    last, at_default, own = script.replay_with_thresholds(*script.load_scores(tmp_path), [3], 20, 0, 0.5)[3]
+    assert own > 0.8 and own > at_default + 0.2 and own > last + 0.2
+    assert "best IoU at own threshold" in capsys.readouterr().out

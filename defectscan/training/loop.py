@@ -29,7 +29,8 @@ from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
 from defectscan.io.provenance import hardware
-from defectscan.metrics import choose_threshold, read_validation_scores, validation_scores
+from defectscan.metrics import (ScoreHistogram, ThresholdChoice, choose_threshold, read_validation_scores,
+                                validation_scores)
 from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
 from defectscan.runtime import autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device
@@ -299,12 +300,16 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                                "train_loss": round(float(np.mean(losses)), 5),
                                "train_seconds": round(time.perf_counter() - t_epoch, 1)}
         improved = False
-        val_scores = None
+        val_scores = m = None
         if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
             m = validate(model, spec, splits.val, "validation")
             val_scores = validation_scores(m.image_hists)  # kept with a best checkpoint: its threshold comes from it
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
+            # the epoch at the threshold it would be deployed with: IoU at model.threshold swings with calibration
+            choice = _threshold_choice(cfg, m.image_hists)
+            if choice is not None:
+                row.update(val_threshold=round(choice.threshold, 4), val_defect_iou_at_threshold=round(choice.iou, 4))
             # each image's pixel counts per epoch: what shows how reliably a validation set of a few images picks
             # an epoch (scripts/epoch_selection.py); kept in the resumable state like the history
             progress_state.setdefault("validation_images", []).extend(
@@ -331,6 +336,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                 best_extra = {**extra, "validation_scores": val_scores} if val_scores else extra
                 save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
             save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
+            if m is not None:
+                run.write_validation_scores(epoch, [r["image"] for r in m.per_image], m.image_hists)
             run.save_state(model, opt, progress_state)  # written last: resume starts from here
             run.write_history(history, progress_state.get("validation_images", []))
         say(f"epoch {epoch}/{tc.epochs} loss {row['train_loss']:.4f}"
@@ -376,6 +383,16 @@ def _distributed(model: torch.nn.Module, device: torch.device, shard: Shard, say
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
+def _threshold_choice(cfg: Config, images: list[ScoreHistogram], rule: str | None = None) -> ThresholdChoice | None:
+    """The threshold `validation.threshold` (or `rule`) picks on these per-image histograms; None for `fixed` or
+    when they hold no defect pixel."""
+    vc = cfg.validation
+    if vc.threshold == "fixed" or not any(h.pos.any() for h in images):
+        return None
+    return choose_threshold(images, rule or vc.threshold, vc.threshold_target, default=cfg.model.threshold,
+                            tolerance=vc.threshold_tolerance)
+
+
 def _choose_threshold(cfg: Config, run: RunDir, val_images: int, say: Log) -> None:
     """Set the best checkpoint's decision threshold by `validation.threshold`, from the pixel score histogram of
     the validation pass that made it the best (stored beside it, so a resumed run chooses the same)."""
@@ -397,13 +414,12 @@ def _choose_threshold(cfg: Config, run: RunDir, val_images: int, say: Log) -> No
             f"keeping {meta['model']['threshold']}")
         return
     images, pooled_only = read_validation_scores(extra["validation_scores"])
-    if not any(h.pos.any() for h in images):
+    rule = "best_f1" if pooled_only and vc.threshold == "stable_f1" else vc.threshold  # made before per-image scores
+    choice = _threshold_choice(cfg, images, rule)
+    if choice is None:
         say(f"threshold: the validation images hold no defect pixels to choose it on; keeping model.threshold "
             f"{cfg.model.threshold}")
         return
-    rule = "best_f1" if pooled_only and vc.threshold == "stable_f1" else vc.threshold  # made before per-image scores
-    choice = choose_threshold(images, rule, vc.threshold_target, default=cfg.model.threshold,
-                              tolerance=vc.threshold_tolerance)
     set_threshold(path, choice.threshold, {**choice.to_dict(), "split": "validation", "images": val_images,
                                            "previous": meta["model"]["threshold"], "default": cfg.model.threshold})
     say(f"threshold {choice.threshold:.4f} chosen on {val_images} validation image(s) by {rule}"

@@ -5,6 +5,8 @@
     best.*, last.*     checkpoints as `infer` reads them (safetensors + JSON sidecar)
     last_state.pt      model + optimizer + progress, for --resume (tensors and plain data only: weights_only load)
     metrics.csv        one row per epoch; curves.png plots it
+    validation_images.csv, validation_scores.npz
+                       per epoch and validation image: pixel counts at the model threshold, score histograms
     test_metrics.json  the best checkpoint on the test split, when there is one
     train.log          the log
     evaluation/        `defectscan evaluate` output for the best checkpoint (default location)
@@ -18,12 +20,14 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import yaml
 
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import EVALUATION_DIR
 from defectscan.io.files import atomic_path, csv_text, exclusive_lock, read_csv, remove_leftovers, write_text
+from defectscan.metrics import ScoreHistogram
 from defectscan.reporting import plots
 from defectscan.training.config import Config, PretrainConfig, load_config, same_as_saved
 
@@ -34,6 +38,7 @@ class RunDir:
     STATE = "last_state.pt"
     METRICS = "metrics.csv"
     VALIDATION_IMAGES = "validation_images.csv"
+    VALIDATION_SCORES = "validation_scores.npz"
     CURVES = "curves.png"
     TEST_METRICS = "test_metrics.json"
     LOG = "train.log"
@@ -170,6 +175,33 @@ class RunDir:
 
     def read_validation_images(self) -> list[dict[str, str]]:
         return read_csv(self.path / self.VALIDATION_IMAGES)
+
+    def write_validation_scores(self, epoch: int, images: Sequence[str], hists: Sequence[ScoreHistogram]) -> None:
+        """Add one epoch's per-image score histograms to validation_scores.npz (epochs from `epoch` on, left by
+        an interrupted run, are replaced): what replays choosing an epoch *and* its threshold on a few validation
+        images (scripts/epoch_selection.py)."""
+        epochs, names, pos, neg = self.read_validation_scores()
+        if list(names) != list(images):
+            epochs, pos, neg = np.zeros(0, np.int64), None, None
+        keep = epochs < epoch
+        new_pos = np.stack([h.pos for h in hists])[None]
+        new_neg = np.stack([h.neg for h in hists])[None]
+        arrays = {"epochs": np.append(epochs[keep], epoch), "images": np.asarray(images, str),
+                  "pos": new_pos if pos is None else np.concatenate([pos[keep], new_pos]),
+                  "neg": new_neg if neg is None else np.concatenate([neg[keep], new_neg])}
+        with atomic_path(self.path / self.VALIDATION_SCORES) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    def read_validation_scores(self) -> tuple[np.ndarray, list[str], np.ndarray | None, np.ndarray | None]:
+        """(epochs, image names, pos[epoch, image, bin], neg[...]); empty when the run has none."""
+        path = self.path / self.VALIDATION_SCORES
+        if not path.exists():
+            return np.zeros(0, np.int64), [], None, None
+        try:
+            with np.load(path) as z:
+                return z["epochs"], [str(n) for n in z["images"]], z["pos"], z["neg"]
+        except Exception as exc:
+            raise DefectscanError(f"{path}: cannot read validation scores ({type(exc).__name__})") from None
 
     def seconds(self) -> float:
         """Training plus validation time over the recorded epochs."""
