@@ -2,6 +2,7 @@
 
     python scripts/bench_deploy.py --run RUN_DIR... --data ../shared/datasets/bsdata     # trained models: + test IoU
     python scripts/bench_deploy.py --family swin_t vitae_t_win vit_s                      # untrained: size and speed
+    python scripts/bench_deploy.py --exported EXPORT_DIR...     # `defectscan export` output: ONNX Runtime providers
 
 Speed: megapixels per second through the tiling engine (`Predictor.probabilities`, tile and overlap of the
 checkpoint, batch 4) on one synthetic 2048 px wafer, median of `--repeats` passes after a warm-up, every variant in
@@ -9,6 +10,10 @@ this one process with the same threads. Accuracy (`--run`): `defectscan evaluate
 checkpoint's own threshold, one command per variant; int8 is calibrated on tiles of the run's training images
 (`--calibration-tiles`), never the test images. Untrained families (`--family`) are exported from random weights
 and calibrated on synthetic wafers: their speed and size are real, their accuracy is not measured.
+
+Providers (`--exported`): the exported fp32 and int8 graphs under the CPU execution provider and under each
+accelerated provider this onnxruntime has (OpenVINO, CUDA, TensorRT: `--device auto` picks the first), MP/s and
+the share of mask pixels (at the model's threshold) that differ from the CPU provider's.
 """
 
 from __future__ import annotations
@@ -29,18 +34,62 @@ VARIANTS = (("torch fp32", "model", "off"), ("torch bf16", "model", "bf16"), ("O
             ("ONNX int8", "int8", "auto"))
 
 
-def megapixels_per_second(model: Path, amp: str, image: np.ndarray, repeats: int) -> float:
+def timed_predictions(model: Path, amp: str, image: np.ndarray, repeats: int, device: str = "cpu",
+                      providers: list[str] | None = None) -> tuple[float, np.ndarray]:
+    """(MP/s, defect mask) through the tiling engine; `providers` pins ONNX Runtime's (the first is timed)."""
     from defectscan.inference import Predictor
+    from defectscan.inference.onnx_backend import OnnxTiles, read_onnx_model
     from defectscan.schemas import InferOptions
 
-    predictor = Predictor.from_checkpoint(model, InferOptions(device="cpu", amp=amp, batch_size=4))
-    predictor.probabilities(image[:1024, :1024])  # warm-up: allocations, oneDNN / ORT kernel selection
+    options = InferOptions(device=device, amp=amp, batch_size=4)
+    if providers:
+        spec, meta = read_onnx_model(model)
+        tiles = OnnxTiles(model, meta, spec, providers=providers)
+        if tiles.provider != providers[0]:
+            raise SystemExit(f"{model.name}: ONNX Runtime fell back to {tiles.provider} from {providers[0]}")
+        predictor = Predictor(None, spec, options, checkpoint=model, meta=meta, tiles=tiles)
+    else:
+        predictor = Predictor.from_checkpoint(model, options)
+    predictor.probabilities(image[:1024, :1024])  # warm-up: allocations, oneDNN / ORT kernel selection (compile)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        predictor.probabilities(image)
+        probs = predictor.probabilities(image)
         times.append(time.perf_counter() - t0)
-    return image.shape[0] * image.shape[1] / 1e6 / statistics.median(times)
+    mask = probs[0] >= round(predictor.threshold * 255)
+    return image.shape[0] * image.shape[1] / 1e6 / statistics.median(times), mask
+
+
+def megapixels_per_second(model: Path, amp: str, image: np.ndarray, repeats: int) -> float:
+    return timed_predictions(model, amp, image, repeats)[0]
+
+
+def provider_table(folders: list[Path], image: np.ndarray, repeats: int) -> None:
+    """Each exported graph under the CPU provider and under every installed accelerated one."""
+    import onnxruntime
+
+    from defectscan.inference.onnx_backend import _ACCELERATED
+
+    accelerated = [p for p in _ACCELERATED if p in onnxruntime.get_available_providers()]
+    if not accelerated:
+        print(f"no accelerated provider in this onnxruntime ({onnxruntime.get_available_providers()}): "
+              "pip install onnxruntime-openvino (CPU), onnxruntime-gpu (CUDA)")
+        return
+    print("| model | graph | MP/s CPU provider | " + " | ".join(f"MP/s {p} | mask pixels differing" for p in accelerated)
+          + " |")
+    print("|---|---|---|" + "---|---|" * len(accelerated))
+    for folder in folders:
+        for graph in ("model.onnx", "model.int8.onnx"):
+            if not (folder / graph).is_file():
+                continue
+            cpu, cpu_mask = timed_predictions(folder / graph, "auto", image, repeats,
+                                              providers=["CPUExecutionProvider"])
+            cells = [f"{cpu:.2f}"]
+            for provider in accelerated:
+                speed, mask = timed_predictions(folder / graph, "auto", image, repeats,
+                                                providers=[provider, "CPUExecutionProvider"])
+                cells += [f"{speed:.2f}", f"{np.mean(mask != cpu_mask):.4%}"]
+            print(f"| {folder.name} | {graph} | " + " | ".join(cells) + " |", flush=True)
 
 
 def iou_on_test_split(model: Path, data: Path, amp: str, out: Path) -> float:
@@ -63,6 +112,8 @@ def main() -> None:
     ap.add_argument("--run", nargs="*", type=Path, default=[], help="training run folders (best.safetensors)")
     ap.add_argument("--data", type=Path, help="the runs' dataset (test IoU and calibration images)")
     ap.add_argument("--family", nargs="*", default=[], help="untrained encoders: size and speed only")
+    ap.add_argument("--exported", nargs="*", type=Path, default=[],
+                    help="`defectscan export` folders: their graphs under each installed ONNX Runtime provider")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calibration-tiles", type=int, default=32)
@@ -85,6 +136,10 @@ def main() -> None:
 
     print(f"# {hardware()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"speed on a {args.size} px wafer, median of {args.repeats}")
+    if args.exported:
+        provider_table(args.exported, image, args.repeats)
+    if not (args.run or args.family):
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models: list[tuple[str, Path, list[Path], Path | None]] = []  # (label, checkpoint, calibration, data)

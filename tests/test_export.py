@@ -59,6 +59,9 @@ def _export_and_compare(tmp_path, arch: str, encoder: str, dynamic: bool = True,
     assert spec_onnx == spec and meta["input"]["dynamic_hw"] == dynamic and meta["precision"] == "float32"
     # an independent check on tiles the export never saw (dynamic: a size it never saw, not square, not the tile)
     graph = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec_onnx, device="cpu")
+    assert graph.provider == "CPUExecutionProvider"
+    pinned = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec_onnx, providers=["CPUExecutionProvider"])
+    assert pinned.provider == "CPUExecutionProvider"
     reference = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", device="cpu")
     shape = (3, 96, 160, 3) if dynamic else (3, 64, 64, 3)
     tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))

@@ -77,7 +77,8 @@ class OnnxTiles(TileBackend):
     numpy arrays; the session uses as many threads as torch (`--threads`)."""
 
     def __init__(self, path: str | Path, meta: dict[str, Any], spec: ModelSpec, *, tta: bool = False,
-                 device: str = "auto") -> None:
+                 device: str = "auto", providers: list[str] | None = None) -> None:
+        """`providers` pins ONNX Runtime's execution providers (default: `providers_for(device)`)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -86,10 +87,11 @@ class OnnxTiles(TileBackend):
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # warnings about unused initialisers and the like are not the user's
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+            self.session = ort.InferenceSession(str(path), options, providers=providers or providers_for(device))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
             raise DefectscanError(f"{path}: ONNX Runtime cannot load it ({one_line(exc)})") from None
         self._check_inputs(path, meta, spec)
+        self.provider = self.session.get_providers()[0]  # the one that runs the graph (the CPU one takes the rest)
         self.path, self.device, self.head, self.tta = str(path), torch.device("cpu"), spec.head, tta
         self.fixed_size = None if meta["input"].get("dynamic_hw") else (spec.tile, spec.tile)
         self._precision = f"onnxruntime {meta.get('precision', 'float32')}"
