@@ -68,9 +68,9 @@ def provider_table(folders: list[Path], image: np.ndarray, repeats: int) -> None
     """Each exported graph under the CPU provider and under every installed accelerated one."""
     import onnxruntime
 
-    from defectscan.inference.onnx_backend import _ACCELERATED
+    from defectscan.inference.onnx_backend import ACCELERATED_PROVIDERS
 
-    accelerated = [p for p in _ACCELERATED if p in onnxruntime.get_available_providers()]
+    accelerated = [p for p in ACCELERATED_PROVIDERS if p in onnxruntime.get_available_providers()]
     if not accelerated:
         print(f"no accelerated provider in this onnxruntime ({onnxruntime.get_available_providers()}): "
               "pip install onnxruntime-openvino (CPU), onnxruntime-gpu (CUDA)")

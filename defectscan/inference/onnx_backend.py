@@ -23,7 +23,7 @@ ONNX_FORMAT = "defectscan-onnx"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # providers tried in this order when the device is auto (those installed); the CPU one is always last
-_ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
+ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
 
 
 def onnx_sidecar_path(path: str | Path) -> Path:
@@ -67,7 +67,7 @@ def providers_for(device: str) -> list[str]:
             raise DefectscanError(f"--device {device}: this onnxruntime has no CUDA provider "
                                   "(pip install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in _ACCELERATED if p in available] + ["CPUExecutionProvider"]
+    return [p for p in ACCELERATED_PROVIDERS if p in available] + ["CPUExecutionProvider"]
 
 
 class OnnxTiles(TileBackend):
