@@ -44,7 +44,8 @@ def training_curves(history: list[dict]) -> bytes:
     epochs = [r["epoch"] for r in history]
     validation = [(label, [(r["epoch"], r[key]) for r in history if r.get(key) is not None])
                   for key, label in (("val_mean_iou", "mean IoU"), ("val_mean_dice", "mean Dice"),
-                                     ("val_defect_ap", "pixel AP"))]
+                                     ("val_defect_ap", "pixel AP"),
+                                     ("val_defect_iou_at_threshold", "defect IoU at its own threshold"))]
     has_val = any(pts for _, pts in validation)  # none without a validation split, and in pretraining
     fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(10 if has_val else 5.5, 3.8), dpi=100, squeeze=False)
     ax_loss = axes[0, 0]
