@@ -34,14 +34,14 @@ VARIANTS = (("torch fp32", "model", "off"), ("torch bf16", "model", "bf16"), ("O
             ("ONNX int8", "int8", "auto"))
 
 
-def timed_predictions(model: Path, amp: str, image: np.ndarray, repeats: int, device: str = "cpu",
+def timed_predictions(model: Path, amp: str, image: np.ndarray, repeats: int,
                       providers: list[str] | None = None) -> tuple[float, np.ndarray]:
     """(MP/s, defect mask) through the tiling engine; `providers` pins ONNX Runtime's (the first is timed)."""
     from defectscan.inference import Predictor
     from defectscan.inference.onnx_backend import OnnxTiles, read_onnx_model
     from defectscan.schemas import InferOptions
 
-    options = InferOptions(device=device, amp=amp, batch_size=4)
+    options = InferOptions(device="cpu", amp=amp, batch_size=4)
     if providers:
         spec, meta = read_onnx_model(model)
         tiles = OnnxTiles(model, meta, spec, providers=providers)

@@ -55,10 +55,12 @@ def pooled_iou(counts: np.ndarray) -> np.ndarray:
 
 def load_scores(source: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(pos, neg) histograms [epoch, image, level] of a run directory's validation_scores.npz, or None."""
-    if not (source.is_dir() and (source / "validation_scores.npz").is_file()):
+    if not source.is_dir():
         return None
-    with np.load(source / "validation_scores.npz") as z:
-        return z["pos"].astype(np.int64), z["neg"].astype(np.int64)
+    from defectscan.training import RunDir
+
+    _, _, pos, neg = RunDir(source).read_validation_scores()
+    return None if pos is None else (pos, neg)
 
 
 def replay_with_thresholds(pos: np.ndarray, neg: np.ndarray, sizes: list[int], draws: int, seed: int,
@@ -67,7 +69,7 @@ def replay_with_thresholds(pos: np.ndarray, neg: np.ndarray, sizes: list[int], d
     {k: mean IoU on the other images per rule}, as printed."""
     from defectscan.metrics import ScoreHistogram, choose_threshold
 
-    n_epochs, n_images, levels = pos.shape
+    n_epochs, n_images, _ = pos.shape
     default_level = int(round(default * 255))
 
     def iou_at(e: int, images: np.ndarray, level: int) -> float:
@@ -75,17 +77,13 @@ def replay_with_thresholds(pos: np.ndarray, neg: np.ndarray, sizes: list[int], d
         return tp / (p + fp) if p + fp > 0 else 0.0  # tp / (tp + fp + fn), fn = p - tp
 
     def choice(e: int, images: np.ndarray):
-        hists = []
-        for i in images:
-            h = ScoreHistogram(levels)
-            h.pos, h.neg = pos[e, i], neg[e, i]
-            hists.append(h)
+        hists = [ScoreHistogram.from_dict({"pos": pos[e, i], "neg": neg[e, i]}) for i in images]
         return choose_threshold(hists, "stable_f1", default=default) if pos[e, images].sum() > 0 else None
 
     rng = np.random.default_rng(seed)
     rules = ("last epoch", f"best IoU at {default:g}", "best IoU at own threshold")
     print(f"\nepoch and threshold chosen on k images (stable_f1), scored on the others: mean IoU over {draws} draws")
-    print("| k | " + " | ".join(rules) + " | own threshold - last | own threshold - at 0.5 |")
+    print("| k | " + " | ".join(rules) + f" | own threshold - last | own threshold - at {default:g} |")
     print("|---|" + "---|" * (len(rules) + 2))
     means = {}
     for k in sizes:
