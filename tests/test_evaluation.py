@@ -397,8 +397,8 @@ def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys)
     assert summary["cells_done"] == 6 and len(summary["summary"]) == 2
     assert all(s["seeds"] == 3 and s["defect_dice_ci"] is not None for s in summary["summary"])
     html = (out / "report.html").read_text()
-    assert "Learning curves" in html and "Every cell" in html and html.count("data:image/png;base64,") >= 2
-    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert "Learning curves" in html and "Every cell" in html and html.count("data:image/png;base64,") >= 3
+    assert (out / "learning_curve.png").stat().st_size > 1000 and (out / "cost_curve.png").stat().st_size > 1000
     table, _, ranking = (out / "summary.md").read_text().partition("\n\n")
     assert table.count("\n") == 3 and "labeled 2: no ranking (fewer than two rows" in ranking  # one backbone
     # a single cell on its own, and a clear error for a name that is not in the study

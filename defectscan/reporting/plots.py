@@ -146,6 +146,28 @@ def learning_curves(series: dict[str, list[tuple[float, float, float, float]]], 
     return fig_png(fig, dpi=110)
 
 
+def accuracy_vs_cost(series: dict[str, list[tuple[float, float, float, float, str]]], xlabel: str, ylabel: str,
+                     title: str) -> bytes:
+    """Metric against a cost per backbone: points (cost, mean, low, high, tag), joined in cost order, each tagged
+    (e.g. its labeled count) and its interval drawn as an error bar."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, pts in series.items():
+        if not pts:
+            continue
+        x, y, lo, hi, tags = zip(*sorted(pts))
+        line, = ax.plot(x, y, marker="o", label=label)
+        ax.errorbar(x, y, yerr=[np.subtract(y, lo), np.subtract(hi, y)], fmt="none", ecolor=line.get_color(),
+                    capsize=3, alpha=0.6)
+        for xi, yi, tag in zip(x, y, tags):
+            ax.annotate(tag, (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig_png(fig, dpi=110)
+
+
 def _plain_log_x(ax, ticks: Sequence[float] | None = None) -> None:
     """A log x axis labelled with plain numbers (5, 20, 324 or 2M), not 2x10^0 minor-tick labels."""
     from matplotlib.ticker import FuncFormatter, NullFormatter

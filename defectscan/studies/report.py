@@ -1,5 +1,5 @@
-"""The study's aggregate: results.csv, summary.json, summary.md, learning_curve.png and report.html, rebuilt from
-the finished cells (`<out>/cells/*/cell.json`, else the study's durable records)."""
+"""The study's aggregate: results.csv, summary.json, summary.md, learning_curve.png, cost_curve.png and
+report.html, rebuilt from the finished cells (`<out>/cells/*/cell.json`, else the study's durable records)."""
 
 from __future__ import annotations
 
@@ -107,9 +107,22 @@ def learning_curve_png(summary: list[dict], metric: str, title: str, split: str 
     return plots.learning_curves(series, f"{split} {metric.replace('_', ' ')}", title)
 
 
+def cost_curve_png(summary: list[dict], metric: str, title: str, split: str = "test") -> bytes:
+    """Mean metric against what a cell costs, training plus its row's pretraining (every row that pretrains pays
+    for it, as a user starting out would), one line per backbone through its labeled counts."""
+    series: dict[str, list] = {}
+    for s in summary:
+        if s[metric] is not None:
+            minutes = (s["train_seconds"] + s.get("pretrain_seconds", 0.0)) / 60
+            series.setdefault(f"{s['backbone']} ({s['family']})", []).append(
+                (minutes, s[metric], *s[f"{metric}_ci"], f"{s['labeled']}"))
+    return plots.accuracy_vs_cost(series, "minutes per cell: training + pretraining (mean over seeds)",
+                                  f"{split} {metric.replace('_', ' ')}", title)
+
+
 def write_report(study, out: Path, *, command: str = "") -> bool:
-    """results.csv, summary.json, summary.md, learning_curve.png and report.html from the finished cells; False
-    (and nothing written) while no cell has finished."""
+    """results.csv, summary.json, summary.md, learning_curve.png, cost_curve.png and report.html from the finished
+    cells; False (and nothing written) while no cell has finished."""
     out = Path(out)
     rows = collect_rows(study, out)
     if not rows:
@@ -130,6 +143,10 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds",
                                     split)
     plots.write_png(main_curve, out / "learning_curve.png")
+    machines = info["cell_machines"]
+    cost_curve = cost_curve_png(summary, study.metric, "accuracy vs training time (labels at each point), on "
+                                + (machines.rsplit(" (", 1)[0] if ";" not in machines else "several machines"), split)
+    plots.write_png(cost_curve, out / "cost_curve.png")
     curves = [{"uri": png_bytes_uri(main_curve if m == study.metric else
                                     learning_curve_png(summary, m, f"{study.name}: {m}", split)), "caption": m}
               for m in shown[:4]]
@@ -148,7 +165,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
         accuracy_rows=[[s["backbone"], s["family"], s["labeled"], s["seeds"], *[_with_ci(s, m) for m in shown],
                         s["train_seconds"], s["pretrain_seconds"]] for s in summary],
         separations=separations(summary, study.metric), metric=study.metric,
-        speed_plot=png_bytes_uri(speed),
+        speed_plot=png_bytes_uri(speed), cost_plot=png_bytes_uri(cost_curve),
         cost_header=["backbone", "family", metric, "params (M)", "GFLOPs / tile", "MP/s", "s / image", "peak RSS MB",
                      "train s / cell", "pretrain s (once per row)"],
         cost_rows=[[s["backbone"], s["family"], _with_ci(s, metric),
