@@ -20,6 +20,7 @@ from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import evaluate, run_evaluation
+from defectscan.evaluation.outputs import select_samples
 from defectscan.inference import Predictor, TorchTiles
 from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram, choose_threshold, pro_auc, region_stats
@@ -244,6 +245,17 @@ def test_evaluation_report_has_every_section(tmp_path):
     assert result.headline()["defect_dice"] == metrics["metrics"]["defect_dice"]
 
 
+def test_unused_split_is_the_labeled_images_a_label_budget_left_out(tmp_path):
+    data = dataset_with_clean_images(tmp_path / "d")
+    ds = load_dataset(data)
+    stems = sorted(s.stem for s in ds.labeled)
+    splits = {"train": stems[:1], "train_unused": stems[1:3], "val": stems[3:4], "test": []}
+    chosen, how = select_samples(ds, "unused", (splits, tmp_path / "splits.json"))
+    assert sorted(s.stem for s in chosen) == stems[1:3] and "unused" in how
+    with pytest.raises(DefectscanError, match="lists none"):  # a run trained on every labeled image
+        select_samples(ds, "unused", ({**splits, "train_unused": []}, tmp_path / "splits.json"))
+
+
 def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     data = dataset_with_clean_images(tmp_path / "d")
     ckpt = _checkpoint(tmp_path / "m" / "model")
@@ -255,6 +267,7 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (["--model", ckpt, "--data", data, "--min-area", "-1"], "'min_area'"),
         (["--model", ckpt, "--data", data, "--tile", "100"], "multiple of 32"),
         (["--model", ckpt, "--data", data, "--split", "dev"], "unknown split"),
+        (["--model", ckpt, "--data", data, "--split", "unused"], "label budget"),  # not a training run's checkpoint
     ]
     for args, expected in cases:
         code, _, err = run_cli(monkeypatch, capsys, "evaluate", *args, "-o", tmp_path / "o")

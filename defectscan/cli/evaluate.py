@@ -18,7 +18,8 @@ from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_thre
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors with its .json)."),
     data: Path = typer.Option(..., "--data", "-d", help="Labeled dataset directory."),
-    split: str = typer.Option("test", help="test, val, train or all (a training run's checkpoint uses that run's split)."),
+    split: str = typer.Option("test", help="test, val, train, unused (the labeled images a label-budget run left "
+                                           "out) or all (a training run's checkpoint uses that run's split)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <checkpoint dir>/evaluation)."),
     format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),

@@ -30,7 +30,9 @@ from defectscan.reporting import plots
 from defectscan.reporting.html import fmt, png_bytes_uri, png_uri, render
 from defectscan.schemas import EvalOptions, EvalSummary
 
-SPLITS = ("test", "val", "train", "all")
+SPLITS = ("test", "val", "train", "unused", "all")
+# unused: a label-budget run's labeled training-split images it neither trained nor validated on (splits.json
+# "train_unused"): held-out images outside the test split, on which a study may compare recipes and thresholds
 EVALUATION_DIR = "evaluation"  # where an evaluation lives inside a training run or a benchmark cell
 METRICS_FILE = "metrics.json"
 
@@ -53,9 +55,13 @@ def select_samples(ds: SegmentationDataset, split: str,
         seen = sum(s.stem in trained for s in labeled)
         return labeled, (f"every labeled image; {seen} of the {len(labeled)} were training images of this model, "
                          f"so these metrics are optimistic" if seen else "every labeled image (none was trained on)")
+    if split == "unused" and (run_splits is None or not run_splits[0].get("train_unused")):
+        raise DefectscanError("--split unused needs a training run that had a label budget (--labeled N): its "
+                              "labeled images that it did not use" + (
+                                  "" if run_splits is None else f"; {run_splits[1]} lists none"))
     if run_splits is not None:
         stems, source = run_splits
-        wanted = set(stems.get(split, []))
+        wanted = set(stems.get("train_unused" if split == "unused" else split, []))
         chosen = [s for s in labeled if s.stem in wanted]
         if wanted and len(chosen) < len(wanted):
             raise DefectscanError(f"{source}: {len(wanted) - len(chosen)} {split} image(s) of the training run are "
