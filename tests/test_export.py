@@ -168,6 +168,33 @@ def test_export_refuses_bad_input_on_one_line_and_writes_nothing(monkeypatch, ca
         assert len(err.strip().splitlines()) == 1 and not out.exists(), args
 
 
+class _FailingSession:
+    """An accelerated provider that loads a graph but cannot run it (OpenVINO on ViTAE's int8 graph, measured)."""
+
+    def run(self, *args, **kwargs):
+        raise RuntimeError("[OpenVINO-EP] Output names mismatch between OpenVINO and ONNX")
+
+
+def test_a_provider_that_fails_on_the_graph_gives_way_to_the_cpu_one_only_when_not_asked_for(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    export_onnx(ckpt, tmp_path / "out", log=lambda m: None)
+    spec, meta = read_onnx_model(tmp_path / "out" / "model.onnx")
+    x = torch.rand(2, 3, 64, 64)
+    expected = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec, device="cpu").forward(x)
+    auto = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec, device="auto")
+    auto.session, auto.provider = _FailingSession(), "OpenVINOExecutionProvider"
+    with pytest.warns(RuntimeWarning, match="OpenVINOExecutionProvider failed on this graph .*CPU provider"):
+        out = auto.forward(x)
+    assert auto.provider == "CPUExecutionProvider" and torch.equal(out, expected)
+    predictor = Predictor(None, spec, InferOptions(device="auto"), checkpoint=tmp_path / "out" / "model.onnx",
+                          meta=meta, tiles=auto)
+    assert any("ran it on the CPU provider" in note for note in predictor.notes)  # what `infer` prints after a run
+    pinned = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec, providers=["CPUExecutionProvider"])
+    pinned.session, pinned.provider = _FailingSession(), "OpenVINOExecutionProvider"
+    with pytest.raises(DefectscanError, match="OpenVINOExecutionProvider failed on a 64x64 tile batch"):
+        pinned.forward(x)
+
+
 def test_onnx_model_without_or_with_a_mismatched_sidecar_is_refused(monkeypatch, capsys, tmp_path):
     ckpt = _checkpoint(tmp_path / "m" / "model")
     export_onnx(ckpt, tmp_path / "x", log=lambda m: None)

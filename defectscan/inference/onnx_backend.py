@@ -8,6 +8,7 @@ engine needs (classes, head, normalisation, tile, overlap, threshold, stitch) an
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +84,28 @@ class OnnxTiles(TileBackend):
             import onnxruntime as ort
         except ImportError:
             raise DefectscanError('ONNX models need onnxruntime: pip install "defectscan[onnx]"') from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.log_severity_level = 3  # warnings about unused initialisers and the like are not the user's
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or providers_for(device))
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-            raise DefectscanError(f"{path}: ONNX Runtime cannot load it ({one_line(exc)})") from None
-        self._check_inputs(path, meta, spec)
-        self.provider = self.session.get_providers()[0]  # the one that runs the graph (the CPU one takes the rest)
+        self._options = ort.SessionOptions()
+        self._options.intra_op_num_threads = torch.get_num_threads()
+        self._options.log_severity_level = 3  # warnings about unused initialisers and the like are not the user's
         self.path, self.device, self.head, self.tta = str(path), torch.device("cpu"), spec.head, tta
+        # with --device auto an accelerated provider that fails on this graph gives way to the CPU one; a provider
+        # the caller asked for (a device, pinned providers) fails loudly instead
+        self._may_fall_back = providers is None and device == "auto"
+        self.fallback_note: str | None = None
+        self._open(providers or providers_for(device))
+        self._check_inputs(path, meta, spec)
         self.fixed_size = None if meta["input"].get("dynamic_hw") else (spec.tile, spec.tile)
         self._precision = f"onnxruntime {meta.get('precision', 'float32')}"
         self._set_normalisation(spec.mean, spec.std)
+
+    def _open(self, providers: list[str]) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(self.path, self._options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
+            raise DefectscanError(f"{self.path}: ONNX Runtime cannot load it ({one_line(exc)})") from None
+        self.provider = self.session.get_providers()[0]  # the one that runs the graph (the CPU one takes the rest)
 
     def _check_inputs(self, path: Path, meta: dict[str, Any], spec: ModelSpec) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -130,5 +140,17 @@ class OnnxTiles(TileBackend):
         if self.fixed_size and tuple(x.shape[2:]) != self.fixed_size:
             raise DefectscanError(f"this ONNX model was exported for {self.fixed_size[0]}x{self.fixed_size[1]} tiles "
                                   f"only (fixed size); the tiling engine asked for {x.shape[2]}x{x.shape[3]}")
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x.numpy())})[0]
+        feed = {INPUT_NAME: np.ascontiguousarray(x.numpy())}
+        try:
+            out = self.session.run([OUTPUT_NAME], feed)[0]
+        except Exception as exc:  # e.g. OpenVINO's provider on some int8 attention graphs (measured: ViTAE-T-win)
+            failed = self.provider
+            if failed == "CPUExecutionProvider" or not self._may_fall_back:
+                raise DefectscanError(f"{self.path}: ONNX Runtime's {failed} failed on a "
+                                      f"{x.shape[2]}x{x.shape[3]} tile batch ({one_line(exc)})") from None
+            self._open(["CPUExecutionProvider"])
+            self.fallback_note = (f"{self.path}: {failed} failed on this graph ({one_line(exc)[:200]}); ran it on "
+                                  f"the CPU provider instead")
+            warnings.warn(self.fallback_note, RuntimeWarning, stacklevel=2)
+            out = self.session.run([OUTPUT_NAME], feed)[0]
         return torch.from_numpy(out)
