@@ -76,8 +76,8 @@ def provider_table(folders: list[Path], image: np.ndarray, repeats: int) -> None
     if not accelerated:
         print(f"# no accelerated provider in this onnxruntime ({onnxruntime.get_available_providers()}): "
               "pip install onnxruntime-openvino (CPU), onnxruntime-gpu (CUDA); the CPU provider only")
-    print("| model | graph | MP/s CPU provider | " + " | ".join(f"MP/s {p} | mask pixels differing" for p in accelerated)
-          + " |")
+    print("| " + " | ".join(["model", "graph", "MP/s CPU provider",
+                             *(f"MP/s {p} | mask pixels differing" for p in accelerated)]) + " |")
     print("|---|---|---|" + "---|---|" * len(accelerated))
     for folder in folders:
         for graph in ("model.onnx", "model.int8.onnx"):

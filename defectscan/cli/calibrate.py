@@ -16,8 +16,8 @@ from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_thre
 def calibrate(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (.safetensors with its .json)."),
     data: Path = typer.Option(..., "--data", "-d", help="Labeled dataset directory."),
-    split: str = typer.Option("val", help="val, train, unused or all: the images to choose on (a training run's checkpoint "
-                              "uses that run's split; test is refused)."),
+    split: str = typer.Option("val", help="val, train, unused or all: the images to choose on (a training run's "
+                              "checkpoint uses that run's split; test is refused)."),
     rule: str = typer.Option("stable_f1", help="stable_f1 (best pixel F1, but the threshold nearest the trained "
                              "one whose F1 is within --tolerance bootstrap standard errors of the best: a few images "
                              "cannot pull it to an extreme); best_f1; precision (the loosest threshold reaching "
