@@ -158,8 +158,8 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             return PngRowWriter(tmp / "predictions" / f"{sample.stem}.png", *shape)
 
         ev = evaluate(predictor, ds, samples, opts, progress=progress, mask_sink=prediction_png, shard=shard)
-        if note := getattr(predictor.tiles, "fallback_note", None):  # an ONNX Runtime provider gave way mid-run
-            log(note)
+        if predictor.tiles.fallback_note:  # an ONNX Runtime provider gave way mid-run
+            log(predictor.tiles.fallback_note)
         summary = EvalSummary(
             model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],

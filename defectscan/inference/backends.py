@@ -50,6 +50,7 @@ class TileBackend(abc.ABC):
     tta: bool
     channels_last: bool = False
     fixed_size: tuple[int, int] | None = None
+    fallback_note: str | None = None  # set when the backend had to change how it runs mid-run (ONNX providers)
 
     def _set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)

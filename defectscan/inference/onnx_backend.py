@@ -91,7 +91,6 @@ class OnnxTiles(TileBackend):
         # with --device auto an accelerated provider that fails on this graph gives way to the CPU one; a provider
         # the caller asked for (a device, pinned providers) fails loudly instead
         self._may_fall_back = providers is None and device == "auto"
-        self.fallback_note: str | None = None
         self._open(providers or providers_for(device))
         self._check_inputs(path, meta, spec)
         self.fixed_size = None if meta["input"].get("dynamic_hw") else (spec.tile, spec.tile)

@@ -101,8 +101,8 @@ class Predictor:
             notes.append(f"{caveat}: center stitching is not exact; consider --stitch gaussian")
         if isinstance(self.tiles, TorchTiles) and (bf16 := emulated_bf16_note(self.tiles.device, self.tiles.amp_dtype)):
             notes.append(bf16)
-        if note := getattr(self.tiles, "fallback_note", None):  # an ONNX Runtime provider gave way during the run
-            notes.append(note)
+        if self.tiles.fallback_note:  # an ONNX Runtime provider gave way during the run
+            notes.append(self.tiles.fallback_note)
         return notes
 
     def probabilities(self, image: ImageSource | np.ndarray, *, tile: tuple[int, int] | None = None,

@@ -143,9 +143,9 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds",
                                     split)
     plots.write_png(main_curve, out / "learning_curve.png")
-    machines = info["cell_machines"]
+    machines = _machine_counts(rows)
     cost_curve = cost_curve_png(summary, study.metric, "accuracy vs training time (labels at each point), on "
-                                + (machines.rsplit(" (", 1)[0] if ";" not in machines else "several machines"), split)
+                                + (next(iter(machines)) if len(machines) == 1 else "several machines"), split)
     plots.write_png(cost_curve, out / "cost_curve.png")
     curves = [{"uri": png_bytes_uri(main_curve if m == study.metric else
                                     learning_curve_png(summary, m, f"{study.name}: {m}", split)), "caption": m}
@@ -181,14 +181,19 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     return True
 
 
-def _machines(rows: list[dict]) -> str:
-    """Which machines the cells ran on, with counts: a study resumed across sessions may mix CPUs, and then its
-    times and speeds compare only between cells of one machine."""
+def _machine_counts(rows: list[dict]) -> dict[str, int]:
+    """Cells per machine they ran on: a study resumed across sessions may mix CPUs, and then its times and speeds
+    compare only between cells of one machine."""
     counts: dict[str, int] = {}
     for r in rows:
         name = r.get("hardware") or "not recorded"
         counts[name] = counts.get(name, 0) + 1
-    return "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in counts.items())
+    return counts
+
+
+def _machines(rows: list[dict]) -> str:
+    """Which machines the cells ran on, with counts (see `_machine_counts`)."""
+    return "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in _machine_counts(rows).items())
 
 
 def markdown_table(summary: list[dict], metrics: list[str]) -> str:
