@@ -2,6 +2,7 @@
 
     python scripts/bench_tiling.py                              # 8192^2 and 16384^2 (about 1 h on 2 CPU cores)
     python scripts/bench_tiling.py --sizes 4096 --cases floor ours
+    python scripts/bench_tiling.py --device cuda --batch 16     # on a GPU: + peak GPU memory; does the engine keep up?
 
 Every case runs in a fresh process (peak RSS from getrusage is per process and includes ~1 GB of imports and
 model) on the same synthetic wafer, loaded as uint8 RGB before timing starts. Model: smp Unet-resnet18, random
@@ -16,6 +17,10 @@ model for MONAI (its default). Times are end to end from the uint8 image to a ui
   command's wall time including start-up, peak RSS is the command's own (getrusage of the child);
 - monai-gaussian / monai-constant: float32 input tensor + `sliding_window_inference` (overlap 64/512) + sigmoid
   + uint8 conversion. Needs `pip install monai` (the `bench` extra); skipped when it is missing.
+
+With `--device cuda` the model runs on the GPU in every case (floor: tiles copied to the GPU untimed, each forward
+synchronised; MONAI: input and output on the GPU), and the GPU's peak allocated memory is reported beside RSS:
+there the question is whether the CPU side (tile reading, copies, stitching) keeps the GPU busy.
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
 
 
-def run_cli_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int, amp: str) -> dict:
+def peak_gpu_gb(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+
+
+def run_cli_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int, amp: str,
+                 device: str) -> dict:
     """`defectscan infer` on a PNG in a child process: wall time and the child's own peak RSS."""
     import torch
     import segmentation_models_pytorch as smp  # noqa: F401  (same import cost as the other cases)
@@ -59,7 +71,7 @@ def run_cli_case(case: str, image_path: str, tile: int, overlap: int, batch: int
     h, w = open_image(image_path).shape
     out = work / f"out-{case}"
     cmd = [sys.executable, "-m", "defectscan", "infer", image_path, "--model", str(ckpt), "--out", str(out),
-           "--batch", str(batch), "--threads", str(threads), "--amp", amp]
+           "--batch", str(batch), "--threads", str(threads), "--amp", amp, "--device", device]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -72,7 +84,7 @@ def run_cli_case(case: str, image_path: str, tile: int, overlap: int, batch: int
             "output": f"{len(list(next(out.glob('*/')).iterdir()))} files, {w}x{h}"}
 
 
-def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int) -> dict:
+def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, threads: int, device_name: str) -> dict:
     import torch
     import segmentation_models_pytorch as smp
 
@@ -83,13 +95,15 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = smp.Unet("resnet18", encoder_weights=None, classes=1).eval()
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=1).eval().to(device)
     if case == "floor" or case.startswith("ours"):  # defectscan's CPU default for CNNs; MONAI gets the plain model
         model = model.to(memory_format=torch.channels_last)
     image = np.load(image_path.replace(".png", ".npy"))  # uint8 (H, W, 3), fully in memory like a decoded PNG
     h, w = image.shape[:2]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     layout = plan_tiles(h, w, tile, overlap, 32)
     result = {"case": case, "size": h, "tiles": len(layout)}
 
@@ -102,15 +116,17 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
                 chunk = tiles[start : start + batch]
                 arr = np.stack([read_tile(source, layout.rows.origin(iy), layout.cols.origin(ix), *layout.tile_shape)
                                 for iy, ix in chunk])
-                x = (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 - mean) / std
+                x = (torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
                 x = x.contiguous(memory_format=torch.channels_last)
+                sync()
                 t0 = time.perf_counter()
                 model(x)
+                sync()
                 spent += time.perf_counter() - t0
         result["seconds"] = spent
     elif case.startswith("ours"):
         t0 = time.perf_counter()
-        predict = TorchTiles(model, head="sigmoid", mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
+        predict = TorchTiles(model, head="sigmoid", mean=IMAGENET_MEAN, std=IMAGENET_STD, device=device,
                              amp="bf16" if case == "ours-bf16" else "off")
         out = tiled_inference(predict, image, tile=tile, overlap=overlap, batch_size=batch,
                               stitch="gaussian" if case == "ours-gaussian" else "center")
@@ -121,14 +137,15 @@ def run_case(case: str, image_path: str, tile: int, overlap: int, batch: int, th
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255).sub_(mean).div_(std)
+            x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float().div_(255).sub_(mean).div_(std)
             logits = sliding_window_inference(x, roi_size=(tile, tile), sw_batch_size=batch, predictor=model,
                                               overlap=overlap / tile, mode=case.split("-")[1])
             del x
-            out = (torch.sigmoid_(logits).mul_(255).add_(0.5).clamp_(0, 255)).to(torch.uint8).numpy()
+            out = (torch.sigmoid_(logits).mul_(255).add_(0.5).clamp_(0, 255)).to(torch.uint8).cpu().numpy()
         result["seconds"] = time.perf_counter() - t0
         result["output"] = f"{out.dtype} {out.shape}"
     result["peak_rss_gb"] = peak_rss_gb()
+    result["peak_gpu_gb"] = peak_gpu_gb(device)
     return result
 
 
@@ -141,6 +158,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cli-amp", default=CLI_AMP, help="--amp of the cli cases (default: off, i.e. float32)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model's device in every case)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     ap.add_argument("--_image", help=argparse.SUPPRESS)
@@ -148,9 +166,10 @@ def main() -> None:
 
     if args._case:  # child process: one case, result as JSON on stdout
         if args._case.startswith("cli"):
-            res = run_cli_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads, args.cli_amp)
+            res = run_cli_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads, args.cli_amp,
+                               args.device)
         else:
-            res = run_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads)
+            res = run_case(args._case, args._image, args.tile, args.overlap, args.batch, args.threads, args.device)
         print(json.dumps(res))
         return
 
@@ -169,8 +188,9 @@ def main() -> None:
     from defectscan.io.images import write_image
     from defectscan.io.provenance import cpu_bf16, cpu_name
 
+    gpu = f", model on {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
     print(f"torch {torch.__version__}, {args.threads} threads, {cpu_name()} (bf16: {cpu_bf16()}), "
-          f"{os.cpu_count()} CPUs; Unet-resnet18, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
+          f"{os.cpu_count()} CPUs{gpu}; Unet-resnet18, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -182,20 +202,23 @@ def main() -> None:
             for case in cases:
                 cmd = [sys.executable, __file__, "--_case", case, "--_image", image_path, "--tile", str(args.tile),
                        "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads),
-                       "--cli-amp", args.cli_amp]
+                       "--cli-amp", args.cli_amp, "--device", args.device]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{size} {case}: FAILED\n{proc.stderr[-2000:]}")
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(res)
-                print(f"  {size}^2 {case:15s} {res['seconds']:8.1f} s  peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+                gpu_mem = f", GPU {res['peak_gpu_gb']:.2f} GB" if res.get("peak_gpu_gb") is not None else ""
+                print(f"  {size}^2 {case:15s} {res['seconds']:8.2f} s  peak RSS {res['peak_rss_gb']:.2f} GB{gpu_mem}",
+                      flush=True)
             os.remove(image_path)
             os.remove(image_path.replace(".png", ".npy"))
 
+    on_gpu = args.device.startswith("cuda")
     print("\n| image | tiles | case | time (s) | MP/s | time / floor | speed / MONAI gaussian | peak RSS (GB) "
-          "| RSS / MONAI gaussian |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| RSS / MONAI gaussian |" + (" peak GPU (GB) |" if on_gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
     for size in args.sizes:
         rows = [r for r in results if r["size"] == size]
         floor = next((r["seconds"] for r in rows if r["case"] == "floor"), None)
@@ -204,8 +227,10 @@ def main() -> None:
             ratio = f"{r['seconds'] / floor:.3f}" if floor else "-"
             speed = f"{monai['seconds'] / r['seconds']:.2f}" if monai else "-"
             mem = f"{r['peak_rss_gb'] / monai['peak_rss_gb']:.2f}" if monai and r["case"] != "floor" else "-"
-            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.1f} | {size * size / 1e6 / r['seconds']:.3f} "
-                  f"| {ratio} | {speed} | {r['peak_rss_gb']:.2f} | {mem} |")
+            gpu_mem = r.get("peak_gpu_gb")
+            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.2f} | {size * size / 1e6 / r['seconds']:.3f} "
+                  f"| {ratio} | {speed} | {r['peak_rss_gb']:.2f} | {mem} |"
+                  + (f" {gpu_mem:.2f} |" if gpu_mem is not None else (" - |" if on_gpu else "")))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
