@@ -35,15 +35,16 @@ def read_tile(source: ImageSource, y0: int, x0: int, th: int, tw: int) -> np.nda
 class TilePrefetcher:
     """Reads batches of tiles in a background thread so slicing overlaps with the network's work.
 
-    Batches are written into a ring of reusable (pinned, on CUDA) uint8 buffers; the ring is two longer than the
-    queue, so a buffer is never refilled before the consumer has finished with the batch that used it.
+    Batches are written into a ring of reusable (pinned, on CUDA) uint8 buffers; the ring is three longer than the
+    queue, so a buffer is never refilled before the consumer has finished with the batch that used it, although
+    the consumer keeps one batch in flight (its copy to a GPU may still run while it takes the next batch).
     """
 
     def __init__(self, source: ImageSource, layout: TileLayout, batch_size: int, pin: bool, depth: int = 2) -> None:
         self.source, self.layout, self.batch_size = source, layout, batch_size
         th, tw = layout.tile_shape
         self.buffers = [
-            torch.empty((batch_size, th, tw, 3), dtype=torch.uint8, pin_memory=pin) for _ in range(depth + 2)
+            torch.empty((batch_size, th, tw, 3), dtype=torch.uint8, pin_memory=pin) for _ in range(depth + 3)
         ]
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()

@@ -38,9 +38,11 @@ def _gaussian_1d(length: int, sigma_scale: float) -> np.ndarray:
     return np.maximum(g / g.max(), 1e-6).astype(np.float32)
 
 
-def _quantize(p: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+def quantize(p: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    """Probabilities in [0, 1] -> the output dtype (uint8: probability * 255, rounded); a tensor already in that
+    dtype was quantized before (on the GPU, by the engine) and is returned as it is."""
     if dtype == np.uint8:
-        return (p * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+        return p if p.dtype == torch.uint8 else (p * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
     return p.to(torch.float16 if dtype == np.float16 else torch.float32)
 
 
@@ -64,7 +66,7 @@ class CenterStitcher:
         (y0, y1), (x0, x1) = rows.owned(iy), cols.owned(ix)
         ly, lx = y0 - rows.origin(iy), x0 - cols.origin(ix)
         crop = probs[:, ly : ly + (y1 - y0), lx : lx + (x1 - x0)]
-        self.strip[:, :, x0:x1] = _quantize(crop, self.dtype).cpu().numpy()
+        self.strip[:, :, x0:x1] = quantize(crop, self.dtype).cpu().numpy()
 
     def _flush(self) -> None:
         if self.strip is not None:
@@ -117,7 +119,7 @@ class GaussianStitcher:
         if y1 > y0:
             norm = self.norm_y[y0:y1, None] * self.norm_x[None, x0:x1]
             block = self.strip[:, y0 - top : y1 - top, x0:x1] / norm
-            self.emit(y0 - rows.pad, _quantize(torch.from_numpy(block), self.dtype).numpy())
+            self.emit(y0 - rows.pad, quantize(torch.from_numpy(block), self.dtype).numpy())
         if not final:
             keep = rows.tile - rows.step
             self.strip[:, :keep] = self.strip[:, rows.step :]
