@@ -124,6 +124,20 @@ def test_auto_defect_share_follows_how_rare_defective_images_are():
         load_config(None, ["sampling.defect_share=often"])
 
 
+def test_loader_workers_auto_is_none_on_a_cpu_and_a_few_per_gpu_process(monkeypatch):
+    from defectscan.training import loop
+
+    monkeypatch.setattr(loop, "usable_cores", lambda: 16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loop.loader_workers("auto", cpu) == 0 and loop.loader_workers(3, cpu) == 3
+    assert loop.loader_workers("auto", gpu) == 4 and loop.loader_workers("auto", gpu, processes=8) == 1
+    monkeypatch.setattr(loop, "usable_cores", lambda: 1)
+    assert loop.loader_workers("auto", gpu) == 0
+    assert load_config(None, ["sampling.workers=2"]).sampling.workers == 2
+    with pytest.raises(DefectscanError, match="sampling.workers"):
+        load_config(None, ["sampling.workers=-1"])
+
+
 def test_optimizer_groups_scale_the_encoder_and_spare_norms_from_decay():
     spec = ModelSpec(arch="unet", encoder="resnet18", classes=("defect",), head="sigmoid", tile=64, overlap=0)
     model = build_model(spec, encoder_weights=None)

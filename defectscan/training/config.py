@@ -73,7 +73,9 @@ class SamplingConfig(_Section):
     defect_share: Union[float, Literal["auto"]] = "auto"
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
-    workers: int = Field(0, ge=0)  # DataLoader worker processes (0: crops are made in the main process)
+    # DataLoader worker processes (0: crops are made in the main process); auto: none on a CPU, up to 4 per process
+    # on a GPU (`training.loop.loader_workers`)
+    workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"
 
     @field_validator("defect_share", mode="before")
     @classmethod

@@ -33,7 +33,8 @@ from defectscan.metrics import (ScoreHistogram, ThresholdChoice, choose_threshol
                                 validation_scores)
 from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
-from defectscan.runtime import autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device
+from defectscan.runtime import (autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device,
+                                usable_cores)
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
@@ -60,6 +61,18 @@ def step_line(epoch: int, epochs: int, k: int, steps: int, recent_losses: list[f
     rate = (k + 1) / (time.perf_counter() - t_epoch)
     return (f"epoch {epoch}/{epochs} step {k + 1}/{steps} loss {float(np.mean(recent_losses)):.4f} lr {lr:.3g} "
             f"{rate:.2f} steps/s, ETA {steps_left / rate / 60:.0f} min")
+
+
+def loader_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
+    """DataLoader worker processes for `sampling.workers`. auto: none on a CPU, where a batch of crops costs under
+    0.3 % of a training step and a worker would take a core from the model; on a GPU up to 4 per training process
+    (leaving it one core), since one thread making 32 crops took 26-42 % of an H100's step (README, "On a GPU").
+    Crops do not depend on the number of workers (`data.sampling.IndexRange`)."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, usable_cores() // max(processes, 1) - 1))
 
 
 def model_spec_for(cfg: Config, ds: SegmentationDataset) -> ModelSpec:
@@ -258,6 +271,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         say(f"warning: the warm-up ({oc.warmup_epochs} epochs) is not shorter than the run ({tc.epochs} epochs): the "
             f"learning rate never reaches optim.lr; lower optim.warmup_epochs")
     pin = device.type == "cuda"
+    workers = loader_workers(sc.workers, device, shard.world)
+    if sc.workers == "auto" and workers:
+        say(f"sampling.workers auto: {workers} DataLoader processes make the crops while the GPU trains")
     history: list[dict] = progress_state["history"]
     keep_last = tc.pick_epoch == "last" or (tc.pick_epoch == "auto" and len(splits.val) < PICK_MIN_IMAGES)
     if splits.val and keep_last:
@@ -274,7 +290,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             crops, batch_size=sc.batch_size // shard.world,
             sampler=IndexRange(first * sc.batch_size, (first + sc.steps_per_epoch) * sc.batch_size, sc.batch_size,
                                shard.rank, shard.world),
-            num_workers=sc.workers, pin_memory=pin, persistent_workers=False)
+            num_workers=workers, pin_memory=pin, persistent_workers=False)
         update = progress_factory(f"epoch {epoch}/{tc.epochs}", sc.steps_per_epoch) if progress_factory else None
         model.train()
         losses = []
