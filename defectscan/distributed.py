@@ -55,6 +55,11 @@ class Shard:
 SINGLE = Shard(0, 1)
 
 
+def processes_on_this_node() -> int:
+    """Processes torchrun started on this machine (LOCAL_WORLD_SIZE), 1 without torchrun: they share its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in _ENV) and int(os.environ["WORLD_SIZE"]) > 1
 

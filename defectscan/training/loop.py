@@ -24,7 +24,7 @@ from defectscan.data import Splits, label_budget, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.data.cache import cache_root, choose_mode, load_training_pairs
 from defectscan.data.sampling import CropDataset, IndexRange, build_augment
-from defectscan.distributed import SINGLE, Shard
+from defectscan.distributed import SINGLE, Shard, processes_on_this_node
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
 from defectscan.inference import ClassMap, Predictor
@@ -66,7 +66,8 @@ def step_line(epoch: int, epochs: int, k: int, steps: int, recent_losses: list[f
 def loader_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
     """DataLoader worker processes for `sampling.workers`. auto: none on a CPU, where a batch of crops costs under
     0.3 % of a training step and a worker would take a core from the model; on a GPU up to 4 per training process
-    (leaving it one core), since one thread making 32 crops took 26-42 % of an H100's step (README, "On a GPU").
+    of this machine (`processes`), each keeping a core, since one thread making 32 crops took 13-42 % of an H100's
+    step (README, "On a GPU").
     Crops do not depend on the number of workers (`data.sampling.IndexRange`)."""
     if setting != "auto":
         return int(setting)
@@ -271,7 +272,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         say(f"warning: the warm-up ({oc.warmup_epochs} epochs) is not shorter than the run ({tc.epochs} epochs): the "
             f"learning rate never reaches optim.lr; lower optim.warmup_epochs")
     pin = device.type == "cuda"
-    workers = loader_workers(sc.workers, device, shard.world)
+    workers = loader_workers(sc.workers, device, processes_on_this_node())
     if sc.workers == "auto" and workers:
         say(f"sampling.workers auto: {workers} DataLoader processes make the crops while the GPU trains")
     history: list[dict] = progress_state["history"]
