@@ -113,9 +113,9 @@ def main() -> None:
     for r in rows:
         ref = at512.get((r["encoder"], r["decoder"]))
         ratio = f"{r['gflops'] / ref:.2f}" if ref else "-"
+        mps = args.batch * r["tile"] ** 2 / 1e6 / r["seconds"]
         print(f"| {r['decoder']} | {r['encoder']} | {r['family']} | {r['params_m']:.2f} | {r['encoder_params_m']:.2f} | "
-              f"{r['tile']} | {r['gflops']:.1f} | {r['seconds']:.4f} | {args.batch * r['tile']**2 / 1e6 / r['seconds']:.1f} "
-              f"| {r['peak_mem_mb']:.0f} | {ratio} |")
+              f"{r['tile']} | {r['gflops']:.1f} | {r['seconds']:.4f} | {mps:.1f} | {r['peak_mem_mb']:.0f} | {ratio} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

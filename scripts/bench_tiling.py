@@ -19,8 +19,9 @@ model for MONAI (its default). Times are end to end from the uint8 image to a ui
   + uint8 conversion. Needs `pip install monai` (the `bench` extra); skipped when it is missing.
 
 With `--device cuda` the model runs on the GPU in every case after one untimed warm-up forward (floor: tiles copied
-to the GPU untimed, each forward synchronised; MONAI: input and output on the GPU), and the GPU's peak allocated memory is reported beside RSS:
-there the question is whether the CPU side (tile reading, copies, stitching) keeps the GPU busy.
+to the GPU untimed, each forward synchronised; MONAI: input and output on the GPU), and the GPU's peak allocated
+memory is reported beside RSS: there the question is whether the CPU side (tile reading, copies, stitching) keeps
+the GPU busy.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ def main() -> None:
             speed = f"{monai['seconds'] / r['seconds']:.2f}" if monai else "-"
             mem = f"{r['peak_rss_gb'] / monai['peak_rss_gb']:.2f}" if monai and r["case"] != "floor" else "-"
             gpu_mem = r.get("peak_gpu_gb")
-            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.2f} | {size * size / 1e6 / r['seconds']:.3f} "
+            mps = size * size / 1e6 / r["seconds"]
+            print(f"| {size}^2 | {r['tiles']} | {r['case']} | {r['seconds']:.2f} | {mps:.3f} "
                   f"| {ratio} | {speed} | {r['peak_rss_gb']:.2f} | {mem} |"
                   + (f" {gpu_mem:.2f} |" if gpu_mem is not None else (" - |" if on_gpu else "")))
     if args.json:
