@@ -9,6 +9,7 @@ moves, converts or switches the mode of a caller's model.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
@@ -72,33 +73,33 @@ def tiled_rows(
     quantize_on_device = np.dtype(out_dtype) if stitch == "center" else None
     pending: _HostBatch | None = None  # the previous batch: stitched on the CPU while the GPU computes this one
     done = 0
-    for chunk, batch in TilePrefetcher(source, layout, batch_size, pin=pin):
-        probs = predict(batch)
-        if isinstance(probs, np.ndarray):
-            probs = torch.from_numpy(probs)
-        if probs.ndim != 4 or probs.shape[0] != len(chunk) or probs.shape[-2:] != batch.shape[1:3]:
-            raise DefectscanError(
-                f"predict returned shape {tuple(probs.shape)} for {len(chunk)} tiles of {tuple(batch.shape[1:3])}; "
-                "tiled inference needs (tiles, classes, height, width) at full resolution"
-            )
-        if stitcher is None:
-            channels = probs.shape[1]
-            stitcher = (CenterStitcher(layout, channels, out_dtype, emit) if stitch == "center"
-                        else GaussianStitcher(layout, channels, out_dtype, emit, sigma_scale))
-        current = _HostBatch(chunk, probs, quantize_on_device)
+    for item in itertools.chain(TilePrefetcher(source, layout, batch_size, pin=pin), [None]):  # None: flush
+        current = None
+        if item is not None:
+            chunk, batch = item
+            probs = predict(batch)
+            if isinstance(probs, np.ndarray):
+                probs = torch.from_numpy(probs)
+            if probs.ndim != 4 or probs.shape[0] != len(chunk) or probs.shape[-2:] != batch.shape[1:3]:
+                raise DefectscanError(
+                    f"predict returned shape {tuple(probs.shape)} for {len(chunk)} tiles of "
+                    f"{tuple(batch.shape[1:3])}; tiled inference needs (tiles, classes, height, width) at full "
+                    "resolution"
+                )
+            if stitcher is None:
+                channels = probs.shape[1]
+                stitcher = (CenterStitcher(layout, channels, out_dtype, emit) if stitch == "center"
+                            else GaussianStitcher(layout, channels, out_dtype, emit, sigma_scale))
+            current = _HostBatch(chunk, probs, quantize_on_device)
         if pending is not None:
             done += pending.stitch_into(stitcher)
             if progress is not None:
                 progress(done, len(layout))
+            if current is None:
+                stitcher.finish()
             yield from ready
             ready.clear()
         pending = current
-    assert stitcher is not None and pending is not None  # a layout always has at least one tile
-    done += pending.stitch_into(stitcher)
-    if progress is not None:
-        progress(done, len(layout))
-    stitcher.finish()
-    yield from ready
 
 
 class _HostBatch:
