@@ -634,3 +634,13 @@ def test_calibrate_stores_the_chosen_threshold_and_evaluate_uses_it(tmp_path, mo
     assert summary.metrics.threshold == want.threshold  # evaluate (and infer) use the stored threshold
     m = summary.metrics.model_dump()
     assert m["dice"]["defect"] == pytest.approx(want.f1, abs=1e-4)  # the mask at that threshold: pixel F1 = Dice
+
+
+def test_evaluate_says_what_infer_says_about_center_stitching(tmp_path):
+    """`evaluate` logs the predictor's notes as `infer` prints them, e.g. that center stitching cannot be exact."""
+    spec = ModelSpec(arch="deeplabv3plus", encoder="resnet10t", classes=("defect",), tile=64, overlap=16)
+    save_checkpoint(build_model(spec), spec, tmp_path / "m" / "model")
+    notes: list[str] = []
+    run_evaluation(tmp_path / "m" / "model.safetensors", dataset_with_clean_images(tmp_path / "d"), tmp_path / "ev",
+                   split="all", options=EvalOptions(device="cpu", seam_images=0, stitch="center"), log=notes.append)
+    assert notes == ["deeplabv3plus pools over the whole tile: center stitching is not exact; consider --stitch gaussian"]
