@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_serializer)
+                      model_serializer, model_validator)
 
 from defectscan.errors import DefectscanError
 
@@ -335,7 +335,9 @@ class BackboneSpec(_Options):
 class StudyEvaluate(_Options):
     """How every cell is evaluated (the rest comes from the cell's training config)."""
 
-    split: Literal["test", "val", "train", "all"] = "test"
+    # unused: the labeled training images a cell's label budget left out; many more validation images than a
+    # 20-label budget leaves, for choosing a small-data recipe without the test split
+    split: Literal["test", "val", "train", "all", "unused"] = "test"
     limit: Optional[int] = Field(None, ge=1)
     seam_images: int = Field(1, ge=0)
     examples: int = Field(3, ge=0)
@@ -387,3 +389,10 @@ class StudySpec(_Options):
         if value not in HEADLINE:
             raise ValueError(f"unknown metric '{value}' (choose {', '.join(HEADLINE)})")
         return value
+
+    @model_validator(mode="after")
+    def _unused_needs_a_budget(self) -> "StudySpec":
+        if self.evaluate.split == "unused" and None in self.labeled:
+            raise ValueError("evaluate.split 'unused' scores the images a label budget left out: 'all' leaves none "
+                             "(give labeled counts only)")
+        return self

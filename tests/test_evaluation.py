@@ -522,6 +522,22 @@ def test_ranking_only_where_intervals_separate():
     assert "no ranking" in line
 
 
+def test_benchmark_scores_the_images_a_label_budget_left_out(tmp_path):
+    """evaluate.split: unused scores each cell on the labeled training images outside its budget (a recipe
+    search's validation images at 20 labels), never on the test split."""
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    _tiny_train_config(tmp_path / "train.yaml", data)
+    (tmp_path / "study.yaml").write_text(
+        "train_config: train.yaml\nbackbones:\n  - {name: r10t}\nlabeled: [2]\nseeds: [0]\n"
+        "evaluate: {split: unused, seam_images: 0, examples: 0}\n")
+    (row,) = run_study(load_study(tmp_path / "study.yaml"), tmp_path / "out", log=lambda m: None)
+    cell = tmp_path / "out" / "cells" / "r10t__n2__s0"
+    splits = RunDir(cell / "run").read_splits()
+    metrics = json.loads((cell / "evaluation" / "metrics.json").read_text())
+    assert len(splits["train_unused"]) == 2 and row["test_images"] == 2  # 6 images: 2 test, 2 in the budget
+    assert sorted(metrics["images"]) == sorted(splits["train_unused"]) and metrics["split"] == "unused"
+
+
 def test_study_file_errors(tmp_path):
     (tmp_path / "t.yaml").write_text("model: {encoder: resnet10t}\n")
     bad = {
@@ -531,12 +547,13 @@ def test_study_file_errors(tmp_path):
         "extra: 1": "unknown study key .extra.",
         "backbones: [{name: a__b}]": "may not contain",
         "evaluate: {split: dev}": "evaluate.split",
+        "evaluate: {split: unused}": "'all' leaves none",
         "backbones: [{name: a, pretrain: {config: nope.yaml}}]": "pretrain config .*nope.yaml does not exist",
         "backbones: [{name: a, pretrain: {config: t.yaml, set: [mask.size=3]}}]": "mask.size",
     }
     for line, message in bad.items():
         base = {"train_config": "train_config: t.yaml", "backbones": "backbones: [{name: a}]",
-                "labeled": "labeled: [2]", "seeds": "seeds: [0, 1, 2]"}
+                "labeled": "labeled: [2, all]", "seeds": "seeds: [0, 1, 2]"}
         key = line.split(":")[0]
         base[key] = line
         (tmp_path / "s.yaml").write_text("\n".join(base.values()) + "\n")
