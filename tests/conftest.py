@@ -1,7 +1,7 @@
 """Parallel test runs (`pytest -n N`, pytest-xdist) without oversubscription: each worker gets its own share of
 the usable cores (affinity mask), so torch in a worker, and every process a test starts (torchrun, Ray, the
-CLI), uses that share rather than every core. Two 2-thread torch jobs on 2 cores run ~10x slower than one.
-Serial runs are left as they are."""
+CLI), uses that share rather than every core: two 2-thread torch processes on 2 cores were measured up to ~10x
+slower than one. Serial runs are left as they are."""
 
 from __future__ import annotations
 
