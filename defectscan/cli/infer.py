@@ -77,8 +77,7 @@ def infer(
         apply_threads(threads)
         shard = join_processes(device, lambda: remove_leftovers(out))
         predictor = Predictor.from_checkpoint(model, opts)
-    shown_notes = predictor.notes if shard.is_main else []
-    for note in shown_notes:
+    for note in predictor.unreported_notes() if shard.is_main else ():
         print_note(note)
     class_cols = list(predictor.class_names.values())
     mine: list[tuple[int, dict, list[str] | None]] = []  # (image index, summary row, table cells)
@@ -115,9 +114,8 @@ def infer(
                 if error:
                     progress.update(task, description=f"[red]{escape(path.name)} (failed)")
                 record(index, summary, error)
-    for note in predictor.notes if shard.is_main else ():  # what the run itself found (a provider gave way)
-        if note not in shown_notes:
-            print_note(note)
+    for note in predictor.unreported_notes() if shard.is_main else ():  # what the run found (a provider gave way)
+        print_note(note)
     gathered = sorted((x for part in shard.gather(mine) for x in part), key=lambda x: x[0])
     distributed.close()
     # under Ray each worker picks its precision on its own node (defects.json records it)

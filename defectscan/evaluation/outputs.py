@@ -128,7 +128,7 @@ def open_for_scoring(checkpoint: Path, data: str | Path, options: EvalOptions, *
     mapping, notes = match_classes(ds.classes[1:], spec.defect_classes, class_map)
     if any(k != v for k, v in mapping.items()):
         notes.append("scored as the model's classes: " + ", ".join(f"{k} -> {v}" for k, v in mapping.items()))
-    for note in predictor.notes + notes:  # the predictor's: center-stitch caveat, emulated bf16 (as `infer` says)
+    for note in predictor.unreported_notes() + notes:  # the predictor's: center-stitch caveat, emulated bf16
         log(note)
     return predictor, ds.seen_as((ds.classes[0], *spec.defect_classes), mapping), mapping
 
@@ -157,11 +157,9 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
         def prediction_png(sample: Sample, shape: tuple[int, int]) -> PngRowWriter:
             return PngRowWriter(tmp / "predictions" / f"{sample.stem}.png", *shape)
 
-        shown = predictor.notes
         ev = evaluate(predictor, ds, samples, opts, progress=progress, mask_sink=prediction_png, shard=shard)
-        for note in predictor.notes:  # what the run itself found (an ONNX Runtime provider gave way)
-            if note not in shown:
-                log(note)
+        for note in predictor.unreported_notes():  # what the run itself found (an ONNX Runtime provider gave way)
+            log(note)
         summary = EvalSummary(
             model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
             data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],

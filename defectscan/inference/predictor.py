@@ -58,6 +58,7 @@ class Predictor:
         plan_tiles(self.tile[0], self.tile[1], self.tile, self.overlap, spec.stride)  # checks the overlap now
         self.tiles = tiles or TorchTiles(model, head=spec.head, mean=spec.mean, std=spec.std, amp=opts.amp,
                                          tta=opts.tta, trained_in=self.meta.get("extra", {}).get("precision"))
+        self._reported_notes: set[str] = set()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, options: InferOptions | None = None) -> "Predictor":
@@ -104,6 +105,13 @@ class Predictor:
         if self.tiles.fallback_note:  # an ONNX Runtime provider gave way during the run
             notes.append(self.tiles.fallback_note)
         return notes
+
+    def unreported_notes(self) -> list[str]:
+        """The `notes` no earlier call returned: what to say before a run, then what the run added (an ONNX Runtime
+        provider that gave way), each once."""
+        new = [note for note in self.notes if note not in self._reported_notes]
+        self._reported_notes.update(new)
+        return new
 
     def probabilities(self, image: ImageSource | np.ndarray, *, tile: tuple[int, int] | None = None,
                       overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
