@@ -66,12 +66,12 @@ class _TiledRun(_Options):
     amp: Amp = "auto"
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
     min_area: int = Field(4, ge=0)
+    tta: bool = False  # average over flips; evaluate and calibrate as infer will run
 
 
 class InferOptions(_TiledRun):
     """Run-time choices of `infer`."""
 
-    tta: bool = False
     preview_size: int = Field(2048, ge=16)
 
 

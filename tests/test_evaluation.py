@@ -16,6 +16,7 @@ from _helpers import folder_dataset, run_cli  # tests/ is on sys.path under pyte
 from defectscan.studies import aggregate, bootstrap_ci, load_study, run_study
 from defectscan.studies.report import separations
 from defectscan.training import RunDir
+from defectscan.evaluation.calibrate import calibrate_threshold
 from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
@@ -661,3 +662,28 @@ def test_evaluate_says_what_infer_says_about_center_stitching(tmp_path):
     run_evaluation(tmp_path / "m" / "model.safetensors", dataset_with_clean_images(tmp_path / "d"), tmp_path / "ev",
                    split="all", options=EvalOptions(device="cpu", seam_images=0, stitch="center"), log=notes.append)
     assert notes == ["deeplabv3plus pools over the whole tile: center stitching is not exact; consider --stitch gaussian"]
+
+
+def test_evaluate_and_calibrate_with_flip_tta_score_what_infer_tta_predicts(tmp_path):
+    """`--tta` in evaluate / calibrate runs the flip-averaged network `infer --tta` runs, not the plain one."""
+    data = dataset_with_clean_images(tmp_path / "d")
+    ckpt = _checkpoint(tmp_path / "m" / "model")  # random weights: not flip-equivariant
+    model, spec, _ = load_checkpoint(ckpt)
+    model.eval()
+    ds = load_dataset(data)
+    scores, truth = [], []
+    for s in ds.labeled:
+        image = ds.load_image(s)
+        tiles = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", tta=True)
+        scores.append(tiled_inference(tiles, image, tile=64, overlap=16, align=32)[0].ravel())
+        truth.append((ds.load_mask(s, image.shape[:2]) > 0).ravel())
+    want = average_precision_score(np.concatenate(truth), np.concatenate(scores))
+    results = {tta: run_evaluation(ckpt, data, tmp_path / f"ev{tta}", split="all",
+                                   options=EvalOptions(device="cpu", amp="off", seam_images=0, examples=0, tta=tta))
+               for tta in (False, True)}
+    assert results[True].metrics.defect_pixel_ap == pytest.approx(want, abs=1e-4)
+    assert results[False].metrics.defect_pixel_ap != pytest.approx(want, abs=1e-4)  # the flips did change scores
+    assert json.loads((tmp_path / "evTrue" / "metrics.json").read_text())["options"]["tta"] is True
+    assert "with flip TTA" in (tmp_path / "evTrue" / "report.html").read_text()
+    calibrate_threshold(ckpt, data, split="all", options=EvalOptions(device="cpu", amp="off", tta=True))
+    assert load_checkpoint(ckpt)[2]["extra"]["threshold"]["tta"] is True

@@ -31,6 +31,8 @@ def calibrate(
     batch: int = typer.Option(4, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     amp: str = amp_option(),
+    tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower): calibrate with it if infer "
+                             "will run with --tta."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N images of the split."),
     class_map: List[str] = class_map_option(),
     max_pixels: Optional[int] = max_pixels_option(),
@@ -42,7 +44,7 @@ def calibrate(
     from defectscan.schemas import EvalOptions, validated
     from defectscan.training import RunDir
 
-    opts = validated(EvalOptions, batch_size=batch, device=device, amp=amp)
+    opts = validated(EvalOptions, batch_size=batch, device=device, amp=amp, tta=tta)
     apply_max_pixels(max_pixels)
     apply_threads(threads)
     classes = parse_class_map(class_map)

@@ -30,6 +30,7 @@ def evaluate(
     amp: str = amp_option(),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
     min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower), as infer --tta does."),
     region_criterion: str = typer.Option("coverage", help="A true region is found when its coverage or iou reaches --region-threshold."),
     region_threshold: float = typer.Option(0.5, help="Coverage or IoU needed to count a true region as found."),
     pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
@@ -51,7 +52,7 @@ def evaluate(
 
     # options are checked before any model or data is loaded
     opts = validated(EvalOptions, tile=tile, overlap=overlap, stitch=stitch, batch_size=batch, device=device, amp=amp,
-                     threshold=threshold, min_area=min_area, region_criterion=region_criterion,
+                     threshold=threshold, min_area=min_area, tta=tta, region_criterion=region_criterion,
                      region_threshold=region_threshold, pro_fpr_limit=pro_fpr, seam_images=seam_images)
     apply_max_pixels(max_pixels)
     apply_threads(threads)

@@ -61,5 +61,5 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
     choice = choose_threshold(ev.image_hists, rule, target, default=default, tolerance=tolerance)
     written = set_threshold(checkpoint, choice.threshold, {
         **choice.to_dict(), "split": split, "split_source": how, "images": len(samples), "data": str(ds.root),
-        "previous": predictor.threshold, "default": default}, out=out)
+        "previous": predictor.threshold, "default": default, "tta": opts.tta}, out=out)
     return choice, written, how

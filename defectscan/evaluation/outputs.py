@@ -206,7 +206,8 @@ def summary_rows(summary: EvalSummary) -> list[tuple[str, str]]:
              ("image AUROC / AP / F1", f"{fmt(im.auroc)} / {fmt(im.ap)} / {fmt(im.f1)} "
                                        f"({im.defective} defective, {im.clean} clean, {im.flagged} flagged)")]
     if cost is not None and cost.megapixels_per_second is not None:
-        rows.append((f"speed on {cost.device}", f"{fmt(cost.megapixels_per_second)} MP/s, "
+        tta = " with flip TTA" if summary.options.tta else ""
+        rows.append((f"speed on {cost.device}{tta}", f"{fmt(cost.megapixels_per_second)} MP/s, "
                      f"{fmt(cost.latency_mean_s)} s per image"))
     if cost is not None and cost.parameters is not None:
         peaks = [f"{v:,.0f} MB {k}" for k, v in (("RSS", cost.peak_rss_mb), ("GPU", cost.peak_gpu_mb)) if v is not None]
