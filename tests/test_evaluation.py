@@ -687,3 +687,22 @@ def test_evaluate_and_calibrate_with_flip_tta_score_what_infer_tta_predicts(tmp_
     assert "with flip TTA" in (tmp_path / "evTrue" / "report.html").read_text()
     calibrate_threshold(ckpt, data, split="all", options=EvalOptions(device="cpu", amp="off", tta=True))
     assert load_checkpoint(ckpt)[2]["extra"]["threshold"]["tta"] is True
+
+
+def test_evaluate_and_calibrate_say_what_the_run_itself_found(tmp_path, monkeypatch):
+    """A note the run adds (an ONNX Runtime provider giving way to the CPU one) is logged after it, once."""
+    original = Predictor.segment_rows
+
+    def segment_rows_with_fallback(self, *args, **kwargs):
+        self.tiles.fallback_note = "the provider gave way"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "segment_rows", segment_rows_with_fallback)
+    data = dataset_with_clean_images(tmp_path / "d")
+    ckpt = _checkpoint(tmp_path / "m" / "model")
+    options = EvalOptions(device="cpu", amp="off", seam_images=0, examples=0)
+    for run in (lambda log: run_evaluation(ckpt, data, tmp_path / "ev", split="all", options=options, log=log),
+                lambda log: calibrate_threshold(ckpt, data, split="all", options=options, log=log)):
+        notes: list[str] = []
+        run(notes.append)
+        assert notes == ["the provider gave way"]

@@ -54,6 +54,8 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
     samples, how = select_samples(ds, split, run_splits)
     samples = samples[:limit] if limit else samples
     ev = evaluate(predictor, ds, samples, opts, progress=progress)
+    for note in predictor.unreported_notes():  # what the run itself found (an ONNX Runtime provider gave way)
+        log(note)
     if ev.hist["any"].pos.sum() == 0:
         raise DefectscanError(f"{ds.root}: the {split} images hold no defect pixels, so no threshold can be chosen "
                               f"on them")
