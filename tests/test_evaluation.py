@@ -671,10 +671,10 @@ def test_evaluate_and_calibrate_with_flip_tta_score_what_infer_tta_predicts(tmp_
     model, spec, _ = load_checkpoint(ckpt)
     model.eval()
     ds = load_dataset(data)
+    tiles = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", tta=True)
     scores, truth = [], []
     for s in ds.labeled:
         image = ds.load_image(s)
-        tiles = TorchTiles(model, head="sigmoid", mean=spec.mean, std=spec.std, amp="off", tta=True)
         scores.append(tiled_inference(tiles, image, tile=64, overlap=16, align=32)[0].ravel())
         truth.append((ds.load_mask(s, image.shape[:2]) > 0).ravel())
     want = average_precision_score(np.concatenate(truth), np.concatenate(scores))
