@@ -467,3 +467,51 @@ def test_symlinked_images_and_dotted_annotation_names(tmp_path):
     ds = load_dataset(root)
     assert not ds.problems
     assert sorted(s.stem for s in ds.labeled) == ["big", "img.v2"]
+
+
+def test_search_copies_hold_exactly_a_label_budget_and_its_held_out_images(tmp_path):
+    """scripts/search_recipes_parallel.py prepare: a copy that a lent machine trains on without `--labeled` must
+    reproduce the budget `train --labeled N` draws (train and val images), hold the first held-out images as
+    `test`, draw the same masks without LabelMe's embedded imageData, and never contain the dataset's test split."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "search_recipes_parallel", Path(__file__).resolve().parents[1] / "scripts" / "search_recipes_parallel.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src = tmp_path / "bsdata"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(28):
+        name = f"im{i:02d}"
+        write_image(src / "images" / f"{name}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        shapes = [{"label": "Pitting", "shape_type": "polygon",
+                   "points": [[5 + i, 5], [20 + i, 6], [12 + i, 30]]}] if i % 2 else []
+        (src / "masks" / f"{name}.json").write_text(json.dumps(
+            {"version": "5.0", "shapes": shapes, "imagePath": f"{name}.png", "imageData": "c3RhbmQtaW4=",
+             "imageHeight": 40, "imageWidth": 48}))
+        entries.append({"filename": f"{name}.png", "annotations": f"{name}.json",
+                        "train_test_split": "test" if i >= 24 else "train"})
+    (src / "image_data.json").write_text(json.dumps({"images": entries}))
+    script.prepare(argparse.Namespace(data=src, out=tmp_path / "copies", seeds=[0, 1], labeled=10,
+                                      val_fraction=0.15, held_out=5))
+    ds = load_dataset(src)
+    for seed in (0, 1):
+        splits, train = label_budget(split_dataset(ds, 0.15), 10, subset_seed=seed, val_fraction=0.15)
+        copy = load_dataset(tmp_path / "copies" / f"s{seed}")
+        got = split_dataset(copy, 0.15)  # what `train` with data.labeled=null uses on the copy
+        assert [s.stem for s in got.train] == [s.stem for s in train] and len(train) == 8
+        assert [s.stem for s in got.val] == [s.stem for s in splits.val] and len(got.val) == 2
+        used = {s.stem for s in train + splits.val}
+        held_out = [s.stem for s in ds.labeled if s.split == "train" and s.stem not in used][:5]
+        assert [s.stem for s in got.test] == sorted(held_out) and len(held_out) == 5
+        original = {s.stem: s for s in ds.labeled}
+        for s in copy.labeled:
+            assert original[s.stem].split == "train"  # the dataset's test images never travel
+            assert np.array_equal(copy.load_mask(s), ds.load_mask(original[s.stem]))
+            assert json.loads(s.annotation.read_text())["imageData"] is None
+    assert {s.stem for s in load_dataset(tmp_path / "copies" / "s0").labeled} != \
+        {s.stem for s in load_dataset(tmp_path / "copies" / "s1").labeled}  # each seed draws its own budget
