@@ -203,6 +203,10 @@ def main() -> None:
     r.add_argument("--jobs-list", nargs="+", help="explicit VARIANT:SEED jobs instead (replicates, seed 2)")
     r.add_argument("--set", action="append", default=[], help="override for every job (e.g. a short dry run)")
     args = ap.parse_args()
+    for job in getattr(args, "jobs_list", None) or []:
+        variant, _, seed = job.partition(":")
+        if variant not in VARIANTS or not seed.isdigit():
+            ap.error(f"--jobs-list {job}: expected VARIANT:SEED with VARIANT one of {', '.join(VARIANTS)}")
     prepare(args) if args.command == "prepare" else run(args)
 
 
