@@ -10,7 +10,7 @@ seed trains and validates on (the split `defectscan train --labeled 20` draws: 1
 split is never copied. LabelMe files lose their embedded `imageData` (the JPEG again, base64): masks are drawn from
 the polygons alone, so they are the same, and the copy is small enough to carry to a lent machine.
 
-`run` trains every variant (overrides of configs/bsdata_unet_lite0_n20.yaml, float32) with `defectscan train` on a
+`run` trains every variant (overrides of the 20-label preset as the search found it, `SEARCHED_FROM`; float32) with `defectscan train` on a
 seed's copy (`data.labeled=null`: the copy is the budget) and scores its best checkpoint with `defectscan evaluate
 --split test` (the 60 held-out images, float32), `--jobs` at a time; one JSON line per finished job in
 OUT/results.jsonl, logs in OUT/logs.tar.gz. Seeds 0 and 1 of every variant first, then seed 2 in the order of the
@@ -34,7 +34,9 @@ import tarfile
 import time
 from pathlib import Path
 
-PRESET = "configs/bsdata_unet_lite0_n20.yaml"  # crop 256, batch 8, 6 x 160 steps, lr 1e-3, encoder lr x0.3
+PRESET = "configs/bsdata_unet_lite0_n20.yaml"  # crop 256, batch 8, 6 x 160 steps, lr 1e-3
+# The preset before the search: it has since adopted the encoder's full rate (`enc1.0`), so `base` pins what it was.
+SEARCHED_FROM = ["optim.encoder_lr_scale=0.3"]
 VARIANTS = {
     "base": [],
     "s480": ["sampling.steps_per_epoch=80"],
@@ -58,14 +60,15 @@ LENGTH = {"s1920": 2.0, "s3840": 4.0}  # job length relative to base, for the de
 
 def prepare(args: argparse.Namespace) -> None:
     from defectscan.data import label_budget, load_dataset, split_dataset
+    from defectscan.evaluation.outputs import select_samples
 
     ds = load_dataset(args.data)
     for seed in args.seeds:
         splits, train = label_budget(split_dataset(ds, args.val_fraction), args.labeled, subset_seed=seed,
                                      val_fraction=args.val_fraction)
-        used = {s.stem for s in train + splits.val}
-        pool = {s.stem for s in splits.train}
-        held_out = [s for s in ds.labeled if s.stem in pool and s.stem not in used][:args.held_out]
+        # what `evaluate --split unused --limit N` scores for a run of this budget (its splits.json's train_unused)
+        unused = {s.stem for s in splits.train} - {s.stem for s in train}
+        held_out = select_samples(ds, "unused", ({"train_unused": sorted(unused)}, args.data))[0][:args.held_out]
         role = {**{s.stem: "train" for s in train}, **{s.stem: "val" for s in splits.val},
                 **{s.stem: "test" for s in held_out}}
         out = args.out / f"s{seed}"
@@ -89,7 +92,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 def _commands(job_dir: Path, data: str, variant: str, seed: int, device: str, extra: list[str]) -> str:
     sets = ["data.labeled=null", "validation.test=false", "training.amp=off", "sampling.workers=1",
-            f"training.seed={seed}", f"data.subset_seed={seed}", *VARIANTS[variant], *extra]
+            f"training.seed={seed}", f"data.subset_seed={seed}", *SEARCHED_FROM, *VARIANTS[variant], *extra]
     train = [sys.executable, "-m", "defectscan", "train", PRESET, "--data", data, "--out", str(job_dir / "run"),
              "--device", device, "--threads", "2"] + [a for kv in sets for a in ("--set", kv)]
     evaluate = [sys.executable, "-m", "defectscan", "evaluate", "-m", str(job_dir / "run" / "best.safetensors"),
@@ -130,9 +133,8 @@ def run(args: argparse.Namespace) -> None:
         log.write(line + "\n")
         log.flush()
 
-    explicit = [(j.split(":")[0], int(j.split(":")[1])) for j in args.jobs_list or []]
-    queue = explicit or [(v, s) for v in args.variants for s in (0, 1)]
-    seed2_planned = bool(explicit)
+    queue = list(args.jobs_list) or [(v, s) for v in args.variants for s in (0, 1)]
+    seed2_planned = bool(args.jobs_list)
     results: dict[tuple[str, int], dict] = {}
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -203,10 +205,12 @@ def main() -> None:
     r.add_argument("--jobs-list", nargs="+", help="explicit VARIANT:SEED jobs instead (replicates, seed 2)")
     r.add_argument("--set", action="append", default=[], help="override for every job (e.g. a short dry run)")
     args = ap.parse_args()
-    for job in getattr(args, "jobs_list", None) or []:
-        variant, _, seed = job.partition(":")
-        if variant not in VARIANTS or not seed.isdigit():
-            ap.error(f"--jobs-list {job}: expected VARIANT:SEED with VARIANT one of {', '.join(VARIANTS)}")
+    if args.command == "run":
+        jobs = [(job, *job.partition(":")[::2]) for job in args.jobs_list or []]
+        for job, variant, seed in jobs:
+            if variant not in VARIANTS or not seed.isdigit():
+                ap.error(f"--jobs-list {job}: expected VARIANT:SEED, VARIANT one of {', '.join(VARIANTS)}")
+        args.jobs_list = [(variant, int(seed)) for _, variant, seed in jobs]
     prepare(args) if args.command == "prepare" else run(args)
 
 
