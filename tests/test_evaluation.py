@@ -330,10 +330,18 @@ def test_compare_two_evaluations(tmp_path):
     assert "<th>defect Dice</th>" in html and "fp_regions_per_mp" not in html  # titles people read
     assert 'class="best"' in html  # the best value of a column stands out
     assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3
+    # the same models scored with different run options are not a comparison of models: said, with the values
+    f = tmp_path / "b" / "evaluation" / "metrics.json"
+    raw = json.loads(f.read_text())
+    raw["options"].update(tta=True, threshold=None)
+    f.write_text(json.dumps(raw))
+    warning = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp1")["warning"]
+    assert warning == ("they ran with different options (threshold: 0.3, as trained; tta: False, True): "
+                       "the numbers are not directly comparable")
+    assert warning in (tmp_path / "cmp1" / "compare.html").read_text()
     with pytest.raises(DefectscanError, match="no metrics.json"):
         compare([tmp_path / "d"], tmp_path / "cmp2")
     # image names in metrics.json name files inside the evaluation directory: a path is refused, not followed
-    f = tmp_path / "b" / "evaluation" / "metrics.json"
     f.write_text(f.read_text().replace('"images": [', '"images": ["../../outside", ', 1))
     with pytest.raises(DefectscanError, match="plain file stems, got '../../outside'"):
         compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp3")

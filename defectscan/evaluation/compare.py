@@ -91,6 +91,25 @@ def pick_crops(evals: list[EvalSummary], dirs: list[Path], ds, count: int = 4, w
     return crops
 
 
+# Run options that change the scores: two evaluations that chose them differently are not a comparison of models.
+# None means "as the checkpoint records", which is each model's own setting and so comparable.
+SCORE_OPTIONS = ("tile", "overlap", "stitch", "threshold", "min_area", "tta", "region_criterion", "region_threshold",
+                 "pro_fpr_limit")
+
+
+def differing_options(evals: list[EvalSummary]) -> list[str]:
+    """`name: value, value` for every scoring option (and the precision) on which the evaluations differ."""
+    out = []
+    for key in SCORE_OPTIONS:
+        values = [getattr(e.options, key) for e in evals]
+        if len(set(values)) > 1:
+            out.append(f"{key}: " + ", ".join("as trained" if v is None else str(v) for v in values))
+    precisions = [e.precision for e in evals]
+    if len(set(precisions)) > 1:
+        out.append("precision: " + ", ".join(str(p) for p in precisions))
+    return out
+
+
 def _best_cells(rows: list[dict], header: list[str]) -> list[list[bool]]:
     """Per row and column: whether that cell holds the best value of its column (ties too; not for one model)."""
     best = [[False] * len(header) for _ in rows]
@@ -121,8 +140,11 @@ def compare(dirs: list[str | Path], out: str | Path) -> dict:
         rows.append({"model": label, "description": e.model, "dir": str(d), "images": e.metrics.images,
                      "split": e.split, "data": e.data, **{k: head[k] for k in TABLE_METRICS}})
     datasets = {(e.data, e.split, tuple(e.images)) for e in evals}
-    warning = "" if len(datasets) == 1 else ("the evaluations did not all use the same images: the numbers are not "
-                                             "directly comparable")
+    warnings = [] if len(datasets) == 1 else ["the evaluations did not all use the same images"]
+    options = differing_options(evals)
+    if options:
+        warnings.append("they ran with different options (" + "; ".join(options) + ")")
+    warning = (" and ".join(warnings) + ": the numbers are not directly comparable") if warnings else ""
     scatters = []
     for x_key, x_label in (("mp_per_s", "inference speed (MP/s)"), ("parameters", "parameters")):
         pts = [(r["model"], r[x_key], r["defect_dice"], None) for r in rows
