@@ -344,6 +344,7 @@ class StudyEvaluate(_Options):
     region_criterion: Literal["coverage", "iou"] = "coverage"
     region_threshold: float = Field(0.5, ge=0.0, le=1.0)
     pro_fpr_limit: float = Field(0.3, gt=0.0, le=1.0)
+    tta: bool = False  # average over flips, as `evaluate --tta` (and `infer --tta`) would
 
 
 class StudySpec(_Options):

@@ -474,6 +474,17 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
                          "--report-only", "--data", moved)
     assert code == 0 and json.loads((tmp_path / "machine3" / "summary.json").read_text())["cells_done"] == 2
     assert "cells ran on: " in (tmp_path / "machine3" / "report.html").read_text()
+    # a record from before tta was a study option (no key) evaluated without it: it stands; with tta it does not
+    saved = json.loads(record.read_text())
+    del saved["evaluation"]["tta"]
+    record.write_text(json.dumps(saved))
+    run_study(load_study(study_file, [f"data.root={moved}"]), tmp_path / "machine2", log=lambda m: None)
+    assert len(calls) == 2
+    tta_study = tmp_path / "study_tta.yaml"
+    tta_study.write_text(study_file.read_text().replace("examples: 0}", "examples: 0, tta: true}"))
+    with pytest.raises(DefectscanError, match="recorded with another evaluation"):
+        run_study(load_study(tta_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
+                  log=lambda m: None)
     # an edited study does not silently take the records of the old one
     study_file.write_text(study_file.read_text().replace("optim.lr=0.001", "optim.lr=0.002"))
     with pytest.raises(DefectscanError, match="recorded with another training config"):

@@ -45,7 +45,7 @@ from defectscan.models.checkpoint import read_sidecar
 from defectscan.schemas import (
     BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
-from defectscan.studies.records import check_record, read_record, record_path, write_record
+from defectscan.studies.records import EVAL_KEYS, check_record, read_record, record_path, write_record
 from defectscan.studies.report import collect_rows, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
@@ -238,7 +238,7 @@ def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:
     return EvalOptions(device=device or cfg.training.device, stitch=cfg.validation.stitch,
                        batch_size=cfg.validation.batch_size, min_area=cfg.validation.min_area,
                        seam_images=ev.seam_images, examples=ev.examples, region_criterion=ev.region_criterion,
-                       region_threshold=ev.region_threshold, pro_fpr_limit=ev.pro_fpr_limit)
+                       region_threshold=ev.region_threshold, pro_fpr_limit=ev.pro_fpr_limit, tta=ev.tta)
 
 
 def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str) -> None:
@@ -253,9 +253,7 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str) -> N
     # where it ran does not change what it measured
     same_cfg = run.same_config(cfg, ignore=("training.device",))
     saved = EvalSummary.read(metrics_file)
-    same_eval = saved.split == split and all(
-        getattr(saved.options, k) == getattr(opts, k)
-        for k in ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch"))
+    same_eval = saved.split == split and all(getattr(saved.options, k) == getattr(opts, k) for k in EVAL_KEYS)
     if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
                               f"run the changed study into a new --out directory")

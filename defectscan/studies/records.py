@@ -35,7 +35,9 @@ RECORD_VERSION = 1
 # config digest (its directory under the study).
 MACHINE_KEYS = ("training.device",)
 # The evaluation options that change a cell's metrics (the others only change the pictures written).
-EVAL_KEYS = ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch")
+EVAL_KEYS = ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch", "tta")
+# What a key absent from an older record or metrics.json meant (tta was not a study option then: cells ran without)
+EVAL_KEY_DEFAULTS = {"tta": False}
 
 
 def record_path(records: Path, cell_name: str) -> Path:
@@ -94,7 +96,8 @@ def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split
     """A record stands for the cell only if it was made with this cell's settings."""
     same_cfg = comparable_config(record["config"], out) == comparable_config(cfg, out)
     ev = record["evaluation"]
-    same_eval = ev.get("split") == split and all(ev.get(k) == getattr(opts, k) for k in EVAL_KEYS)
+    same_eval = ev.get("split") == split and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k)
+                                                 for k in EVAL_KEYS)
     if not same_cfg or not same_eval:
         what = "training config" if not same_cfg else "evaluation"
         raise DefectscanError(f"{path}: recorded with another {what} than the study now gives this cell; point "
