@@ -77,6 +77,9 @@ def test_tiled_onnx_inference_equals_tiled_torch_inference(tmp_path):
     onnx_predictor = Predictor.from_checkpoint(tmp_path / "out" / "model.onnx", opts)
     onnx_run = onnx_predictor.predict(image)
     assert onnx_predictor.model is None and onnx_predictor.precision == "onnxruntime float32"
+    onnx_predictor.tiles.provider = "OpenVINOExecutionProvider"  # as the OpenVINO build reports it
+    assert onnx_predictor.precision == "onnxruntime float32 (OpenVINO)"
+    onnx_predictor.tiles.provider = "CPUExecutionProvider"
     assert np.mean(torch_run.mask != onnx_run.mask) <= 1e-4  # within 0.01 % of pixels
     assert np.abs(torch_run.probs.astype(int) - onnx_run.probs.astype(int)).max() <= 1  # one uint8 level
 

@@ -124,7 +124,10 @@ class OnnxTiles(TileBackend):
 
     @property
     def precision(self) -> str:
-        return self._precision
+        """The graph's number format, and the accelerated provider that ran it (its int8 kernels round otherwise
+        than the CPU provider's: an evaluation says which one it measured)."""
+        name = self.provider.removesuffix("ExecutionProvider")
+        return self._precision if name == "CPU" else f"{self._precision} ({name})"
 
     @property
     def parameters(self) -> int:
