@@ -333,12 +333,22 @@ def test_compare_two_evaluations(tmp_path):
     # the same models scored with different run options are not a comparison of models: said, with the values
     f = tmp_path / "b" / "evaluation" / "metrics.json"
     raw = json.loads(f.read_text())
-    raw["options"].update(tta=True, threshold=None)
+    raw["options"].update(tta=True, threshold=None, stitch="gaussian")
+    raw["metrics"]["threshold"] = 0.5  # what "as trained" resolved to
     f.write_text(json.dumps(raw))
     warning = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp1")["warning"]
     assert warning == ("they ran with different options (threshold: 0.3, as trained; tta: False, True): "
-                       "the numbers are not directly comparable")
+                       "the numbers are not directly comparable")  # each model's own stitch mode is fair
     assert warning in (tmp_path / "cmp1" / "compare.html").read_text()
+    # an explicit threshold equal to the one the other model was calibrated at, or an unrecorded precision: the same
+    raw["options"].update(tta=False)
+    raw["metrics"]["threshold"], raw["precision"] = 0.3, None
+    f.write_text(json.dumps(raw))
+    assert compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp1")["warning"] is None
+    raw["precision"] = "onnxruntime int8 (OpenVINO)"
+    f.write_text(json.dumps(raw))
+    assert "precision: float32, onnxruntime int8 (OpenVINO)" in compare([tmp_path / "a", tmp_path / "b"],
+                                                                         tmp_path / "cmp1")["warning"]
     with pytest.raises(DefectscanError, match="no metrics.json"):
         compare([tmp_path / "d"], tmp_path / "cmp2")
     # image names in metrics.json name files inside the evaluation directory: a path is refused, not followed
@@ -473,18 +483,20 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
     code, _, _ = run_cli(monkeypatch, capsys, "benchmark", study_file, "--out", tmp_path / "machine3",
                          "--report-only", "--data", moved)
     assert code == 0 and json.loads((tmp_path / "machine3" / "summary.json").read_text())["cells_done"] == 2
-    assert "cells ran on: " in (tmp_path / "machine3" / "report.html").read_text()
+    report = (tmp_path / "machine3" / "report.html").read_text()
+    assert "cells ran on: " in report and "cells scored on: test split; regions: coverage &gt;= 0.5" in report
     # a record from before tta was a study option (no key) evaluated without it: it stands; with tta it does not
     saved = json.loads(record.read_text())
     del saved["evaluation"]["tta"]
     record.write_text(json.dumps(saved))
     run_study(load_study(study_file, [f"data.root={moved}"]), tmp_path / "machine2", log=lambda m: None)
     assert len(calls) == 2
-    tta_study = tmp_path / "study_tta.yaml"
-    tta_study.write_text(study_file.read_text().replace("examples: 0}", "examples: 0, tta: true}"))
-    with pytest.raises(DefectscanError, match="recorded with another evaluation"):
-        run_study(load_study(tta_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
-                  log=lambda m: None)
+    other_study = tmp_path / "study_other.yaml"
+    for other in ("tta: true", "limit: 1"):  # flip TTA; fewer images than the record scored
+        other_study.write_text(study_file.read_text().replace("examples: 0}", f"examples: 0, {other}}}"))
+        with pytest.raises(DefectscanError, match="recorded with another evaluation"):
+            run_study(load_study(other_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
+                      log=lambda m: None)
     # an edited study does not silently take the records of the old one
     study_file.write_text(study_file.read_text().replace("optim.lr=0.001", "optim.lr=0.002"))
     with pytest.raises(DefectscanError, match="recorded with another training config"):

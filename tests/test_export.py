@@ -77,9 +77,6 @@ def test_tiled_onnx_inference_equals_tiled_torch_inference(tmp_path):
     onnx_predictor = Predictor.from_checkpoint(tmp_path / "out" / "model.onnx", opts)
     onnx_run = onnx_predictor.predict(image)
     assert onnx_predictor.model is None and onnx_predictor.precision == "onnxruntime float32"
-    onnx_predictor.tiles.provider = "OpenVINOExecutionProvider"  # as the OpenVINO build reports it
-    assert onnx_predictor.precision == "onnxruntime float32 (OpenVINO)"
-    onnx_predictor.tiles.provider = "CPUExecutionProvider"
     assert np.mean(torch_run.mask != onnx_run.mask) <= 1e-4  # within 0.01 % of pixels
     assert np.abs(torch_run.probs.astype(int) - onnx_run.probs.astype(int)).max() <= 1  # one uint8 level
 
@@ -189,6 +186,16 @@ def test_a_provider_that_fails_on_the_graph_gives_way_to_the_cpu_one_only_when_n
     with pytest.warns(RuntimeWarning, match="OpenVINOExecutionProvider failed on this graph .*CPU provider"):
         out = auto.forward(x)
     assert auto.provider == "CPUExecutionProvider" and torch.equal(out, expected)
+    assert auto.precision == "onnxruntime float32"  # only the CPU provider ran a batch
+    # a provider that ran batches before giving way is named in what the evaluation records
+    later = OnnxTiles(tmp_path / "out" / "model.onnx", meta, spec, device="auto")
+    later.provider = "OpenVINOExecutionProvider"  # stands for it: the first batch runs (on the real session)
+    later.forward(x)
+    assert later.precision == "onnxruntime float32 (OpenVINO)"
+    later.session = _FailingSession()
+    with pytest.warns(RuntimeWarning, match="ran it on the CPU provider"):
+        later.forward(x)
+    assert later.precision == "onnxruntime float32 (OpenVINO, then CPU)"
     predictor = Predictor(None, spec, InferOptions(device="auto"), checkpoint=tmp_path / "out" / "model.onnx",
                           meta=meta, tiles=auto)
     assert any("ran it on the CPU provider" in note for note in predictor.notes)  # what `infer` prints after a run

@@ -92,21 +92,38 @@ def pick_crops(evals: list[EvalSummary], dirs: list[Path], ds, count: int = 4, w
 
 
 # Run options that change the scores: two evaluations that chose them differently are not a comparison of models.
-# None means "as the checkpoint records", which is each model's own setting and so comparable.
-SCORE_OPTIONS = ("tile", "overlap", "stitch", "threshold", "min_area", "tta", "region_criterion", "region_threshold",
+# None means "as the checkpoint records" (each model's own tile, threshold, ...), which is comparable. `stitch` is
+# left out: metrics.json records the resolved mode, and each family's own (center for CNNs, gaussian for Swin /
+# ViTAE) is its fair setting.
+SCORE_OPTIONS = ("tile", "overlap", "threshold", "min_area", "tta", "region_criterion", "region_threshold",
                  "pro_fpr_limit")
 
 
+def _used(e: EvalSummary, key: str):
+    """The value an option resolved to, where metrics.json records it (None: not recorded)."""
+    if key == "threshold":
+        return e.metrics.threshold
+    if key == "tile" and e.metrics.cost is not None and e.metrics.cost.tile:
+        return tuple(e.metrics.cost.tile)
+    return None
+
+
 def differing_options(evals: list[EvalSummary]) -> list[str]:
-    """`name: value, value` for every scoring option (and the precision) on which the evaluations differ."""
+    """`name: value, value` for every scoring option (and the precision) the evaluations chose differently. An
+    explicit value that resolved to what the others used (`--threshold 0.9` on a model calibrated at 0.9) is not a
+    difference; a precision older files did not record is not either."""
     out = []
     for key in SCORE_OPTIONS:
         values = [getattr(e.options, key) for e in evals]
-        if len(set(values)) > 1:
-            out.append(f"{key}: " + ", ".join("as trained" if v is None else str(v) for v in values))
-    precisions = [e.precision for e in evals]
+        if len(set(values)) < 2:
+            continue
+        used = [_used(e, key) for e in evals]
+        if None not in used and len(set(used)) == 1:
+            continue
+        out.append(f"{key}: " + ", ".join("as trained" if v is None else str(v) for v in values))
+    precisions = [e.precision for e in evals if e.precision is not None]
     if len(set(precisions)) > 1:
-        out.append("precision: " + ", ".join(str(p) for p in precisions))
+        out.append("precision: " + ", ".join(str(e.precision or "not recorded") for e in evals))
     return out
 
 

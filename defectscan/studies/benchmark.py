@@ -168,18 +168,18 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         overrides.append(f"model.encoder_weights={json.dumps(str(pre_weights))}")
         cfg = load_config(study.train_config, overrides)
     opts = eval_options(study, cfg, device)
-    split, record = study.evaluate.split, study.record(cell)
+    split, limit, record = study.evaluate.split, study.evaluate.limit, study.record(cell)
     if row_file.is_file():
-        check_finished_cell(cell_dir, cfg, opts, split)
+        check_finished_cell(cell_dir, cfg, opts, split, limit)
         row = json.loads(row_file.read_text())
         if record is not None and record.is_file():
-            check_record(record, read_record(record), cfg, opts, split, out)
+            check_record(record, read_record(record), cfg, opts, split, out, limit)
         elif record is not None:  # finished before the study kept records: record it now
-            write_record(record, cell.name, row, cfg, opts, split, out, **_history(cell_dir / "run"))
+            write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, **_history(cell_dir / "run"))
         return row, False
     if record is not None and record.is_file():  # finished on another machine
         rec = read_record(record)
-        check_record(record, rec, cfg, opts, split, out)
+        check_record(record, rec, cfg, opts, split, out, limit)
         return rec["row"], False
     if pre_dir is not None:
         ensure_pretrained(pcfg, pre_dir, log=log, progress_factory=progress_factory)
@@ -215,7 +215,7 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            **result.headline()}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     if record is not None:
-        write_record(record, cell.name, row, cfg, opts, split, out, **_history(run.path))
+        write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, **_history(run.path))
     return row, True
 
 
@@ -241,7 +241,7 @@ def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:
                        region_threshold=ev.region_threshold, pro_fpr_limit=ev.pro_fpr_limit, tta=ev.tta)
 
 
-def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str) -> None:
+def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limit: int | None = None) -> None:
     """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
     would silently mix results of two configurations."""
     run = RunDir(cell_dir / "run")
@@ -253,7 +253,8 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str) -> N
     # where it ran does not change what it measured
     same_cfg = run.same_config(cfg, ignore=("training.device",))
     saved = EvalSummary.read(metrics_file)
-    same_eval = saved.split == split and all(getattr(saved.options, k) == getattr(opts, k) for k in EVAL_KEYS)
+    same_eval = (saved.split == split and all(getattr(saved.options, k) == getattr(opts, k) for k in EVAL_KEYS)
+                 and (limit is None or len(saved.images) <= limit))
     if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
                               f"run the changed study into a new --out directory")

@@ -36,7 +36,7 @@ RECORD_VERSION = 1
 MACHINE_KEYS = ("training.device",)
 # The evaluation options that change a cell's metrics (the others only change the pictures written).
 EVAL_KEYS = ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch", "tta")
-# What a key absent from an older record or metrics.json meant (tta was not a study option then: cells ran without)
+# What a key absent from an older record meant (tta was not a study option then: its cells ran without)
 EVAL_KEY_DEFAULTS = {"tta": False}
 
 
@@ -69,12 +69,12 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
 
 
 def write_record(path: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
-                 history: list[dict], validation_images: list[dict]) -> Path:
+                 history: list[dict], validation_images: list[dict], limit: int | None = None) -> Path:
     """Write (atomically) the cell's record. The hardware is the row's (where the cell trained; None for a cell
     finished before rows named it); the library versions are those of the recording process, which is the training
     one unless the record was backfilled from an older cell directory."""
     record = {"version": RECORD_VERSION, "cell": cell_name, "row": row, "config": comparable_config(cfg, out),
-              "evaluation": {"split": split, **{k: getattr(opts, k) for k in EVAL_KEYS}},
+              "evaluation": {"split": split, "limit": limit, **{k: getattr(opts, k) for k in EVAL_KEYS}},
               "history": history, "validation_images": validation_images, "hardware": row.get("hardware"),
               "versions": library_versions(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
@@ -92,12 +92,15 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split: str, out: Path) -> None:
-    """A record stands for the cell only if it was made with this cell's settings."""
+def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
+                 limit: int | None = None) -> None:
+    """A record stands for the cell only if it was made with this cell's settings (an older record without
+    `limit` is held to it through the number of images it scored)."""
     same_cfg = comparable_config(record["config"], out) == comparable_config(cfg, out)
     ev = record["evaluation"]
-    same_eval = ev.get("split") == split and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k)
-                                                 for k in EVAL_KEYS)
+    same_eval = (ev.get("split") == split and ev.get("limit", limit) == limit
+                 and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k) for k in EVAL_KEYS)
+                 and (limit is None or record["row"].get("test_images", 0) <= limit))
     if not same_cfg or not same_eval:
         what = "training config" if not same_cfg else "evaluation"
         raise DefectscanError(f"{path}: recorded with another {what} than the study now gives this cell; point "

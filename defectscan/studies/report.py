@@ -137,6 +137,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
             "platform": platform.platform(), "versions": library_versions(),
             "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()),
+            "evaluation": _evaluation_line(study.evaluate),
             "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
     split = study.evaluate.split  # a recipe search scores validation images, not the test split
@@ -179,6 +180,13 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     write_text(out / "summary.md", markdown_table(summary, shown) + "\nWhere the 95% intervals of "
                f"{study.metric} separate:\n" + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
     return True
+
+
+def _evaluation_line(ev) -> str:
+    """How every cell was scored, as one line (flip TTA also slows the measured speed)."""
+    images = f"{ev.split} split" + (f", first {ev.limit} images" if ev.limit else "")
+    return (f"{images}; regions: {ev.region_criterion} >= {ev.region_threshold}; PRO up to FPR {ev.pro_fpr_limit}"
+            + ("; flip TTA (speeds include the flipped passes)" if ev.tta else ""))
 
 
 def _machine_counts(rows: list[dict]) -> dict[str, int]:
