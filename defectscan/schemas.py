@@ -92,6 +92,12 @@ class EvalOptions(_TiledRun):
         return InferOptions(**self.model_dump(include=set(_TiledRun.model_fields)))
 
 
+# The EvalOptions that change the metrics (the others change only speed, memory or the pictures written): study
+# records are checked against them, and `compare` warns where evaluations chose them differently.
+SCORE_OPTIONS = ("tile", "overlap", "stitch", "threshold", "min_area", "tta", "region_criterion", "region_threshold",
+                 "pro_fpr_limit")
+
+
 # ---- infer's defect table ----------------------------------------------------------------------------------------
 @dataclass
 class Region:

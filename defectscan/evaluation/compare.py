@@ -20,7 +20,7 @@ from defectscan.io.files import atomic_dir, csv_text, read_csv
 from defectscan.reporting import plots
 from defectscan.reporting.html import png_bytes_uri, png_uri, render
 from defectscan.reporting.overlays import outcome_preview
-from defectscan.schemas import EvalSummary
+from defectscan.schemas import SCORE_OPTIONS, EvalSummary
 
 # Column titles people read, and which way is better (True: higher), for the best-value highlight
 METRIC_LABELS = {
@@ -91,12 +91,11 @@ def pick_crops(evals: list[EvalSummary], dirs: list[Path], ds, count: int = 4, w
     return crops
 
 
-# Run options that change the scores: two evaluations that chose them differently are not a comparison of models.
-# None means "as the checkpoint records" (each model's own tile, threshold, ...), which is comparable. `stitch` is
-# left out: metrics.json records the resolved mode, and each family's own (center for CNNs, gaussian for Swin /
-# ViTAE) is its fair setting.
-SCORE_OPTIONS = ("tile", "overlap", "threshold", "min_area", "tta", "region_criterion", "region_threshold",
-                 "pro_fpr_limit")
+# Two evaluations that chose a scoring option differently are not a comparison of models. None means "as the
+# checkpoint records" (each model's own tile, threshold, ...), which is comparable. `stitch` is left out:
+# metrics.json records the resolved mode, and each family's own (center for CNNs, gaussian for Swin / ViTAE) is its
+# fair setting.
+COMPARED_OPTIONS = tuple(k for k in SCORE_OPTIONS if k != "stitch")
 
 
 def _used(e: EvalSummary, key: str):
@@ -113,7 +112,7 @@ def differing_options(evals: list[EvalSummary]) -> list[str]:
     explicit value that resolved to what the others used (`--threshold 0.9` on a model calibrated at 0.9) is not a
     difference; a precision older files did not record is not either."""
     out = []
-    for key in SCORE_OPTIONS:
+    for key in COMPARED_OPTIONS:
         values = [getattr(e.options, key) for e in evals]
         if len(set(values)) < 2:
             continue

@@ -43,9 +43,9 @@ from defectscan.io.provenance import hardware
 from defectscan.models import encoder_info
 from defectscan.models.checkpoint import read_sidecar
 from defectscan.schemas import (
-    BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
+    SCORE_OPTIONS, BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
-from defectscan.studies.records import EVAL_KEYS, check_record, read_record, record_path, write_record
+from defectscan.studies.records import check_record, read_record, record_path, write_record
 from defectscan.studies.report import collect_rows, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
@@ -253,7 +253,8 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limi
     # where it ran does not change what it measured
     same_cfg = run.same_config(cfg, ignore=("training.device",))
     saved = EvalSummary.read(metrics_file)
-    same_eval = (saved.split == split and all(getattr(saved.options, k) == getattr(opts, k) for k in EVAL_KEYS)
+    same_eval = (saved.split == split
+                 and all(getattr(saved.options, k) == getattr(opts, k) for k in SCORE_OPTIONS)
                  and (limit is None or len(saved.images) <= limit))
     if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "

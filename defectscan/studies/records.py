@@ -26,7 +26,7 @@ import yaml
 from defectscan.errors import DefectscanError
 from defectscan.io.files import write_text
 from defectscan.io.provenance import library_versions
-from defectscan.schemas import EvalOptions
+from defectscan.schemas import SCORE_OPTIONS, EvalOptions
 from defectscan.training.config import Config
 
 RECORD_VERSION = 1
@@ -34,9 +34,8 @@ RECORD_VERSION = 1
 # encoders were on that machine. The dataset is named by its directory's name, the encoder by its pretraining's
 # config digest (its directory under the study).
 MACHINE_KEYS = ("training.device",)
-# The evaluation options that change a cell's metrics (the others only change the pictures written).
-EVAL_KEYS = ("region_criterion", "region_threshold", "pro_fpr_limit", "min_area", "stitch", "tta")
-# What a key absent from an older record meant (tta was not a study option then: its cells ran without)
+# What a key absent from an older record meant (tta was not a study option then: its cells ran without; tile,
+# overlap and threshold were not recorded: a study leaves them to the checkpoint, None)
 EVAL_KEY_DEFAULTS = {"tta": False}
 
 
@@ -74,7 +73,7 @@ def write_record(path: Path, cell_name: str, row: dict, cfg: Config, opts: EvalO
     finished before rows named it); the library versions are those of the recording process, which is the training
     one unless the record was backfilled from an older cell directory."""
     record = {"version": RECORD_VERSION, "cell": cell_name, "row": row, "config": comparable_config(cfg, out),
-              "evaluation": {"split": split, "limit": limit, **{k: getattr(opts, k) for k in EVAL_KEYS}},
+              "evaluation": {"split": split, "limit": limit, **{k: getattr(opts, k) for k in SCORE_OPTIONS}},
               "history": history, "validation_images": validation_images, "hardware": row.get("hardware"),
               "versions": library_versions(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
@@ -99,7 +98,7 @@ def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split
     same_cfg = comparable_config(record["config"], out) == comparable_config(cfg, out)
     ev = record["evaluation"]
     same_eval = (ev.get("split") == split and ev.get("limit", limit) == limit
-                 and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k) for k in EVAL_KEYS)
+                 and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k) for k in SCORE_OPTIONS)
                  and (limit is None or record["row"].get("test_images", 0) <= limit))
     if not same_cfg or not same_eval:
         what = "training config" if not same_cfg else "evaluation"
