@@ -110,6 +110,28 @@ def test_crops_are_deterministic_and_oversample_defects():
     assert small[0][0].shape == (3, 32, 32)  # images smaller than the crop are mirrored out
 
 
+def test_zoomed_crops_show_defects_at_other_pixel_sizes():
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    m = np.zeros((256, 256), np.uint8)
+    m[124:132, 124:132] = 1  # one 8x8 defect, far from the borders
+    plain = CropDataset([image], [m], 2, crop=32, defect_share=1.0, seed=5)
+    same = CropDataset([image], [m], 2, crop=32, defect_share=1.0, seed=5, scale=(1.0, 1.0))
+    assert all(torch.equal(plain[i][0], same[i][0]) for i in range(5))  # (1, 1) draws nothing: the old crops
+    assert {int(plain[i][1].sum()) for i in range(20)} == {64}
+    half = CropDataset([image], [m], 2, crop=32, defect_share=1.0, seed=5, scale=(0.5, 0.5))
+    assert {tuple(half[i][0].shape) for i in range(20)} == {(3, 32, 32)}
+    assert {int(half[i][1].sum()) for i in range(20)} == {16}  # a 64 px window shrunk to 32: the defect is 4x4
+    ranged = CropDataset([image], [m], 2, crop=32, defect_share=1.0, seed=5, scale=(0.5, 2.0))
+    sizes = [int(ranged[i][1].sum()) for i in range(40)]
+    assert min(sizes) < 40 and max(sizes) > 100 and set(np.unique(ranged[0][1].numpy())) <= {0, 1}
+    strip = CropDataset([image[:40]], [m[:40]], 2, crop=32, defect_share=0.0, seed=0, scale=(0.25, 0.25))
+    assert strip[0][0].shape == (3, 32, 32)  # the window stops at the image's shorter side
+    assert load_config(None, ["sampling.scale=[0.5, 2.0]"]).sampling.scale == [0.5, 2.0]
+    for bad in ("[2.0, 1.0]", "[0.5]", "[0.0, 1.0]"):
+        with pytest.raises(DefectscanError, match="sampling.scale"):
+            load_config(None, [f"sampling.scale={bad}"])
+
+
 def test_auto_defect_share_follows_how_rare_defective_images_are():
     image, mask = defect_image(128, 3)
     m = (mask > 0).astype(np.uint8)

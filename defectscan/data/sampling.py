@@ -61,15 +61,25 @@ class CropDataset(torch.utils.data.Dataset):
     crop) on a defect pixel: first a defect class uniformly among those present, then an image containing it, then
     one of its pixels, so rare classes are not drowned by common ones. Otherwise the crop is uniform over the
     training pixels.
+
+    `scale` (lo, hi) zooms each crop by a factor drawn log-uniformly from [lo, hi]: a window of crop / factor px
+    (at most the image's shorter side) is resized to crop px, so one defect is seen at several pixel sizes. Images
+    taken by two cameras or at two magnifications then train one model; the tiles at inference stay at 1:1.
+    (1, 1) draws no factor: crops are the same as without the option.
     """
 
     def __init__(self, images: list, masks: list, num_classes: int, crop: int,
-                 defect_share: float | str, seed: int, augment: A.Compose | None = None) -> None:
+                 defect_share: float | str, seed: int, augment: A.Compose | None = None,
+                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
         if not images:
             raise DefectscanError("no training images")
+        lo, hi = (float(v) for v in scale)
+        if not 0 < lo <= hi:
+            raise DefectscanError(f"sampling.scale must be two factors 0 < lo <= hi (got {list(scale)})")
         self.images = [_pad_to(im, crop) for im in images]
         self.masks = [_pad_to(m, crop) for m in masks]
         self.crop, self.seed, self.augment = crop, seed, augment
+        self.log_scale = None if lo == hi == 1.0 else (float(np.log(lo)), float(np.log(hi)))
         rng = np.random.default_rng(seed)
         self.points: dict[int, list[tuple[int, np.ndarray]]] = {}  # class -> [(image index, flat indices)]
         for k, m in enumerate(self.masks):
@@ -90,8 +100,11 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62  # indices are drawn by the trainer's sampler, not enumerated
 
-    def _window(self, rng: np.random.Generator) -> tuple[int, int, int]:
+    def _window(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(image index, top, left, side) of a square window; side is the crop unless zoomed."""
         c = self.crop
+        if self.log_scale is not None:
+            c = int(round(c / np.exp(rng.uniform(*self.log_scale))))
         if self.classes_present and rng.random() < self.defect_share:
             cls = self.classes_present[rng.integers(len(self.classes_present))]
             k, idx = self.points[cls][rng.integers(len(self.points[cls]))]
@@ -101,17 +114,23 @@ class CropDataset(torch.utils.data.Dataset):
             cy += int(rng.integers(-c // 4, c // 4 + 1))
             cx += int(rng.integers(-c // 4, c // 4 + 1))
             h, w = self.masks[k].shape
-            return k, int(np.clip(cy - c // 2, 0, h - c)), int(np.clip(cx - c // 2, 0, w - c))
+            c = min(c, h, w)
+            return k, int(np.clip(cy - c // 2, 0, h - c)), int(np.clip(cx - c // 2, 0, w - c)), c
         k = int(rng.choice(len(self.masks), p=self.area_p))
         h, w = self.masks[k].shape
-        return k, int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        c = min(c, h, w)
+        return k, int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1)), c
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(i)])
-        k, y, x = self._window(rng)
+        k, y, x, side = self._window(rng)
         # copies: a memory-mapped image is read-only, and the crop must not pin its pages
-        image = np.array(self.images[k][y : y + self.crop, x : x + self.crop])
-        mask = np.array(self.masks[k][y : y + self.crop, x : x + self.crop])
+        image = np.array(self.images[k][y : y + side, x : x + side])
+        mask = np.array(self.masks[k][y : y + side, x : x + side])
+        if side != self.crop:
+            size = (self.crop, self.crop)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if side > self.crop else cv2.INTER_LINEAR)
+            mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)  # class indices are never blended
         if self.augment is not None:
             self.augment.set_random_seed(int(rng.integers(2**31)))
             out = self.augment(image=image, mask=mask)

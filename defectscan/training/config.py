@@ -71,6 +71,9 @@ class SamplingConfig(_Section):
     # share of crops centred on a defect pixel (class picked first); auto: 0.5 * sqrt(share of training images with
     # a defect), so rare defective images are oversampled without teaching that defects are everywhere
     defect_share: Union[float, Literal["auto"]] = "auto"
+    # zoom range of the training crops (data/sampling.py): [0.5, 2.0] shows each crop between half and twice its
+    # pixel size, for images whose defects appear at more than one scale (two cameras, two magnifications)
+    scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     # DataLoader worker processes (0: crops are made in the main process); auto: none on a CPU, up to 4 per process
@@ -85,6 +88,13 @@ class SamplingConfig(_Section):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"a share from 0 to 1, or auto (got {value!r})")
         return float(value)
+
+    @field_validator("scale")
+    @classmethod
+    def _zoom_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 < value[0] <= value[1] or value[1] > 8 or value[0] < 1 / 8:
+            raise ValueError(f"two zoom factors [lo, hi] with 1/8 <= lo <= hi <= 8 (got {value})")
+        return value
 
 
 class LossTerm(_Section):

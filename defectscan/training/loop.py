@@ -260,7 +260,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         if mode == "disk":
             say(f"training images memory-mapped from the decode cache {cache_root()} (data.cache: {cfg.data.cache})")
         images, masks = load_training_pairs(ds, train_samples, mode, counter("loading images", len(train_samples)))
-        crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment)
+        crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment,
+                            scale=tuple(sc.scale))
         if sc.defect_share == "auto":
             say(f"sampling.defect_share auto: {crops.defect_share:.3f} of the crops centred on a defect pixel")
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
