@@ -166,6 +166,19 @@ class ClassRegions(_Result):
     fp_regions_per_megapixel: Num
 
 
+class GroupMetrics(_Result):
+    """One image group (dataset sub-type: camera, product type, MVTec defect type) scored on its own: a pooled
+    score hides a group the model fails on when that group is a small share of the images."""
+
+    images: int
+    defective: int  # images with defect pixels
+    defect_iou: Num  # pixels pooled over the group's images, at the evaluation's threshold
+    defect_dice: Num
+    true_px: int
+    false_positive_px: int
+    false_negative_px: int
+
+
 class ImageMetrics(_Result):
     defective: int
     clean: int
@@ -231,6 +244,8 @@ class Metrics(_Result):
     area: Optional[AreaMetrics] = None  # absent in metrics.json files written before it existed
     region_per_class: Optional[dict[str, ClassRegions]] = None  # multi-class models: each class on its own
     image_level: ImageMetrics
+    # per image group, when the scored images carry two groups or more (absent before groups were scored)
+    groups: Optional[dict[str, GroupMetrics]] = None
     seconds: float
     cost: Optional[CostMetrics] = None
 

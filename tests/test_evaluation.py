@@ -21,7 +21,7 @@ from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import evaluate, run_evaluation
-from defectscan.evaluation.outputs import select_samples
+from defectscan.evaluation.outputs import select_samples, summary_rows
 from defectscan.inference import Predictor, TorchTiles
 from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram, choose_threshold, pro_auc, region_stats
@@ -239,11 +239,42 @@ def test_evaluation_report_has_every_section(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["schema_version"] == 1 and metrics["metrics"]["images"] == 5 and metrics["split"] == "all"
     assert {"region", "image_level", "cost", "pixel_ap", "best_f1"} <= set(metrics["metrics"])
+    assert metrics["metrics"]["groups"] is None and ">Per image group" not in html  # the images carry no groups
     assert len((out / "per_image.csv").read_text().strip().splitlines()) == 6
     assert len(list((out / "predictions").glob("*.png"))) == 5
     assert not list(tmp_path.glob(".ev*"))  # no temporary directory left behind
     assert result == EvalSummary.read(out / "metrics.json")  # the file is the typed summary, read back exactly
     assert result.headline()["defect_dice"] == metrics["metrics"]["defect_dice"]
+
+
+def test_each_image_group_is_scored_on_its_own(tmp_path):
+    import csv
+
+    data = dataset_with_clean_images(tmp_path / "d")
+    types = {"s00": 1, "s01": 1, "s02": 2, "c0": 2, "c1": 2}  # BSData's image_data.json layout: a `type` per image
+    (data / "image_data.json").write_text(json.dumps({"images": [
+        {"filename": f"{stem}.png", "train_test_split": "train" if stem == "c1" else "test", "type": t}
+        for stem, t in types.items()]}))
+    ds = load_dataset(data)
+    assert {s.stem: s.group for s in ds.samples} == {stem: f"type {t}" for stem, t in types.items()}
+    out = tmp_path / "ev"
+    run_evaluation(_checkpoint(tmp_path / "m" / "model"), data, out, split="test",
+                   options=EvalOptions(device="cpu", threshold=0.3))
+    groups = json.loads((out / "metrics.json").read_text())["metrics"]["groups"]
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert {r["image"]: r["group"] for r in rows} == {f"{stem}.png": f"type {t}" for stem, t in types.items()
+                                                      if stem != "c1"}
+    assert set(groups) == {"type 1", "type 2"}
+    for name, g in groups.items():
+        mine = [r for r in rows if r["group"] == name]
+        tp, fp, fn = (sum(int(r[k]) for r in mine) for k in ("tp_px", "fp_px", "fn_px"))
+        assert (g["images"], g["defective"]) == (len(mine), sum(r["defective"] == "True" for r in mine))
+        assert (g["true_px"], g["false_positive_px"], g["false_negative_px"]) == (tp + fn, fp, fn)
+        assert g["defect_iou"] == pytest.approx(tp / (tp + fp + fn), abs=1e-4)  # pooled, as the headline IoU
+    assert ">Per image group" in (out / "report.html").read_text()
+    summary = EvalSummary.read(out / "metrics.json")
+    assert any(name == "pixel defect IoU per image group" and "type 1" in value
+               for name, value in summary_rows(summary))
 
 
 def test_unused_split_is_the_labeled_images_a_label_budget_left_out(tmp_path):

@@ -47,7 +47,7 @@ class Sample:
     annotation: Path | None = None  # the file the annotation came from (LabelMe/COCO JSON, mask)
     size: tuple[int, int] | None = None  # (H, W) declared by the annotation, checked against the image
     split: str | None = None  # from the dataset's own split file: train, val or test
-    group: str | None = None  # sub-type, e.g. MVTec defect type; used for reporting
+    group: str | None = None  # sub-type (MVTec defect type, BSData image type); evaluate scores each on its own
     has_defect: bool | None = None  # known without decoding pixels for shapes/good; filled by a mask scan
 
     @property

@@ -142,6 +142,7 @@ class Evaluation:
             "area": self.area_summary(),
             "region_per_class": self.class_region_summary(),
             "image_level": self.image_summary(),
+            "groups": self.group_summary(),
             "seconds": round(self.seconds, 2),
         }
         if self.cost or self.seam:
@@ -192,6 +193,24 @@ class Evaluation:
             "f1": _r(f1_score(y, flagged, zero_division=0.0)) if y.any() else None,
             "flagged": int(np.sum(flagged)),
         }
+
+    def group_summary(self) -> dict | None:
+        """Pixel scores of each image group on its own (any defect vs background, pooled as `defect_iou`); None
+        unless the images carry two groups or more."""
+        by_group: dict[str, list[dict]] = {}
+        for r in self.per_image:
+            by_group.setdefault(r.get("group") or "(none)", []).append(r)
+        if len(by_group) < 2:
+            return None
+        out = {}
+        for name in sorted(by_group):
+            rows = by_group[name]
+            tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp_px", "fp_px", "fn_px"))
+            out[name] = {"images": len(rows), "defective": sum(bool(r["defective"]) for r in rows),
+                         "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
+                         "defect_dice": _r(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None,
+                         "true_px": tp + fn, "false_positive_px": fp, "false_negative_px": fn}
+        return out
 
     def speed(self) -> dict:
         lat = np.array([r["seconds"] for r in self.per_image]) if self.per_image else np.zeros(1)
@@ -394,7 +413,7 @@ class ImageMetrics:
         tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
         dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         row = {
-            "image": sample.image.name, "width": source.width, "height": source.height,
+            "image": sample.image.name, "group": sample.group or "", "width": source.width, "height": source.height,
             "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
             "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
             "defect_dice": _r(dice) if dice is not None else None,

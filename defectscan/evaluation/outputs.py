@@ -193,11 +193,15 @@ def summary_rows(summary: EvalSummary) -> list[tuple[str, str]]:
     """(metric, value) rows people read first: the console table of `evaluate` and the top of report.html."""
     m = summary.metrics
     r, im, cost, a = m.region, m.image_level, m.cost, m.area
-    rows = [("pixel defect IoU / Dice (at threshold)", f"{fmt(m.defect_iou)} / {fmt(m.defect_dice)}"),
-            ("pixel defect AP / AUROC", f"{fmt(m.defect_pixel_ap)} / {fmt(m.defect_pixel_auroc)}"),
-            ("pixel best F1 (threshold)", f"{fmt(m.defect_best_f1)} ({fmt(m.defect_best_f1_threshold)})"),
-            (f"region recall ({r.criterion})", f"{fmt(r.recall)} ({r.found} of {r.gt_regions})"),
-            ("false-positive regions per image / per MP", f"{fmt(r.fp_regions_per_image)} / {fmt(r.fp_regions_per_megapixel)}")]
+    rows = [("pixel defect IoU / Dice (at threshold)", f"{fmt(m.defect_iou)} / {fmt(m.defect_dice)}")]
+    if m.groups:
+        rows.append(("pixel defect IoU per image group", ", ".join(
+            f"{name} {fmt(g.defect_iou)} ({g.images} images)" for name, g in m.groups.items())))
+    rows += [("pixel defect AP / AUROC", f"{fmt(m.defect_pixel_ap)} / {fmt(m.defect_pixel_auroc)}"),
+             ("pixel best F1 (threshold)", f"{fmt(m.defect_best_f1)} ({fmt(m.defect_best_f1_threshold)})"),
+             (f"region recall ({r.criterion})", f"{fmt(r.recall)} ({r.found} of {r.gt_regions})"),
+             ("false-positive regions per image / per MP",
+              f"{fmt(r.fp_regions_per_image)} / {fmt(r.fp_regions_per_megapixel)}")]
     if a is not None:
         rows += [("defect area: predicted / true (ratio)", f"{100 * a.predicted_fraction:.3f}% / "
                   f"{100 * a.true_fraction:.3f}% ({fmt(a.predicted_to_true)})"),
@@ -224,8 +228,8 @@ def evaluation_report(ev: Evaluation, summary: EvalSummary) -> str:
     defect = list(ev.classes[1:])
     per_image = sorted(ev.per_image, key=lambda row: (row["defect_dice"] if row["defect_dice"] is not None else 2.0))
     shown = per_image[:200]
-    cols = ["image", "gt_defect_px", "predicted_px", "defect_dice", "gt_regions", "found_regions", "fp_regions",
-            "max_score", "seconds"]
+    cols = ["image", *(["group"] if m.groups else []), "gt_defect_px", "predicted_px", "defect_dice", "gt_regions",
+            "found_regions", "fp_regions", "max_score", "seconds"]
     examples = [{"title": title, "images": [{"uri": png_uri(e.preview, quality=88),
                                             "caption": f"{e.image}: Dice {e.dice:.3f}, {e.errors} wrong px"} for e in pool]}
                 for title, pool in (("Best images", ev.best), ("Worst images", ev.worst)) if pool]
@@ -236,6 +240,8 @@ def evaluation_report(ev: Evaluation, summary: EvalSummary) -> str:
         summary_rows=rows,
         class_rows=[[c, m.iou[c], m.dice[c], m.best_f1[c], m.best_f1_threshold[c], m.pixel_ap[c], m.pixel_auroc[c],
                      *_class_regions(m, c)] for c in defect],
+        group_rows=[[name, g.images, g.defective, g.defect_iou, g.defect_dice, g.true_px, g.false_positive_px,
+                     g.false_negative_px] for name, g in (m.groups or {}).items()],
         confusion_classes=list(ev.classes), confusion_rows=[[c, *map(int, row)] for c, row in zip(ev.classes, ev.conf)],
         plots={k: png_bytes_uri(v) if v else None for k, v in evaluation_plots(ev).items()},
         examples=examples,

@@ -87,11 +87,12 @@ def split_of(name: str | None) -> str | None:
     return split
 
 
-def read_split_file(root: Path) -> dict[str, str | None]:
-    """Stem -> split from the dataset's own split file, if it has one.
+def read_split_file(root: Path) -> tuple[dict[str, str | None], dict[str, str]]:
+    """(stem -> split, stem -> image group) from the dataset's own split file, if it has one.
 
-    Two layouts: BSData's `image_data.json` ({"images": [{"filename", "train_test_split"}]}) and a plain
-    `split.json` ({"train": [names], "val": [...], "test": [...]}).
+    Two layouts: BSData's `image_data.json` ({"images": [{"filename", "train_test_split", "type"}]}; an entry's
+    `group`, or else its `type`, names the group: BSData's two image types) and a plain `split.json`
+    ({"train": [names], "val": [...], "test": [...]}, no groups). `evaluate` scores each group on its own.
     """
     for name in SPLIT_FILES:
         path = root / name
@@ -102,12 +103,20 @@ def read_split_file(root: Path) -> dict[str, str | None]:
         if problems:
             raise DefectscanError(str(problems[0]))
         if isinstance(data, dict) and isinstance(data.get("images"), list):
-            return {Path(e["filename"]).stem: split_of(e.get("train_test_split"))
-                    for e in data["images"] if isinstance(e, dict) and "filename" in e}
+            entries = [e for e in data["images"] if isinstance(e, dict) and "filename" in e]
+            splits = {Path(e["filename"]).stem: split_of(e.get("train_test_split")) for e in entries}
+            groups = {Path(e["filename"]).stem: _group_name(e) for e in entries}
+            return splits, {stem: g for stem, g in groups.items() if g is not None}
         if isinstance(data, dict) and set(data) <= set(SPLIT_NAMES):
-            return {Path(n).stem: split_of(k) for k, names in data.items() for n in names}
+            return {Path(n).stem: split_of(k) for k, names in data.items() for n in names}, {}
         raise DefectscanError(f"{path}: not a split file this tool understands")
-    return {}
+    return {}, {}
+
+
+def _group_name(entry: dict) -> str | None:
+    if entry.get("group") not in (None, ""):
+        return str(entry["group"])
+    return f"type {entry['type']}" if entry.get("type") not in (None, "") else None
 
 
 def with_classes(found: Sequence[str], given: Sequence[str] | None) -> tuple[str, ...]:
@@ -258,11 +267,12 @@ def finish_vector(root: Path, fmt: str, by_stem: dict[str, Path], annotated: dic
             problems.append(Problem(str(sample.annotation), f"unknown label(s) {', '.join(unknown)} "
                                     f"(classes: {', '.join(names[1:])})"))
         sample.has_defect = any(s.label in names for s in sample.shapes)
-    splits = read_split_file(root)
+    splits, groups = read_split_file(root)
     samples = []
     for stem, image in by_stem.items():
         sample = annotated.get(stem) or Sample(image=image, stem=stem)
         sample.split = splits.get(stem, sample.split)
+        sample.group = groups.get(stem, sample.group)
         samples.append(sample)
     return SegmentationDataset(root, fmt, names, samples, problems)
 

@@ -24,11 +24,11 @@ def load_folder(root: Path, classes: Sequence[str] | None) -> SegmentationDatase
         if path.stem in masks:
             problems.append(Problem(str(path), f"duplicate mask stem '{path.stem}' (also {masks[path.stem]})"))
         masks[path.stem] = path
-    splits = read_split_file(root)
+    splits, groups = read_split_file(root)
     samples, used, values, mask_of = [], set(), {}, {}
     for stem, image in by_stem.items():
         mask = next((masks[stem + s] for s in MASK_SUFFIXES if stem + s in masks), None)
-        sample = Sample(image=image, stem=stem, split=splits.get(stem))
+        sample = Sample(image=image, stem=stem, split=splits.get(stem), group=groups.get(stem))
         if mask is not None:
             used.add(mask.stem)
             mask_of[stem] = mask
