@@ -85,7 +85,8 @@ def crop_batch_seconds(data: Path, crop: int, batch: int, repeats: int = 20) -> 
     samples = [s for s in ds.labeled][:40]
     images = [ds.load_image(s) for s in samples]
     masks = [ds.load_mask(s, im.shape[:2]) for s, im in zip(samples, images)]
-    crops = CropDataset(images, masks, len(ds.classes), crop, cfg.sampling.defect_share, 0, build_augment(cfg.augment))
+    crops = CropDataset(images, masks, len(ds.classes), crop, cfg.sampling.defect_share, 0, build_augment(cfg.augment),
+                        scale=tuple(cfg.sampling.scale))
     t0 = time.perf_counter()
     for i in range(repeats * batch):
         crops[i]
