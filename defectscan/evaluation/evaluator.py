@@ -116,6 +116,7 @@ class Evaluation:
         iou, dice = iou_dice(self.conf)
         tp = self.conf[1:, 1:].sum()
         fp, fn = self.conf[0, 1:].sum(), self.conf[1:, 0].sum()
+        defect_iou, defect_dice = _defect_scores(tp, fp, fn)
         defect = list(self.classes[1:])
         best = {c: self.hist[c].best_f1() for c in (*defect, "any")}
         out = {
@@ -126,8 +127,7 @@ class Evaluation:
             "mean_iou": _r(np.nanmean(iou[1:])) if len(iou) > 1 and not np.isnan(iou[1:]).all() else None,
             "mean_dice": _r(np.nanmean(dice[1:])) if len(dice) > 1 and not np.isnan(dice[1:]).all() else None,
             # any defect vs background, class ignored; undefined when neither truth nor prediction has a defect
-            "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
-            "defect_dice": _r(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None,
+            "defect_iou": _r(defect_iou), "defect_dice": _r(defect_dice),
             "best_f1": {c: _r(best[c][0]) for c in defect},
             "best_f1_threshold": {c: _r(best[c][1]) for c in defect},
             "pixel_ap": {c: _r(self.hist[c].average_precision()) for c in defect},
@@ -206,9 +206,9 @@ class Evaluation:
         for name in sorted(by_group):
             rows = by_group[name]
             tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp_px", "fp_px", "fn_px"))
+            iou, dice = _defect_scores(tp, fp, fn)
             out[name] = {"images": len(rows), "defective": sum(bool(r["defective"]) for r in rows),
-                         "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
-                         "defect_dice": _r(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None,
+                         "defect_iou": _r(iou), "defect_dice": _r(dice),
                          "true_px": tp + fn, "false_positive_px": fp, "false_negative_px": fn}
         return out
 
@@ -219,9 +219,18 @@ class Evaluation:
                 "latency_max_s": _r(lat.max())}
 
 
-def _r(v: float) -> float | None:
+def _r(v: float | None) -> float | None:
+    if v is None:
+        return None
     v = float(v)
     return None if math.isnan(v) else round(v, 4)
+
+
+def _defect_scores(tp: int, fp: int, fn: int) -> tuple[float | None, float | None]:
+    """(IoU, Dice) of any defect vs background from pixel counts; None when neither truth nor prediction has one."""
+    if not tp + fp + fn:
+        return None, None
+    return tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
 
 
 def _nanmean(values) -> float | None:
@@ -411,12 +420,11 @@ class ImageMetrics:
                     rc = self.class_regions[class_id].finish()
                     counts[:] = rc.gt_regions, rc.found, rc.false_positive_regions
         tp, fp, fn = int(conf[1:, 1:].sum()), int(conf[0, 1:].sum()), int(conf[1:, 0].sum())
-        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+        iou, dice = _defect_scores(tp, fp, fn)
         row = {
             "image": sample.image.name, "group": sample.group or "", "width": source.width, "height": source.height,
             "gt_defect_px": tp + fn, "predicted_px": tp + fp, "tp_px": tp, "fp_px": fp, "fn_px": fn,
-            "defect_iou": _r(tp / (tp + fp + fn)) if tp + fp + fn else None,
-            "defect_dice": _r(dice) if dice is not None else None,
+            "defect_iou": _r(iou), "defect_dice": _r(dice),
             "gt_regions": rs.gt_regions, "found_regions": rs.found, "pred_regions": rs.pred_regions,
             "fp_regions": rs.false_positive_regions, "max_score": round(self.max_score / 255, 4),
             "defective": tp + fn > 0, "flagged": bool(image.regions), "seconds": round(image.seconds, 3)}
