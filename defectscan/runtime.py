@@ -113,6 +113,16 @@ def resolve_amp(amp: str, device: torch.device, *, trained_in: str | None = None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def exact_float32(device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """Make float32 on CUDA mean IEEE float32: torch lets cuDNN convolutions run in TF32 (a 10-bit mantissa) by
+    default on Ampere and later GPUs, so a model 'trained in float32' there would not be what its sidecar says, nor
+    comparable with a CPU's float32 cell of the same study. Mixed-precision runs keep torch's defaults. The flags are
+    per process, as torch keeps them."""
+    if device.type == "cuda" and amp_dtype is None:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def emulated_bf16_note(device: torch.device, dtype: torch.dtype | None) -> str:
     """The warning due when bf16 autocast is asked for on a CPU without native bf16 (no AVX512-BF16, no AMX), where the
     bf16 kernels are emulated: Lite0 training steps took 9-18x longer than float32 on an AMD EPYC without

@@ -86,6 +86,8 @@ def test_training_on_the_gpu_resumes_and_its_checkpoint_loads_on_a_cpu(tmp_path,
     model, spec, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")  # no map_location needed
     assert next(model.parameters()).device.type == "cpu"
     assert meta["extra"]["precision"] == {"bf16": "mixed bfloat16", "fp16": "mixed float16", "off": "float32"}[amp]
+    if amp == "off":  # IEEE float32 convolutions, not cuDNN's default TF32
+        assert not torch.backends.cudnn.allow_tf32
     image = (np.random.default_rng(0).random((128, 160, 3)) * 255).astype(np.uint8)
     assert Predictor(model.eval(), spec, InferOptions(device="cpu", amp="off")).predict(image).mask.shape == (128, 160)
 

@@ -422,6 +422,88 @@ def _tiny_train_config(path: Path, data: Path) -> None:
         "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
 
 
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_labeled_copy_draws_the_same_budgets_and_masks(tmp_path):
+    """scripts/run_study_parallel.py copy-labeled: without the unlabeled images and LabelMe's embedded imageData,
+    every label budget and seed draws the same train / val / test images, with the same masks."""
+    from defectscan.data import label_budget, split_dataset
+
+    src = tmp_path / "bsdata"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    entries = []
+    for i in range(30):
+        name = f"im{i:02d}"
+        write_image(src / "images" / f"{name}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        split = None if i >= 24 else "test" if i >= 18 else "train"  # 6 unlabeled images, as BSData's 710
+        entry = {"filename": f"{name}.png", "train_test_split": split}
+        if split:
+            shapes = [{"label": "Pitting", "shape_type": "polygon", "points": [[5 + i, 5], [20 + i, 6], [12, 30]]}]
+            (src / "masks" / f"{name}.json").write_text(json.dumps(
+                {"version": "5.0", "shapes": shapes if i % 2 else [], "imagePath": f"{name}.png",
+                 "imageData": "c3RhbmQtaW4=", "imageHeight": 40, "imageWidth": 48}))
+            entry["annotations"] = f"{name}.json"
+        entries.append(entry)
+    (src / "image_data.json").write_text(json.dumps({"images": entries}))
+    assert _script("run_study_parallel").copy_labeled(src, tmp_path / "copy" / "bsdata") == 24
+    full, copy = load_dataset(src), load_dataset(tmp_path / "copy" / "bsdata")
+    assert len(copy.labeled) == len(full.labeled) == 24 and len(full.samples) == 30 and len(copy.samples) == 24
+    for labeled, seed in [(5, 0), (5, 1), (10, 2), (None, 0)]:
+        drawn = []
+        for ds in (full, copy):
+            splits, train = label_budget(split_dataset(ds, 0.15), labeled, subset_seed=seed, val_fraction=0.15)
+            drawn.append([sorted(s.stem for s in part) for part in (train, splits.val, splits.test)])
+        assert drawn[0] == drawn[1] and len(drawn[0][2]) == 6
+    for a, b in zip(full.labeled, copy.labeled):
+        assert a.stem == b.stem and np.array_equal(full.load_mask(a), copy.load_mask(b))
+        assert json.loads(b.annotation.read_text())["imageData"] is None
+
+
+@pytest.mark.slow
+def test_study_cells_run_in_parallel_and_their_records_resume_the_study(tmp_path, monkeypatch):
+    """scripts/run_study_parallel.py run: each cell in its own `defectscan benchmark` process; the records it
+    leaves (and packs for a lent machine) are what a serial study resumes from, without training again."""
+    import subprocess
+    import sys
+    import tarfile
+
+    import defectscan.studies.benchmark as benchmark
+
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    _tiny_train_config(tmp_path / "train.yaml", data)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("name: tiny\ntrain_config: train.yaml\nbackbones: [{name: r10t}]\n"
+                          "labeled: [2]\nseeds: [0, 1, 2]\nrecords: results/tiny\n"
+                          "evaluate: {seam_images: 0, examples: 0}\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_study_parallel.py"
+    args = [sys.executable, str(script), "run", str(study_file), "--out", str(tmp_path / "runs"), "--device", "cpu",
+            "--jobs", "2", "--threads", "1", "--cells", "r10t__n2__s1", "r10t__n2__s0", "--collect",
+            str(tmp_path / "collected")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with tarfile.open(tmp_path / "collected" / "records.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["r10t__n2__s0.json", "r10t__n2__s1.json"]
+    with tarfile.open(tmp_path / "collected" / "logs.tar.gz") as tar:
+        assert {"runner.log", "r10t__n2__s0.log", "r10t__n2__s1.log"} <= set(tar.getnames())
+    trained = []
+    real_train = benchmark.train
+    monkeypatch.setattr(benchmark, "train", lambda *a, **k: (trained.append(a[1]), real_train(*a, **k))[1])
+    rows = run_study(load_study(study_file), tmp_path / "serial", log=lambda m: None)
+    assert [r["cell"] for r in rows] == ["r10t__n2__s0", "r10t__n2__s1", "r10t__n2__s2"] and len(trained) == 1
+    # a second parallel run finds nothing left to do
+    again = subprocess.run(args[:-2], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 cells to run" in again.stdout
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_resumes_between_cells(tmp_path, monkeypatch, capsys):
     import defectscan.studies.benchmark as benchmark

@@ -246,6 +246,21 @@ def test_amp_auto_on_cpus_is_bf16_only_for_bf16_trained_models_on_native_bf16(mo
     assert TorchTiles(SmallFCN().eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu").amp_dtype is None
 
 
+def test_float32_on_cuda_turns_off_tf32_and_mixed_precision_leaves_it(monkeypatch):
+    """cuDNN runs float32 convolutions in TF32 by default: a float32 run on a GPU turns that off, so its sidecar's
+    'float32' is true and its study cells compare with a CPU's. Flags only: this runs without a GPU."""
+    from defectscan.runtime import exact_float32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    monkeypatch.setattr(cudnn, "allow_tf32", True)  # restored after the test, as torch's default is
+    monkeypatch.setattr(matmul, "allow_tf32", True)
+    exact_float32(torch.device("cpu"), None)
+    exact_float32(torch.device("cuda"), torch.bfloat16)
+    assert cudnn.allow_tf32 and matmul.allow_tf32
+    exact_float32(torch.device("cuda"), None)
+    assert not cudnn.allow_tf32 and not matmul.allow_tf32
+
+
 def test_wrong_output_size_model_is_an_error():
     model = nn.Conv2d(3, 1, 3, stride=2, padding=1)
     with pytest.raises(DefectscanError, match="full resolution"):

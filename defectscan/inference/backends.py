@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from defectscan.runtime import autocast, precision_name, resolve_amp, resolve_device
+from defectscan.runtime import autocast, exact_float32, precision_name, resolve_amp, resolve_device
 
 Head = Literal["sigmoid", "softmax", "none"]
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
@@ -112,6 +112,7 @@ class TorchTiles(TileBackend):
         self.model, self.head, self.tta = model, head, tta
         self.device = resolve_device(device)
         self.amp_dtype = resolve_amp(amp, self.device, trained_in=trained_in)
+        exact_float32(self.device, self.amp_dtype)
         self.channels_last = _weights_channels_last(model) if channels_last is None else channels_last
         self._set_normalisation(mean, std)
 

@@ -33,8 +33,8 @@ from defectscan.metrics import (ScoreHistogram, ThresholdChoice, choose_threshol
                                 validation_scores)
 from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar, save_checkpoint, set_threshold
 from defectscan.models.weights import match_state_dict
-from defectscan.runtime import (autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device,
-                                usable_cores)
+from defectscan.runtime import (autocast, emulated_bf16_note, exact_float32, precision_name, resolve_amp,
+                                resolve_device, usable_cores)
 from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
@@ -187,6 +187,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
     spec = model_spec_for(cfg, ds)
     device = resolve_device(tc.device)
     amp_dtype = resolve_amp(tc.amp, device)
+    exact_float32(device, amp_dtype)
     say(f"device {device} ({hardware()}), {precision_name(amp_dtype)}"
         + (f"; {shard.world} processes, {sc.batch_size // shard.world} crops each per step" if shard.world > 1 else ""))
     if note := emulated_bf16_note(device, amp_dtype):

@@ -39,7 +39,8 @@ from defectscan.io.files import atomic_path, write_text
 from defectscan.io.images import write_image
 from defectscan.io.provenance import hardware, library_versions
 from defectscan.models import ModelSpec, build_model, encoder_info
-from defectscan.runtime import autocast, emulated_bf16_note, precision_name, resolve_amp, resolve_device
+from defectscan.runtime import (autocast, emulated_bf16_note, exact_float32, precision_name, resolve_amp,
+                                resolve_device)
 from defectscan.training.config import PretrainConfig
 from defectscan.training.loop import step_line
 from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
@@ -118,6 +119,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False, 
                      overlap=0, encoder_kwargs=dict(mc.encoder_kwargs))
     device = resolve_device(tc.device)
     amp_dtype = resolve_amp(tc.amp, device)
+    exact_float32(device, amp_dtype)
     torch.manual_seed(tc.seed)
     model = build_model(spec, encoder_weights=None if resume and run.has_state() else mc.init_weights).to(
         device, memory_format=torch.channels_last)
