@@ -15,7 +15,7 @@ from defectscan.data.annotations import Shape, decode_rle, encode_rle, rasterize
 from defectscan.errors import DefectscanError
 from defectscan.io.images import write_image
 
-from _helpers import run_cli  # noqa: E402 - tests/ is on sys.path under pytest
+from _helpers import bsdata_like, load_script, run_cli  # noqa: E402 - tests/ is on sys.path under pytest
 
 BSDATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bsdata"
 
@@ -474,28 +474,9 @@ def test_search_copies_hold_exactly_a_label_budget_and_its_held_out_images(tmp_p
     reproduce the budget `train --labeled N` draws (train and val images), hold the first held-out images as
     `test`, draw the same masks without LabelMe's embedded imageData, and never contain the dataset's test split."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "search_recipes_parallel", Path(__file__).resolve().parents[1] / "scripts" / "search_recipes_parallel.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    src = tmp_path / "bsdata"
-    (src / "images").mkdir(parents=True)
-    (src / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(28):
-        name = f"im{i:02d}"
-        write_image(src / "images" / f"{name}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
-        shapes = [{"label": "Pitting", "shape_type": "polygon",
-                   "points": [[5 + i, 5], [20 + i, 6], [12 + i, 30]]}] if i % 2 else []
-        (src / "masks" / f"{name}.json").write_text(json.dumps(
-            {"version": "5.0", "shapes": shapes, "imagePath": f"{name}.png", "imageData": "c3RhbmQtaW4=",
-             "imageHeight": 40, "imageWidth": 48}))
-        entries.append({"filename": f"{name}.png", "annotations": f"{name}.json",
-                        "train_test_split": "test" if i >= 24 else "train"})
-    (src / "image_data.json").write_text(json.dumps({"images": entries}))
+    script = load_script("search_recipes_parallel")
+    src = bsdata_like(tmp_path / "bsdata", 28, lambda i: "test" if i >= 24 else "train")
     script.prepare(argparse.Namespace(data=src, out=tmp_path / "copies", seeds=[0, 1], labeled=10,
                                       val_fraction=0.15, held_out=5))
     ds = load_dataset(src)

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_auc_score
 from torch import nn
 
-from _helpers import folder_dataset, run_cli  # tests/ is on sys.path under pytest
+from _helpers import bsdata_like, folder_dataset, load_script, run_cli  # tests/ is on sys.path under pytest
 from defectscan.studies import aggregate, bootstrap_ci, load_study, run_study
 from defectscan.studies.report import separations
 from defectscan.training import RunDir
@@ -134,6 +134,29 @@ def test_bootstrap_interval():
             for v in (0.1, 0.3)]
     (agg,) = aggregate(rows, ["m"])
     assert agg["m"] == pytest.approx(0.2) and agg["seeds"] == 2 and agg["m_ci"][0] <= 0.2 <= agg["m_ci"][1]
+
+
+def test_times_of_a_study_on_several_machines_average_one_machine_only():
+    """Accuracy pools every seed; times and speeds pool one machine's cells (a GPU's two minutes averaged with a
+    CPU's hour describe neither), and every machine's times are listed on their own."""
+    from defectscan.studies.report import machine_markdown, machine_times
+
+    def row(backbone, seed, machine, seconds, mps, iou):
+        return {"backbone": backbone, "family": "cnn", "labeled_setting": 20, "labeled": 20, "seed": seed,
+                "hardware": machine, "train_seconds": seconds, "eval_seconds": seconds / 10, "mp_per_s": mps,
+                "defect_iou": iou}
+
+    rows = [row("a", 0, "cpu", 3000.0, 0.2, 0.4), row("a", 1, "gpu", 100.0, 9.0, 0.5),
+            row("a", 2, "gpu", 120.0, 11.0, 0.6), row("b", 0, "cpu", 2000.0, 0.3, 0.3)]
+    a, b = aggregate(rows, ["defect_iou", "mp_per_s"], machine="gpu")
+    assert a["seeds"] == 3 and a["defect_iou"] == pytest.approx(0.5)
+    assert a["train_seconds"] == 110.0 and a["mp_per_s"] == pytest.approx(10.0)
+    assert b["defect_iou"] == pytest.approx(0.3) and b["train_seconds"] is None and b["mp_per_s"] is None
+    assert aggregate(rows, ["mp_per_s"])[0]["train_seconds"] == pytest.approx(1073.3, abs=0.1)  # one machine: all
+    times = machine_times(rows)
+    assert [(t["machine"], t["backbone"], t["cells"], t["train_seconds"]) for t in times] == [
+        ("cpu", "a", 1, 3000.0), ("cpu", "b", 1, 2000.0), ("gpu", "a", 2, 110.0)]
+    assert "| gpu | a | 20 | 2 | 110 | 11 | 10.000 |" in machine_markdown(times)
 
 
 # --- the evaluation pass --------------------------------------------------------------------------------------
@@ -422,39 +445,14 @@ def _tiny_train_config(path: Path, data: Path) -> None:
         "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
 
 
-def _script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_labeled_copy_draws_the_same_budgets_and_masks(tmp_path):
     """scripts/run_study_parallel.py copy-labeled: without the unlabeled images and LabelMe's embedded imageData,
     every label budget and seed draws the same train / val / test images, with the same masks."""
     from defectscan.data import label_budget, split_dataset
 
-    src = tmp_path / "bsdata"
-    (src / "images").mkdir(parents=True)
-    (src / "masks").mkdir()
-    rng = np.random.default_rng(1)
-    entries = []
-    for i in range(30):
-        name = f"im{i:02d}"
-        write_image(src / "images" / f"{name}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
-        split = None if i >= 24 else "test" if i >= 18 else "train"  # 6 unlabeled images, as BSData's 710
-        entry = {"filename": f"{name}.png", "train_test_split": split}
-        if split:
-            shapes = [{"label": "Pitting", "shape_type": "polygon", "points": [[5 + i, 5], [20 + i, 6], [12, 30]]}]
-            (src / "masks" / f"{name}.json").write_text(json.dumps(
-                {"version": "5.0", "shapes": shapes if i % 2 else [], "imagePath": f"{name}.png",
-                 "imageData": "c3RhbmQtaW4=", "imageHeight": 40, "imageWidth": 48}))
-            entry["annotations"] = f"{name}.json"
-        entries.append(entry)
-    (src / "image_data.json").write_text(json.dumps({"images": entries}))
-    assert _script("run_study_parallel").copy_labeled(src, tmp_path / "copy" / "bsdata") == 24
+    # 6 unlabeled images, as BSData's 710
+    src = bsdata_like(tmp_path / "bsdata", 30, lambda i: None if i >= 24 else "test" if i >= 18 else "train", seed=1)
+    assert load_script("run_study_parallel").copy_labeled(src, tmp_path / "copy" / "bsdata") == 24
     full, copy = load_dataset(src), load_dataset(tmp_path / "copy" / "bsdata")
     assert len(copy.labeled) == len(full.labeled) == 24 and len(full.samples) == 30 and len(copy.samples) == 24
     for labeled, seed in [(5, 0), (5, 1), (10, 2), (None, 0)]:
@@ -598,6 +596,15 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
     assert code == 0 and json.loads((tmp_path / "machine3" / "summary.json").read_text())["cells_done"] == 2
     report = (tmp_path / "machine3" / "report.html").read_text()
     assert "cells ran on: " in report and "cells scored on: test split; regions: coverage &gt;= 0.5" in report
+    assert "Time per cell on each machine" not in report
+    # one cell moved to another machine: the report lists each machine's times, the tables take one machine's
+    saved = json.loads(record.read_text())
+    saved["row"]["hardware"] = "another machine"
+    record.write_text(json.dumps(saved))
+    code, _, _ = run_cli(monkeypatch, capsys, "benchmark", study_file, "--out", tmp_path / "machine3",
+                         "--report-only", "--data", moved)
+    assert code == 0 and "Time per cell on each machine" in (tmp_path / "machine3" / "report.html").read_text()
+    assert "Per machine:" in (tmp_path / "machine3" / "summary.md").read_text()
     # a record from before tta was a study option (no key) evaluated without it: it stands; with tta it does not
     saved = json.loads(record.read_text())
     del saved["evaluation"]["tta"]

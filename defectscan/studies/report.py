@@ -48,23 +48,46 @@ def bootstrap_ci(values: list[float | None], reps: int = 2000, seed: int = 0) ->
     return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def aggregate(rows: list[dict], metrics: list[str]) -> list[dict]:
-    """One row per (backbone, labeled setting): mean and 95% bootstrap interval over seeds of each metric."""
+# What a cell's machine decides rather than its model alone: averaged only over the cells of one machine
+MACHINE_FIELDS = ("train_seconds", "pretrain_seconds", "mp_per_s", "latency_s", "peak_rss_mb")
+
+
+def aggregate(rows: list[dict], metrics: list[str], machine: str | None = None) -> list[dict]:
+    """One row per (backbone, labeled setting): mean and 95% bootstrap interval over seeds of each metric.
+
+    With `machine` (a row's `hardware`), times and speeds (MACHINE_FIELDS) average only that machine's cells and
+    are None for a row that has none there: a study resumed on a GPU would otherwise average a CPU's hour with a
+    GPU's two minutes. Accuracy averages every seed, whatever machine ran it."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backbone"], str(r["labeled_setting"])), []).append(r)
     out = []
     for (backbone, setting), rs in groups.items():
+        timed = [r for r in rs if machine is None or r.get("hardware") == machine]
         agg = {"backbone": backbone, "family": rs[0]["family"], "labeled_setting": setting,
-               "labeled": int(np.mean([r["labeled"] for r in rs])), "seeds": len(rs),
-               "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
-               "pretrain_seconds": round(float(np.mean([r.get("pretrain_seconds", 0.0) for r in rs])), 1)}
+               "labeled": int(np.mean([r["labeled"] for r in rs])), "seeds": len(rs)}
+        for key in ("train_seconds", "pretrain_seconds"):
+            agg[key] = round(float(np.mean([r.get(key, 0.0) for r in timed])), 1) if timed else None
         for m in metrics:
-            mean, lo, hi = bootstrap_ci([r.get(m) for r in rs])
+            mean, lo, hi = bootstrap_ci([r.get(m) for r in (timed if m in MACHINE_FIELDS else rs)])
             agg[m] = None if np.isnan(mean) else round(mean, 4)
             agg[f"{m}_ci"] = None if np.isnan(mean) else [round(lo, 4), round(hi, 4)]
         out.append(agg)
     return out
+
+
+def machine_times(rows: list[dict]) -> list[dict]:
+    """Per machine, backbone and labeled setting: cells and their mean training, evaluation and inference speed,
+    the times of a study that ran on several machines side by side."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("hardware") or "not recorded", r["backbone"], str(r["labeled_setting"])), []).append(r)
+    return [{"machine": machine, "backbone": backbone, "labeled_setting": setting, "cells": len(rs),
+             "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+             "eval_seconds": round(float(np.mean([r["eval_seconds"] for r in rs])), 1),
+             "mp_per_s": round(float(np.mean([r["mp_per_s"] for r in rs])), 3) if all(r.get("mp_per_s")
+                                                                                      for r in rs) else None}
+            for (machine, backbone, setting), rs in sorted(groups.items())]
 
 
 MIN_SEEDS_TO_RANK = 3  # a bootstrap over 1-2 values has 1-3 possible means: its interval claims too much
@@ -112,7 +135,7 @@ def cost_curve_png(summary: list[dict], metric: str, title: str, split: str = "t
     for it, as a user starting out would), one line per backbone through its labeled counts."""
     series: dict[str, list] = {}
     for s in summary:
-        if s[metric] is not None:
+        if s[metric] is not None and s["train_seconds"] is not None:
             minutes = (s["train_seconds"] + s.get("pretrain_seconds", 0.0)) / 60
             series.setdefault(f"{s['backbone']} ({s['family']})", []).append(
                 (minutes, s[metric], *s[f"{metric}_ci"], f"{s['labeled']}"))
@@ -128,7 +151,10 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     if not rows:
         return False
     write_text(out / "results.csv", csv_text(rows))
-    summary = aggregate(rows, list(HEADLINE_METRICS))
+    machines = _machine_counts(rows)
+    # times and speeds from the machine that ran the most cells (the first such in study order on a tie)
+    reference = max(machines, key=machines.get)
+    summary = aggregate(rows, list(HEADLINE_METRICS), machine=reference if len(machines) > 1 else None)
     shown = [m for m in dict.fromkeys([study.metric, "defect_iou", "pixel_ap", "region_recall", "fp_regions_per_mp",
                                        "predicted_area_ratio", "fp_area_fraction", "pro", "image_auroc"])
              if any(s[m] is not None for s in summary)]  # e.g. no image AUROC when every test image has defects
@@ -136,7 +162,8 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     ran = log.read_text(encoding="utf-8").strip().replace("\n", " | ") if log.is_file() else command
     info = {"study": study.name, "study_file": str(study.path), "commands": ran, "hardware": hardware(),
             "platform": platform.platform(), "versions": library_versions(),
-            "cell_machines": _machines(rows), "cells_done": len(rows), "cells_total": len(study.cells()),
+            "cell_machines": _machines(rows), "times_from": reference, "cells_done": len(rows),
+            "cells_total": len(study.cells()),
             "evaluation": _evaluation_line(study.evaluate),
             "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "summary.json", json.dumps({**info, "metric": study.metric, "summary": summary}, indent=1) + "\n")
@@ -144,9 +171,8 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     main_curve = learning_curve_png(summary, study.metric, f"{study.name}: mean and 95% bootstrap CI over seeds",
                                     split)
     plots.write_png(main_curve, out / "learning_curve.png")
-    machines = _machine_counts(rows)
-    cost_curve = cost_curve_png(summary, study.metric, "accuracy vs training time (labels at each point), on "
-                                + (next(iter(machines)) if len(machines) == 1 else "several machines"), split)
+    cost_curve = cost_curve_png(summary, study.metric, f"accuracy vs training time (labels at each point), on "
+                                f"{_short_machine(reference)}", split)
     plots.write_png(cost_curve, out / "cost_curve.png")
     curves = [{"uri": png_bytes_uri(main_curve if m == study.metric else
                                     learning_curve_png(summary, m, f"{study.name}: {m}", split)), "caption": m}
@@ -158,7 +184,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
     metric = study.metric
     speed = plots.scatter([(s["backbone"], s["mp_per_s"], s[metric], tuple(s[f"{metric}_ci"]))
                            for s in largest.values() if s["mp_per_s"] and s[metric] is not None],
-                          "inference speed (megapixels / s, this machine)", f"{split} {metric}",
+                          f"inference speed (megapixels / s, {_short_machine(reference)})", f"{split} {metric}",
                           "accuracy vs speed (largest labeled set)")
     html = render(
         "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
@@ -173,12 +199,20 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                     round(s["parameters"] / 1e6, 2) if s["parameters"] else None, s["gflops_per_tile"], s["mp_per_s"],
                     s["latency_s"], s["peak_rss_mb"], s["train_seconds"], s["pretrain_seconds"]]
                    for s in largest.values()],
+        machine_header=["machine", "backbone", "labeled", "cells", "train s / cell", "eval s / cell", "MP/s"],
+        machine_rows=[[t["machine"], t["backbone"], t["labeled_setting"], t["cells"], t["train_seconds"],
+                       t["eval_seconds"], t["mp_per_s"]] for t in machine_times(rows)] if len(machines) > 1 else [],
         cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s", "precision", "machine"],
         cell_rows=[[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"],
                     r["eval_seconds"], r.get("precision", "-"), r.get("hardware", "-")] for r in rows])
     write_text(out / "report.html", html)
-    write_text(out / "summary.md", markdown_table(summary, shown) + "\nWhere the 95% intervals of "
-               f"{study.metric} separate:\n" + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
+    md = markdown_table(summary, shown)
+    if len(machines) > 1:
+        md += (f"\nTimes and speeds above: the cells that ran on {reference} (the machine with the most cells); "
+               f"cells ran on {_machines(rows)}. Per machine:\n\n" + machine_markdown(machine_times(rows)))
+    md += (f"\nWhere the 95% intervals of {study.metric} separate:\n"
+           + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
+    write_text(out / "summary.md", md)
     return True
 
 
@@ -199,6 +233,13 @@ def _machine_counts(rows: list[dict]) -> dict[str, int]:
     return counts
 
 
+def _short_machine(hardware_line: str) -> str:
+    """A machine for a plot title: its GPU if it has one, else its CPU (`hardware()` lines: 'CPU (bf16: ...),
+    N threads[, GPU]')."""
+    parts = hardware_line.split(", ")
+    return parts[-1] if len(parts) > 2 else hardware_line.split(" (bf16")[0]
+
+
 def _machines(rows: list[dict]) -> str:
     """Which machines the cells ran on, with counts (see `_machine_counts`)."""
     return "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in _machine_counts(rows).items())
@@ -210,10 +251,21 @@ def markdown_table(summary: list[dict], metrics: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in sorted(summary, key=lambda s: (s["backbone"], s["labeled"])):
         lines.append("| " + " | ".join([s["backbone"], s["family"], str(s["labeled"]), str(s["seeds"]),
-                                        *[_with_ci(s, m) for m in metrics], f"{s['train_seconds']:.0f}",
-                                        f"{s.get('pretrain_seconds', 0.0):.0f}",
-                                        f"{s['mp_per_s']:.3f}" if s["mp_per_s"] else "-"]) + " |")
+                                        *[_with_ci(s, m) for m in metrics], _num(s["train_seconds"], 0),
+                                        _num(s.get("pretrain_seconds", 0.0), 0), _num(s["mp_per_s"], 3)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def machine_markdown(times: list[dict]) -> str:
+    """`machine_times` as Markdown."""
+    lines = ["| machine | backbone | labeled | cells | train s / cell | eval s / cell | MP/s |", "|" + "---|" * 7]
+    lines += [f"| {t['machine']} | {t['backbone']} | {t['labeled_setting']} | {t['cells']} | {t['train_seconds']:.0f} "
+              f"| {t['eval_seconds']:.0f} | {_num(t['mp_per_s'], 3)} |" for t in times]
+    return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _with_ci(s: dict, m: str) -> str:
