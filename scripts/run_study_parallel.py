@@ -25,6 +25,7 @@ DIR/logs.tar.gz, for a lent machine whose disk does not outlive the session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -54,6 +55,13 @@ def copy_labeled(src: Path, dst: Path) -> int:
         n += 1
     shutil.copy2(src / "image_data.json", dst / "image_data.json")
     return n
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop a cell's whole process group (the benchmark and its DataLoader workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def main() -> None:
@@ -93,9 +101,10 @@ def run(args: argparse.Namespace, error) -> int:
     unknown = [name for name in args.cells or [] if name not in cells]
     if unknown:
         error(f"no cells {', '.join(unknown)} in {args.study}")
-    queue = [cells[name] for name in args.cells] if args.cells else list(cells.values())
-    queue = [c for c in queue if (not args.backbones or c.backbone.name in args.backbones)
-             and c.backbone.pretrain is None and not study.record(c).is_file()]
+    asked = [cells[name] for name in args.cells] if args.cells else list(cells.values())
+    asked = [c for c in asked if not args.backbones or c.backbone.name in args.backbones]
+    pretraining = [c.name for c in asked if c.backbone.pretrain is not None]
+    queue = [c for c in asked if c.backbone.pretrain is None and not study.record(c).is_file()]
     records_before = {p.name for p in records_dir.glob("*.json")}
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,35 +118,41 @@ def run(args: argparse.Namespace, error) -> int:
         log_file.flush()
 
     say(f"{len(queue)} cells to run, {args.jobs} at once: {' '.join(c.name for c in queue)}")
+    if pretraining:
+        say(f"left to `defectscan benchmark` (their rows pretrain first): {' '.join(pretraining)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: list[tuple[str, int, float]] = []
-    while queue or running:
-        for name, (proc, start) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                done.append((name, proc.returncode, time.time() - start))
-                say(f"done {name} rc={proc.returncode} in {time.time() - start:.0f} s")
-        while queue and len(running) < args.jobs:
-            cell = queue.pop(0)
-            left = args.seconds - (time.time() - t0)
-            if args.job_seconds > left:
-                say(f"not started {cell.name}: {left:.0f} s left")
-                continue
-            cmd = [sys.executable, "-m", "defectscan", "benchmark", str(args.study), "--out",
-                   str(args.out / "cells" / cell.name), "--cell", cell.name, "--device", args.device,
-                   "--threads", str(args.threads)]
-            log = args.out / "cells" / f"{cell.name}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            running[cell.name] = (subprocess.Popen(f"{shlex.join(cmd)} > {shlex.quote(str(log))} 2>&1", shell=True,
-                                                   env=env, start_new_session=True), time.time())
-            say(f"start {cell.name}")
-        if time.time() - t0 > args.seconds + args.grace:
-            for name, (proc, _) in running.items():
-                os.killpg(proc.pid, signal.SIGKILL)
-                say(f"stopped {name} at the deadline (no record)")
-            break
-        time.sleep(1)
+    try:
+        while queue or running:
+            for name, (proc, start) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    done.append((name, proc.returncode, time.time() - start))
+                    say(f"done {name} rc={proc.returncode} in {time.time() - start:.0f} s")
+            while queue and len(running) < args.jobs:
+                cell = queue.pop(0)
+                left = args.seconds - (time.time() - t0)
+                if args.job_seconds > left:
+                    say(f"not started {cell.name}: {left:.0f} s left")
+                    continue
+                cmd = [sys.executable, "-m", "defectscan", "benchmark", str(args.study), "--out",
+                       str(args.out / "cells" / cell.name), "--cell", cell.name, "--device", args.device,
+                       "--threads", str(args.threads)]
+                log = args.out / "cells" / f"{cell.name}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                running[cell.name] = (subprocess.Popen(f"{shlex.join(cmd)} > {shlex.quote(str(log))} 2>&1", shell=True,
+                                                       env=env, start_new_session=True), time.time())
+                say(f"start {cell.name}")
+            if time.time() - t0 > args.seconds + args.grace:
+                for name in list(running):
+                    _kill(running.pop(name)[0])
+                    say(f"stopped {name} at the deadline (no record)")
+                break
+            time.sleep(1)
+    finally:  # the cells run in their own process groups: an interrupted runner must not leave them running
+        for proc, _ in running.values():
+            _kill(proc)
     failed = [name for name, rc, _ in done if rc != 0]
     say(f"finished: {len(done) - len(failed)} cells recorded" + (f", failed: {' '.join(failed)}" if failed else ""))
     if args.collect:

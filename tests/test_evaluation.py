@@ -492,6 +492,12 @@ def test_study_cells_run_in_parallel_and_their_records_resume_the_study(tmp_path
         assert sorted(tar.getnames()) == ["r10t__n2__s0.json", "r10t__n2__s1.json"]
     with tarfile.open(tmp_path / "collected" / "logs.tar.gz") as tar:
         assert {"runner.log", "r10t__n2__s0.log", "r10t__n2__s1.log"} <= set(tar.getnames())
+    # a cell still running at the deadline is stopped and leaves no record
+    late = args[:args.index("--cells")] + ["--cells", "r10t__n2__s2", "--seconds", "1", "--job-seconds", "0",
+                                           "--grace", "1"]
+    stopped = subprocess.run(late, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 0 and "stopped r10t__n2__s2 at the deadline" in stopped.stdout
+    assert not (tmp_path / "results" / "tiny" / "r10t__n2__s2.json").exists()
     trained = []
     real_train = benchmark.train
     monkeypatch.setattr(benchmark, "train", lambda *a, **k: (trained.append(a[1]), real_train(*a, **k))[1])
