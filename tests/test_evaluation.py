@@ -445,6 +445,33 @@ def _tiny_train_config(path: Path, data: Path) -> None:
         "sampling: {crop: 64, batch_size: 2, steps_per_epoch: 2}\naugment: []\ntraining: {epochs: 1, device: cpu}\n")
 
 
+def test_study_rows_keep_each_image_groups_score_and_the_report_shows_them(tmp_path):
+    """A cell's row holds each image group's test defect IoU (a column per group), equal to its evaluation's
+    group figures; the report tabulates them per row, and rows recorded before groups were kept count as absent."""
+    from defectscan.studies.report import group_scores
+
+    data = folder_dataset(tmp_path / "d", 6, size=96)
+    (data / "image_data.json").write_text(json.dumps(
+        {"images": [{"filename": f"s{i:02d}.png", "group": "odd" if i % 2 else "even"} for i in range(6)]}))
+    _tiny_train_config(tmp_path / "train.yaml", data)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("name: tiny\ntrain_config: train.yaml\nbackbones: [{name: r10t}]\nlabeled: [2]\n"
+                          "seeds: [0]\nevaluate: {seam_images: 0, examples: 0}\n")
+    (row,) = run_study(load_study(study_file), tmp_path / "out", log=lambda m: None)
+    saved = EvalSummary.read(tmp_path / "out" / "cells" / "r10t__n2__s0" / "evaluation" / "metrics.json")
+    assert saved.metrics.groups and {f"defect_iou [{g}]" for g in saved.metrics.groups} <= row.keys()
+    for name, g in saved.metrics.groups.items():
+        assert row[f"defect_iou [{name}]"] == g.defect_iou
+    older = {k: v for k, v in row.items() if not k.startswith("defect_iou [")} | {"seed": 1}
+    groups, table = group_scores([row, older])
+    assert groups == sorted(saved.metrics.groups) and len(table) == 1
+    assert all(table[0][g] == (pytest.approx(row[f"defect_iou [{g}]"], abs=1e-4), 1) for g in groups)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "Test defect IoU by image group" in summary and "(n=1)" in summary
+    assert "Defect IoU by image group" in (tmp_path / "out" / "report.html").read_text()
+    assert group_scores([older]) == ([], [])
+
+
 def test_labeled_copy_draws_the_same_budgets_and_masks(tmp_path):
     """scripts/run_study_parallel.py copy-labeled: without the unlabeled images and LabelMe's embedded imageData,
     every label budget and seed draws the same train / val / test images, with the same masks."""

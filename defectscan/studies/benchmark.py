@@ -46,7 +46,7 @@ from defectscan.schemas import (
     SCORE_OPTIONS, BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
 from defectscan.studies.records import check_record, read_record, record_path, write_record
-from defectscan.studies.report import collect_rows, write_report
+from defectscan.studies.report import collect_rows, group_column, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
 from defectscan.training.pretrain import encoder_files, pretrain
@@ -212,7 +212,9 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            "eval_seconds": result.metrics.seconds, "test_images": result.metrics.images,
            # times compare only within one machine and precision: a study may run across several
            "hardware": hardware(), "precision": read_sidecar(run.checkpoint("best"))["extra"].get("precision"),
-           **result.headline()}
+           **result.headline(),
+           # each image group on its own (BSData's two image types): a pooled score hides the group a row fails on
+           **{group_column(name): g.defect_iou for name, g in (result.metrics.groups or {}).items()}}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     if record is not None:
         write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, **_history(run.path))

@@ -90,6 +90,42 @@ def machine_times(rows: list[dict]) -> list[dict]:
             for (machine, backbone, setting), rs in sorted(groups.items())]
 
 
+GROUP_PREFIX = "defect_iou ["
+
+
+def group_column(group: str) -> str:
+    """A result row's column for one image group's defect IoU (`evaluate`'s groups, e.g. BSData's image types)."""
+    return f"{GROUP_PREFIX}{group}]"
+
+
+def group_scores(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """(groups, one row per backbone and labeled setting: each group's mean defect IoU over the seeds that scored
+    it, and how many did): cells recorded before rows kept groups have none."""
+    groups = sorted({k[len(GROUP_PREFIX):-1] for r in rows for k in r if k.startswith(GROUP_PREFIX)})
+    if not groups:
+        return [], []
+    by_row: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_row.setdefault((r["backbone"], str(r["labeled_setting"]), r["labeled"]), []).append(r)
+    out = []
+    for (backbone, setting, labeled), rs in by_row.items():
+        entry: dict = {"backbone": backbone, "labeled_setting": setting, "labeled": labeled}
+        for g in groups:
+            values = [r[group_column(g)] for r in rs if r.get(group_column(g)) is not None]
+            entry[g] = (round(float(np.mean(values)), 4), len(values)) if values else None
+        if any(entry[g] for g in groups):
+            out.append(entry)
+    return groups, out
+
+
+def group_markdown(groups: list[str], table: list[dict]) -> str:
+    """`group_scores` as Markdown: mean defect IoU per group (seeds that scored it)."""
+    lines = ["| backbone | labeled | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 2)]
+    lines += [f"| {t['backbone']} | {t['labeled']} | " + " | ".join(
+        f"{t[g][0]:.3f} (n={t[g][1]})" if t[g] else "-" for g in groups) + " |" for t in table]
+    return "\n".join(lines) + "\n"
+
+
 MIN_SEEDS_TO_RANK = 3  # a bootstrap over 1-2 values has 1-3 possible means: its interval claims too much
 
 
@@ -186,6 +222,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                            for s in largest.values() if s["mp_per_s"] and s[metric] is not None],
                           f"inference speed (megapixels / s, {_short_machine(reference)})", f"{split} {metric}",
                           "accuracy vs speed (largest labeled set)")
+    groups, group_table = group_scores(rows)
     html = render(
         "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
         accuracy_header=["backbone", "family", "labeled", "seeds", *shown, "train s", "pretrain s"],
@@ -199,6 +236,9 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                     round(s["parameters"] / 1e6, 2) if s["parameters"] else None, s["gflops_per_tile"], s["mp_per_s"],
                     s["latency_s"], s["peak_rss_mb"], s["train_seconds"], s["pretrain_seconds"]]
                    for s in largest.values()],
+        group_header=["backbone", "labeled", *[f"defect IoU, {g}" for g in groups]],
+        group_rows=[[t["backbone"], t["labeled"], *[f"{t[g][0]:.3f} (n={t[g][1]})" if t[g] else "-" for g in groups]]
+                    for t in group_table],
         machine_header=["machine", "backbone", "labeled", "cells", "train s / cell", "eval s / cell", "MP/s"],
         machine_rows=[[t["machine"], t["backbone"], t["labeled_setting"], t["cells"], t["train_seconds"],
                        t["eval_seconds"], t["mp_per_s"]] for t in machine_times(rows)] if len(machines) > 1 else [],
@@ -207,6 +247,9 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                     r["eval_seconds"], r.get("precision", "-"), r.get("hardware", "-")] for r in rows])
     write_text(out / "report.html", html)
     md = markdown_table(summary, shown)
+    if group_table:
+        md += ("\nTest defect IoU by image group (mean over the seeds that scored groups; cells recorded before "
+               "groups were kept have none):\n\n" + group_markdown(groups, group_table))
     if len(machines) > 1:
         md += (f"\nTimes and speeds above: the cells that ran on {reference} (the machine with the most cells); "
                f"cells ran on {_machines(rows)}. Per machine:\n\n" + machine_markdown(machine_times(rows)))
