@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, error) -> int:
 
     study = load_study(args.study)
     cells = {c.name: c for c in study.cells()}
-    records_dir = study.record(next(iter(cells.values()))).parent if study.records else None
+    records_dir = study.records
     if records_dir is None:
         error(f"{args.study} keeps no `records:`: its cells' results would stay in --out's cell directories")
     unknown = [name for name in args.cells or [] if name not in cells]

@@ -223,6 +223,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                           f"inference speed (megapixels / s, {_short_machine(reference)})", f"{split} {metric}",
                           "accuracy vs speed (largest labeled set)")
     groups, group_table = group_scores(rows)
+    times = machine_times(rows)
     html = render(
         "benchmark.html.j2", title=f"defectscan benchmark — {study.name}", info=info, curves=curves,
         accuracy_header=["backbone", "family", "labeled", "seeds", *shown, "train s", "pretrain s"],
@@ -241,7 +242,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                     for t in group_table],
         machine_header=["machine", "backbone", "labeled", "cells", "train s / cell", "eval s / cell", "MP/s"],
         machine_rows=[[t["machine"], t["backbone"], t["labeled_setting"], t["cells"], t["train_seconds"],
-                       t["eval_seconds"], t["mp_per_s"]] for t in machine_times(rows)] if len(machines) > 1 else [],
+                       t["eval_seconds"], t["mp_per_s"]] for t in times] if len(machines) > 1 else [],
         cell_header=["cell", "labeled", "seed", *shown, "train s", "eval s", "precision", "machine"],
         cell_rows=[[r["cell"], r["labeled"], r["seed"], *[r.get(m) for m in shown], r["train_seconds"],
                     r["eval_seconds"], r.get("precision", "-"), r.get("hardware", "-")] for r in rows])
@@ -252,7 +253,7 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
                "groups were kept have none):\n\n" + group_markdown(groups, group_table))
     if len(machines) > 1:
         md += (f"\nTimes and speeds above: the cells that ran on {reference} (the machine with the most cells); "
-               f"cells ran on {_machines(rows)}. Per machine:\n\n" + machine_markdown(machine_times(rows)))
+               f"cells ran on {info['cell_machines']}. Per machine:\n\n" + machine_markdown(times))
     md += (f"\nWhere the 95% intervals of {study.metric} separate:\n"
            + "".join(f"- {line}\n" for line in separations(summary, study.metric)))
     write_text(out / "summary.md", md)
