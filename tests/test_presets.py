@@ -37,3 +37,28 @@ def test_preset_trains_infers_and_evaluates(preset, data, tmp_path, monkeypatch,
     metrics = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
     assert metrics["split_source"].startswith("the training run's test split")
     assert metrics["encoder"] == json.loads((tmp_path / "run" / "best.json").read_text())["model"]["encoder"]
+
+
+def _config_kind(path: Path) -> str:
+    if path.parent.name == "benchmark":
+        return "study"
+    return "pretrain" if path.parent.name == "pretrain" else "train"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_validates(path):
+    """A typo in a preset the README tells users to run (or in a study's row) fails here, not an hour into a run."""
+    from defectscan.studies.benchmark import load_study, pretrain_config
+    from defectscan.training.config import PretrainConfig, load_config
+
+    kind = _config_kind(path)
+    if kind == "study":
+        study = load_study(path)
+        for cell in study.cells():  # every row's overrides (and pretraining) resolve against its training config
+            cfg = load_config(study.train_config, cell.overrides(study))
+            if cell.backbone.pretrain is not None:
+                pretrain_config(study, cell.backbone, cfg)
+    elif kind == "pretrain":
+        load_config(path, schema=PretrainConfig)
+    else:
+        load_config(path)
