@@ -281,6 +281,7 @@ class EvalSummary(_Result):
     format: str
     split: str
     split_source: str
+    sample: Optional[str] = None  # how a limit picked `images` from the split (first, random); None: no limit applied
     images: list[str]
     hardware: str
     versions: dict[str, str]
@@ -360,6 +361,9 @@ class StudyEvaluate(_Options):
     # 20-label budget leaves, for choosing a small-data recipe without the test split
     split: Literal["test", "val", "train", "all", "unused"] = "test"
     limit: Optional[int] = Field(None, ge=1)
+    # how `limit` picks its images: the first N by name, or N drawn at random with a fixed seed (a name-ordered
+    # sample can hold one kind of image only where file names group by kind)
+    sample: Literal["first", "random"] = "first"
     seam_images: int = Field(1, ge=0)
     examples: int = Field(3, ge=0)
     region_criterion: Literal["coverage", "iou"] = "coverage"

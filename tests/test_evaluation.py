@@ -19,9 +19,10 @@ from defectscan.training import RunDir
 from defectscan.evaluation.calibrate import calibrate_threshold
 from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
+from defectscan.data.dataset import Sample
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import evaluate, run_evaluation
-from defectscan.evaluation.outputs import select_samples, summary_rows
+from defectscan.evaluation.outputs import limit_samples, select_samples, summary_rows
 from defectscan.inference import Predictor, TorchTiles
 from defectscan.io.images import write_image
 from defectscan.metrics import ScoreHistogram, choose_threshold, pro_auc, region_stats
@@ -311,6 +312,20 @@ def test_unused_split_is_the_labeled_images_a_label_budget_left_out(tmp_path):
         select_samples(ds, "unused", ({**splits, "train_unused": []}, tmp_path / "splits.json"))
 
 
+def test_limit_random_sample_spans_name_groups_and_is_the_same_for_every_call():
+    # file names that group by kind (BSData: every type-1 image sorts after every type-2 one)
+    samples = [Sample(image=Path(f"{kind}{i:02d}.png"), stem=f"{kind}{i:02d}") for kind in "ab" for i in range(30)]
+    first, how = limit_samples(samples, 10)
+    assert [s.stem for s in first] == [f"a{i:02d}" for i in range(10)] and "first 10" in how
+    drawn, how = limit_samples(samples, 10, "random")
+    assert len(drawn) == 10 and "at random" in how and {s.stem[0] for s in drawn} == {"a", "b"}
+    assert [s.stem for s in drawn] == sorted(s.stem for s in drawn)  # kept in name order
+    assert drawn == limit_samples(samples, 10, "random")[0]  # a fixed seed: every model scores the same images
+    assert limit_samples(samples, 100, "random") == (samples, "")  # a limit over the split's size takes them all
+    with pytest.raises(DefectscanError, match="unknown --sample rule"):
+        limit_samples(samples, 10, "spread")
+
+
 def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     data = dataset_with_clean_images(tmp_path / "d")
     ckpt = _checkpoint(tmp_path / "m" / "model")
@@ -323,6 +338,7 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
         (["--model", ckpt, "--data", data, "--tile", "100"], "multiple of 32"),
         (["--model", ckpt, "--data", data, "--split", "dev"], "unknown split"),
         (["--model", ckpt, "--data", data, "--split", "unused"], "label budget"),  # not a training run's checkpoint
+        (["--model", ckpt, "--data", data, "--limit", "1", "--sample", "spread"], "unknown --sample rule"),
     ]
     for args, expected in cases:
         code, _, err = run_cli(monkeypatch, capsys, "evaluate", *args, "-o", tmp_path / "o")
@@ -650,6 +666,20 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
         with pytest.raises(DefectscanError, match="recorded with another evaluation"):
             run_study(load_study(other_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
                       log=lambda m: None)
+    # a record scored on the first N images (before `sample` was an option: no key) stands for `sample: first` only
+    saved = json.loads(record.read_text())
+    saved["evaluation"]["limit"] = 5
+    record.write_text(json.dumps(saved))
+    for other, stands in (("limit: 5", True), ("limit: 5, sample: first", True), ("limit: 5, sample: random", False)):
+        other_study.write_text(study_file.read_text().replace("examples: 0}", f"examples: 0, {other}}}"))
+        if stands:
+            run_study(load_study(other_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
+                      log=lambda m: None)
+            continue
+        with pytest.raises(DefectscanError, match="recorded with another evaluation"):
+            run_study(load_study(other_study, [f"data.root={moved}"]), tmp_path / "machine2", only="r10t__n2__s0",
+                      log=lambda m: None)
+    assert len(calls) == 2
     # an edited study does not silently take the records of the old one
     study_file.write_text(study_file.read_text().replace("optim.lr=0.001", "optim.lr=0.002"))
     with pytest.raises(DefectscanError, match="recorded with another training config"):
@@ -721,6 +751,15 @@ def test_benchmark_scores_the_images_a_label_budget_left_out(tmp_path):
     metrics = json.loads((cell / "evaluation" / "metrics.json").read_text())
     assert len(splits["train_unused"]) == 2 and row["test_images"] == 2  # 6 images: 2 test, 2 in the budget
     assert sorted(metrics["images"]) == sorted(splits["train_unused"]) and metrics["split"] == "unused"
+    # a limit with `sample: random` reaches the evaluation and is checked when the finished cell is reused
+    (tmp_path / "study.yaml").write_text((tmp_path / "study.yaml").read_text().replace(
+        "examples: 0}", "examples: 0, limit: 1, sample: random}"))
+    (row,) = run_study(load_study(tmp_path / "study.yaml"), tmp_path / "out2", log=lambda m: None)
+    metrics = json.loads((tmp_path / "out2" / "cells" / "r10t__n2__s0" / "evaluation" / "metrics.json").read_text())
+    assert row["test_images"] == 1 and metrics["sample"] == "random" and "at random" in metrics["split_source"]
+    (tmp_path / "study.yaml").write_text((tmp_path / "study.yaml").read_text().replace("random", "first"))
+    with pytest.raises(DefectscanError, match="finished with other settings"):
+        run_study(load_study(tmp_path / "study.yaml"), tmp_path / "out2", log=lambda m: None)
 
 
 def test_study_file_errors(tmp_path):

@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 
 from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option,
-                                   max_pixels_option, parse_class_map, print_note, progress_bar, threads_option,
-                                   wide_console)
+                                   limit_option, max_pixels_option, parse_class_map, print_note, progress_bar,
+                                   sample_option, threads_option, wide_console)
 
 
 @app.command()
@@ -33,7 +33,8 @@ def calibrate(
     amp: str = amp_option(),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower): calibrate with it if infer "
                              "will run with --tta."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N images of the split."),
+    limit: Optional[int] = limit_option(),
+    sample: str = sample_option(),
     class_map: List[str] = class_map_option(),
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
@@ -54,7 +55,8 @@ def calibrate(
         choice, written, how = calibrate_threshold(
             model, data, split=split, rule=rule, target=target, tolerance=tolerance, out=out, data_format=format,
             options=opts, run_splits=run.split_source() if run else None, class_map=classes,
-            progress=lambda d, n: progress.update(task, completed=d, total=n), log=print_note, limit=limit)
+            progress=lambda d, n: progress.update(task, completed=d, total=n), log=print_note, limit=limit,
+            sample=sample)
     result = wide_console()  # the result on stdout; progress and notes on stderr
     result.print(f"threshold {choice.threshold:.4f} ({rule}{f' {target}' if target else ''}, on {how}): pixel "
                   f"precision {choice.precision:.3f}, recall {choice.recall:.3f}, F1 {choice.f1:.3f}")

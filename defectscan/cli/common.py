@@ -57,6 +57,18 @@ def parse_class_map(items: list[str]) -> dict[str, str]:
     return {a.strip(): b.strip() for a, b in pairs}
 
 
+def limit_option():
+    """`--limit`: score only N images of the split (evaluate, calibrate)."""
+    return typer.Option(None, min=1, help="Use only N images of the split (which ones: --sample).")
+
+
+def sample_option():
+    """`--sample`: how `--limit` picks its images (see evaluation.outputs.limit_samples)."""
+    return typer.Option("first", help="How --limit picks its images: first (the first N by file name) or random (N "
+                        "drawn with a fixed seed, the same for every model on this split: use it where file names "
+                        "group images by kind).")
+
+
 def amp_option():
     """`--amp`: mixed precision of the forward passes (see runtime.resolve_amp)."""
     return typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA; on CPUs with native bf16, bf16 "

@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option, command_line,
-                                   console, join_processes, max_pixels_option, parse_class_map, print_note, progress_bar,
-                                   threads_option, wide_console)
+                                   console, join_processes, limit_option, max_pixels_option, parse_class_map,
+                                   print_note, progress_bar, sample_option, threads_option, wide_console)
 
 
 @app.command()
@@ -35,7 +35,8 @@ def evaluate(
     region_threshold: float = typer.Option(0.5, help="Coverage or IoU needed to count a true region as found."),
     pro_fpr: float = typer.Option(0.3, help="False-positive-rate limit of the PRO score."),
     seam_images: int = typer.Option(2, help="Images also run untiled to measure the stitching difference (0 = skip)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images of the split."),
+    limit: Optional[int] = limit_option(),
+    sample: str = sample_option(),
     class_map: List[str] = class_map_option(),
     max_pixels: Optional[int] = max_pixels_option(),
     threads: Optional[int] = threads_option(),
@@ -64,6 +65,7 @@ def evaluate(
         task = progress.add_task(f"evaluating {model.name}" + (f" (rank 0 of {shard.world})" if shard.world > 1
                                                                else ""), total=None)
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
+                                sample=sample,
                                 run_splits=run.split_source() if run else None,
                                 progress=lambda d, n: progress.update(task, completed=d, total=n),
                                 command=command_line(), class_map=classes,

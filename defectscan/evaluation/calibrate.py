@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 from defectscan.errors import DefectscanError
 from defectscan.evaluation.evaluator import evaluate
-from defectscan.evaluation.outputs import open_for_scoring, select_samples
+from defectscan.evaluation.outputs import check_sample_rule, limit_samples, open_for_scoring, select_samples
 from defectscan.metrics import STABLE_F1_TOLERANCE, THRESHOLD_RULES, ThresholdChoice, choose_threshold
 from defectscan.models import set_threshold
 from defectscan.schemas import EvalOptions
@@ -33,7 +33,7 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
                         options: EvalOptions | None = None,
                         run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
                         class_map: Mapping[str, str] | None = None, limit: int | None = None,
-                        progress: Callable[[int, int], None] | None = None,
+                        sample: str = "first", progress: Callable[[int, int], None] | None = None,
                         log: Callable[[str], None] = lambda message: None) -> tuple[ThresholdChoice, Path, str]:
     """Choose the threshold on `split` of `data` and write it into the checkpoint (in place, or a copy at `out`).
 
@@ -48,11 +48,13 @@ def calibrate_threshold(checkpoint: str | Path, data: str | Path, *, split: str 
         raise DefectscanError(f"unknown threshold rule '{rule}' (choose from {', '.join(THRESHOLD_RULES)})")
     if rule in ("precision", "recall") and (target is None or not 0.0 < target <= 1.0):
         raise DefectscanError(f"--rule {rule} needs --target in (0, 1], e.g. 0.9")
+    check_sample_rule(sample)
     opts = (options or EvalOptions()).model_copy(update={"seam_images": 0, "examples": 0, "cost": False})
     checkpoint = Path(checkpoint)
     predictor, ds, _ = open_for_scoring(checkpoint, data, opts, data_format=data_format, class_map=class_map, log=log)
     samples, how = select_samples(ds, split, run_splits)
-    samples = samples[:limit] if limit else samples
+    samples, picked = limit_samples(samples, limit, sample)
+    how += picked
     ev = evaluate(predictor, ds, samples, opts, progress=progress)
     for note in predictor.unreported_notes():  # what the run itself found (an ONNX Runtime provider gave way)
         log(note)

@@ -8,6 +8,7 @@ backbone. An evaluation directory is found inside a run or benchmark cell as `EV
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from defectscan.schemas import EvalOptions, EvalSummary
 SPLITS = ("test", "val", "train", "unused", "all")
 # unused: a label-budget run's labeled training-split images it neither trained nor validated on (splits.json
 # "train_unused"): held-out images outside the test split, on which a study may compare recipes and thresholds
+SAMPLE_RULES = ("first", "random")  # how `limit` picks its images (see limit_samples)
+SAMPLE_SEED = 0
 EVALUATION_DIR = "evaluation"  # where an evaluation lives inside a training run or a benchmark cell
 METRICS_FILE = "metrics.json"
 
@@ -76,6 +79,26 @@ def select_samples(ds: SegmentationDataset, split: str,
         raise DefectscanError(f"{ds.root}: the {split} split has no labeled images (use --split all to evaluate every "
                               f"labeled image)")
     return chosen, how
+
+
+def check_sample_rule(sample: str) -> None:
+    if sample not in SAMPLE_RULES:
+        raise DefectscanError(f"unknown --sample rule '{sample}' (choose {', '.join(SAMPLE_RULES)})")
+
+
+def limit_samples(samples: list[Sample], limit: int | None, sample: str = "first") -> tuple[list[Sample], str]:
+    """At most `limit` of `samples` (kept in name order), and how they were picked, for `split_source`.
+
+    `first` takes the first N by name: on a dataset whose file names group by kind (BSData's type-1 images all sort
+    after its type-2 ones) that scores one kind only. `random` draws N with a fixed seed, so every model evaluated on
+    the same split gets the same images."""
+    check_sample_rule(sample)
+    if not limit or limit >= len(samples):
+        return samples, ""
+    if sample == "first":
+        return samples[:limit], f"; the first {limit} by name"
+    keep = sorted(random.Random(SAMPLE_SEED).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep], f"; {limit} drawn at random (seed {SAMPLE_SEED})"
 
 
 def match_classes(data_classes: Sequence[str], model_classes: Sequence[str],
@@ -135,7 +158,7 @@ def open_for_scoring(checkpoint: Path, data: str | Path, options: EvalOptions, *
 
 def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
                    data_format: str = "auto", options: EvalOptions | None = None, limit: int | None = None,
-                   run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
+                   sample: str = "first", run_splits: tuple[Mapping[str, Sequence[str]], Path] | None = None,
                    progress: Callable[[int, int], None] | None = None, command: str = "",
                    class_map: Mapping[str, str] | None = None,
                    log: Callable[[str], None] = lambda message: None, shard: Shard = SINGLE) -> EvalSummary:
@@ -143,14 +166,14 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     the model's by name (`match_classes`); `log` receives notes on how. With a `shard` of several processes,
     each scores and writes the predictions of its share of the images; rank 0 writes the rest (see `evaluate`)."""
     opts = options or EvalOptions()
+    check_sample_rule(sample)  # before the model loads
     checkpoint, out = Path(checkpoint), Path(out)
     predictor, ds, mapping = open_for_scoring(checkpoint, data, opts, data_format=data_format, class_map=class_map,
                                               log=log)
     opts = opts.model_copy(update={"stitch": predictor.stitch})  # metrics.json records what was used
     spec = predictor.spec
     samples, how = select_samples(ds, split, run_splits)
-    if limit:
-        samples = samples[:limit]
+    samples, picked = limit_samples(samples, limit, sample)
     with shared_atomic_dir(out, shard) as tmp:
         (tmp / "predictions").mkdir()
 
@@ -162,7 +185,8 @@ def run_evaluation(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             log(note)
         summary = EvalSummary(
             model=describe(spec), checkpoint=str(checkpoint), encoder=spec.encoder, arch=spec.arch,
-            data=str(ds.root), format=ds.format, split=split, split_source=how, images=[s.stem for s in samples],
+            data=str(ds.root), format=ds.format, split=split, split_source=how + picked,
+            sample=sample if limit else None, images=[s.stem for s in samples],
             hardware=hardware(), versions=library_versions(), created=time.strftime("%Y-%m-%d %H:%M:%S"),
             command=command, options=opts, trained_on_images=predictor.meta.get("extra", {}).get("train_images"),
             class_map={k: v for k, v in mapping.items() if k != v}, precision=predictor.precision,

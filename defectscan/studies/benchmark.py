@@ -168,18 +168,20 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
         overrides.append(f"model.encoder_weights={json.dumps(str(pre_weights))}")
         cfg = load_config(study.train_config, overrides)
     opts = eval_options(study, cfg, device)
-    split, limit, record = study.evaluate.split, study.evaluate.limit, study.record(cell)
+    ev = study.evaluate
+    split, limit, sample, record = ev.split, ev.limit, ev.sample, study.record(cell)
     if row_file.is_file():
-        check_finished_cell(cell_dir, cfg, opts, split, limit)
+        check_finished_cell(cell_dir, cfg, opts, split, limit, sample)
         row = json.loads(row_file.read_text())
         if record is not None and record.is_file():
-            check_record(record, read_record(record), cfg, opts, split, out, limit)
+            check_record(record, read_record(record), cfg, opts, split, out, limit, sample)
         elif record is not None:  # finished before the study kept records: record it now
-            write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, **_history(cell_dir / "run"))
+            write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, sample=sample,
+                         **_history(cell_dir / "run"))
         return row, False
     if record is not None and record.is_file():  # finished on another machine
         rec = read_record(record)
-        check_record(record, rec, cfg, opts, split, out, limit)
+        check_record(record, rec, cfg, opts, split, out, limit, sample)
         return rec["row"], False
     if pre_dir is not None:
         ensure_pretrained(pcfg, pre_dir, log=log, progress_factory=progress_factory)
@@ -192,11 +194,10 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     log(f"cell {cell.name}: {'resuming' if resume else 'training'}")
     train(cfg, run.path, resume=resume, log=log, progress_factory=progress_factory)
-    ev = study.evaluate
     update = progress_factory(f"evaluating {cell.name}", 0) if progress_factory else None
     result = run_evaluation(run.checkpoint("best"), cfg.data.root, cell_dir / EVALUATION_DIR,
                             split=split, data_format=cfg.data.format, options=opts,
-                            limit=ev.limit, run_splits=run.split_source(),
+                            limit=limit, sample=sample, run_splits=run.split_source(),
                             progress=(lambda d, n: update(d, {})) if update else None)
     labeled = run.labeled_images()  # the label budget: training and validation images together
     row = {"cell": cell.name, "backbone": cell.backbone.name, "encoder": cfg.model.encoder,
@@ -217,7 +218,8 @@ def run_cell(study: Study, cell: Cell, out: Path, *, log: Callable[[str], None] 
            **{group_column(name): g.defect_iou for name, g in (result.metrics.groups or {}).items()}}
     write_text(row_file, json.dumps(row, indent=1) + "\n")
     if record is not None:
-        write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, **_history(run.path))
+        write_record(record, cell.name, row, cfg, opts, split, out, limit=limit, sample=sample,
+                     **_history(run.path))
     return row, True
 
 
@@ -243,7 +245,8 @@ def eval_options(study: Study, cfg, device: str | None) -> EvalOptions:
                        region_threshold=ev.region_threshold, pro_fpr_limit=ev.pro_fpr_limit, tta=ev.tta)
 
 
-def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limit: int | None = None) -> None:
+def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limit: int | None = None,
+                        sample: str = "first") -> None:
     """A finished cell is reused only if it was made with this cell's settings: otherwise a study edited in place
     would silently mix results of two configurations."""
     run = RunDir(cell_dir / "run")
@@ -257,7 +260,7 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limi
     saved = EvalSummary.read(metrics_file)
     same_eval = (saved.split == split
                  and all(getattr(saved.options, k) == getattr(opts, k) for k in SCORE_OPTIONS)
-                 and (limit is None or len(saved.images) <= limit))
+                 and (limit is None or ((saved.sample or "first") == sample and len(saved.images) <= limit)))
     if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
                               f"run the changed study into a new --out directory")

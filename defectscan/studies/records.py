@@ -68,12 +68,14 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
 
 
 def write_record(path: Path, cell_name: str, row: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
-                 history: list[dict], validation_images: list[dict], limit: int | None = None) -> Path:
+                 history: list[dict], validation_images: list[dict], limit: int | None = None,
+                 sample: str = "first") -> Path:
     """Write (atomically) the cell's record. The hardware is the row's (where the cell trained; None for a cell
     finished before rows named it); the library versions are those of the recording process, which is the training
     one unless the record was backfilled from an older cell directory."""
     record = {"version": RECORD_VERSION, "cell": cell_name, "row": row, "config": comparable_config(cfg, out),
-              "evaluation": {"split": split, "limit": limit, **{k: getattr(opts, k) for k in SCORE_OPTIONS}},
+              "evaluation": {"split": split, "limit": limit, **({"sample": sample} if limit else {}),
+                             **{k: getattr(opts, k) for k in SCORE_OPTIONS}},
               "history": history, "validation_images": validation_images, "hardware": row.get("hardware"),
               "versions": library_versions(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(path, json.dumps(record, indent=1, default=str) + "\n")
@@ -92,14 +94,15 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, sample: str = "first") -> None:
     """A record stands for the cell only if it was made with this cell's settings (an older record without
-    `limit` is held to it through the number of images it scored)."""
+    `limit` is held to it through the number of images it scored; one without `sample` took the first images)."""
     same_cfg = comparable_config(record["config"], out) == comparable_config(cfg, out)
     ev = record["evaluation"]
     same_eval = (ev.get("split") == split and ev.get("limit", limit) == limit
                  and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k) for k in SCORE_OPTIONS)
-                 and (limit is None or record["row"].get("test_images", 0) <= limit))
+                 and (limit is None or (ev.get("sample", "first") == sample
+                                        and record["row"].get("test_images", 0) <= limit)))
     if not same_cfg or not same_eval:
         what = "training config" if not same_cfg else "evaluation"
         raise DefectscanError(f"{path}: recorded with another {what} than the study now gives this cell; point "

@@ -262,7 +262,8 @@ def write_report(study, out: Path, *, command: str = "") -> bool:
 
 def _evaluation_line(ev) -> str:
     """How every cell was scored, as one line (flip TTA also slows the measured speed)."""
-    images = f"{ev.split} split" + (f", first {ev.limit} images" if ev.limit else "")
+    picked = f"first {ev.limit} images" if ev.sample == "first" else f"{ev.limit} images drawn at random"
+    images = f"{ev.split} split" + (f", {picked}" if ev.limit else "")
     return (f"{images}; regions: {ev.region_criterion} >= {ev.region_threshold}; PRO up to FPR {ev.pro_fpr_limit}"
             + ("; flip TTA (speeds include the flipped passes)" if ev.tta else ""))
 
