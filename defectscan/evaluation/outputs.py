@@ -82,12 +82,13 @@ def select_samples(ds: SegmentationDataset, split: str,
 
 
 def check_sample_rule(sample: str) -> None:
+    """Refuse an unknown `--sample` before a model is loaded."""
     if sample not in SAMPLE_RULES:
         raise DefectscanError(f"unknown --sample rule '{sample}' (choose {', '.join(SAMPLE_RULES)})")
 
 
 def limit_samples(samples: list[Sample], limit: int | None, sample: str = "first") -> tuple[list[Sample], str]:
-    """At most `limit` of `samples` (kept in name order), and how they were picked, for `split_source`.
+    """At most `limit` of `samples` (in their order), and how they were picked, for `split_source`.
 
     `first` takes the first N by name: on a dataset whose file names group by kind (BSData's type-1 images all sort
     after its type-2 ones) that scores one kind only. `random` draws N with a fixed seed, so every model evaluated on
