@@ -45,7 +45,7 @@ from defectscan.models.checkpoint import read_sidecar
 from defectscan.schemas import (
     SCORE_OPTIONS, BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
-from defectscan.studies.records import check_record, read_record, record_path, write_record
+from defectscan.studies.records import check_record, read_record, record_path, same_subset, write_record
 from defectscan.studies.report import collect_rows, group_column, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
@@ -260,7 +260,7 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limi
     saved = EvalSummary.read(metrics_file)
     same_eval = (saved.split == split
                  and all(getattr(saved.options, k) == getattr(opts, k) for k in SCORE_OPTIONS)
-                 and (limit is None or ((saved.sample or "first") == sample and len(saved.images) <= limit)))
+                 and same_subset(limit, sample, saved.sample, len(saved.images)))
     if not same_cfg or not same_eval:
         raise DefectscanError(f"{cell_dir}: finished with other settings than the study now gives this cell; "
                               f"run the changed study into a new --out directory")

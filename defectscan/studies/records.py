@@ -93,6 +93,12 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def same_subset(limit: int | None, sample: str, scored_sample: str | None, scored_images: int) -> bool:
+    """Whether an evaluation that scored `scored_images` images, picked by `scored_sample` (None: made before the
+    option, i.e. the first ones), is the subset that `limit` and `sample` ask for."""
+    return limit is None or ((scored_sample or "first") == sample and scored_images <= limit)
+
+
 def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split: str, out: Path,
                  limit: int | None = None, sample: str = "first") -> None:
     """A record stands for the cell only if it was made with this cell's settings (an older record without
@@ -101,8 +107,7 @@ def check_record(path: Path, record: dict, cfg: Config, opts: EvalOptions, split
     ev = record["evaluation"]
     same_eval = (ev.get("split") == split and ev.get("limit", limit) == limit
                  and all(ev.get(k, EVAL_KEY_DEFAULTS.get(k)) == getattr(opts, k) for k in SCORE_OPTIONS)
-                 and (limit is None or (ev.get("sample", "first") == sample
-                                        and record["row"].get("test_images", 0) <= limit)))
+                 and same_subset(limit, sample, ev.get("sample"), record["row"].get("test_images", 0)))
     if not same_cfg or not same_eval:
         what = "training config" if not same_cfg else "evaluation"
         raise DefectscanError(f"{path}: recorded with another {what} than the study now gives this cell; point "
