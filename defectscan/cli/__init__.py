@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from defectscan.cli import benchmark, calibrate, compare, data, evaluate, export, infer, models, pretrain, synth, train  # noqa: F401 - registers
+from defectscan.cli import (benchmark, calibrate, compare, data, evaluate, export, infer, models, pretrain,  # noqa: F401
+                            pseudolabel, synth, train)  # registers the commands
 from defectscan.cli.common import app, console, print_error
 from defectscan.errors import DefectscanError
 

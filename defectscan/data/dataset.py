@@ -17,6 +17,8 @@ from defectscan.errors import DefectscanError
 from defectscan.io.images import ImageSource, check_pixel_limit, imread_unchanged, open_image, read_image
 
 Label = Literal["mask", "shapes", "good", "none"]
+# Mask value of pixels no loss sees: pseudo-labels leave the pixels the teacher was unsure of at this value.
+IGNORE_INDEX = 255
 
 
 @dataclass

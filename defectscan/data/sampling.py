@@ -161,3 +161,24 @@ class IndexRange(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class MixedCrops(torch.utils.data.Dataset):
+    """Crops from two sources by index: item i comes from `extra` with probability `share`, else from `base`.
+
+    For self-training: `base` holds the labeled images, `extra` the pseudo-labeled ones, so the labeled images keep
+    a fixed share of every batch however many unlabeled images there are. The draw depends only on (seed, i), so
+    crops stay deterministic by index (workers, resumed runs)."""
+
+    def __init__(self, base: CropDataset, extra: CropDataset, share: float, seed: int) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise DefectscanError(f"share of pseudo-labeled crops must be in [0, 1], got {share}")
+        self.base, self.extra, self.share, self.seed = base, extra, share, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # a stream of its own ([seed, i, 1]), so base crop i is the same crop it would be without the extra source
+        take_extra = np.random.default_rng([self.seed, int(i), 1]).random() < self.share
+        return (self.extra if take_extra else self.base)[i]

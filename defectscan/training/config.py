@@ -64,6 +64,9 @@ class DataConfig(_Section):
     # where decoded training images live: memory, or memory-mapped files in the decode cache (data/cache.py);
     # auto: on disk when they would take over half of the available memory
     cache: Literal["auto", "memory", "disk"] = "auto"
+    # self-training: a folder from `defectscan pseudolabel` (a teacher's masks for unlabeled images of this dataset);
+    # its crops are mixed with the labeled ones at sampling.pseudo_share
+    pseudo_labels: Optional[AbsolutePath] = None
 
 
 class SamplingConfig(_Section):
@@ -76,6 +79,8 @@ class SamplingConfig(_Section):
     scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
+    # with data.pseudo_labels: the share of crops cut from pseudo-labeled images (the rest from labeled ones)
+    pseudo_share: float = Field(0.5, ge=0.0, le=1.0)
     # DataLoader worker processes (0: crops are made in the main process); auto: none on a CPU, up to 4 per process
     # on a GPU (`training.loop.loader_workers`)
     workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"

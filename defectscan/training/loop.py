@@ -22,8 +22,8 @@ import torch
 
 from defectscan.data import Splits, label_budget, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
-from defectscan.data.cache import cache_root, choose_mode, load_training_pairs
-from defectscan.data.sampling import CropDataset, IndexRange, build_augment
+from defectscan.data.cache import cache_root, choose_mode, load_images, load_training_pairs
+from defectscan.data.sampling import CropDataset, IndexRange, MixedCrops, build_augment
 from defectscan.distributed import SINGLE, Shard, processes_on_this_node
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
@@ -40,6 +40,7 @@ from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
 from defectscan.training.losses import build_loss
 from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
+from defectscan.training.pseudolabels import load_pseudolabels
 from defectscan.training.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -112,6 +113,7 @@ def prepare_data(cfg: Config, log: Log) -> tuple[SegmentationDataset, Splits, li
 # on a 49-image one (scripts/epoch_selection.py; README, "Which epoch"), picking by k images scored 0.037 IoU below
 # the last epoch at k=1, 0.013 at k=3, 0.009 at k=5 and 0.004 at k=10 on the other images.
 PICK_MIN_IMAGES = 10
+PSEUDO_SEED_OFFSET = 1_000_003
 VALIDATION_IMAGE_KEYS = ("image", "gt_defect_px", "tp_px", "fp_px", "fn_px")
 
 
@@ -257,7 +259,11 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         return evaluate(predictor, ds, samples, opts, progress=counter(description, len(samples)), shard=shard)
 
     if not complete:  # a finished run resumed has nothing to train: its images need not be decoded
-        mode = choose_mode(cfg.data.cache, train_samples)
+        pseudo = None
+        if cfg.data.pseudo_labels:
+            labeled_stems = [s.stem for s in splits.train + splits.val + splits.test]
+            pseudo = load_pseudolabels(cfg.data.pseudo_labels, ds, exclude=labeled_stems)
+        mode = choose_mode(cfg.data.cache, train_samples + (pseudo.samples if pseudo else []))
         if mode == "disk":
             say(f"training images memory-mapped from the decode cache {cache_root()} (data.cache: {cfg.data.cache})")
         images, masks = load_training_pairs(ds, train_samples, mode, counter("loading images", len(train_samples)))
@@ -265,6 +271,22 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                             scale=tuple(sc.scale))
         if sc.defect_share == "auto":
             say(f"sampling.defect_share auto: {crops.defect_share:.3f} of the crops centred on a defect pixel")
+        if pseudo is not None:
+            pseudo_images = load_images(ds, pseudo.samples, mode,
+                                        counter("loading pseudo-labeled images", len(pseudo.samples)))
+            for image, mask, sample in zip(pseudo_images, pseudo.masks, pseudo.samples):
+                if image.shape[:2] != mask.shape:
+                    raise DefectscanError(f"data.pseudo_labels {cfg.data.pseudo_labels}: mask of '{sample.stem}' "
+                                          f"is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x"
+                                          f"{image.shape[0]}")
+            # a seed of their own: pseudo crop i is not cut at labeled crop i's window
+            extra = CropDataset(pseudo_images, pseudo.masks, len(ds.classes), sc.crop, sc.defect_share,
+                                tc.seed + PSEUDO_SEED_OFFSET, augment, scale=tuple(sc.scale))
+            crops = MixedCrops(crops, extra, sc.pseudo_share, tc.seed)
+            ignored = float(np.mean([r["ignored_share"] for r in pseudo.manifest["images"]]))
+            say(f"self-training: {len(pseudo.samples)} pseudo-labeled image(s) from {cfg.data.pseudo_labels} "
+                f"(teacher threshold {pseudo.manifest['threshold']:.3f}, {ignored:.1%} of their pixels ignored), "
+                f"{sc.pseudo_share:.0%} of the crops; {extra.defect_share:.3f} of those centred on a defect pixel")
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
