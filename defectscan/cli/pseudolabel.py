@@ -49,6 +49,6 @@ def pseudolabel(
     n = len(rows)
     wide_console().print(
         f"{n} of {manifest['unlabeled_images']} unlabeled image(s) in {manifest['seconds']:.0f} s: "
-        f"{sum(r['regions'] > 0 for r in rows)} with predicted defects; mean defect share "
-        f"{sum(r['defect_share'] for r in rows) / n:.4f}, ignored {sum(r['ignored_share'] for r in rows) / n:.4f} "
+        f"{sum(r['regions'] > 0 for r in rows)} with predicted defects; defect pixels "
+        f"{sum(r['defect_share'] for r in rows) / n:.4%}, ignored {sum(r['ignored_share'] for r in rows) / n:.4%} "
         f"(threshold {manifest['threshold']:.3f}, band {manifest['band']} logits); written to {out}", highlight=False)

@@ -285,7 +285,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
             crops = MixedCrops(crops, extra, sc.pseudo_share, tc.seed)
             ignored = float(np.mean([r["ignored_share"] for r in pseudo.manifest["images"]]))
             say(f"self-training: {len(pseudo.samples)} pseudo-labeled image(s) from {cfg.data.pseudo_labels} "
-                f"(teacher threshold {pseudo.manifest['threshold']:.3f}, {ignored:.1%} of their pixels ignored), "
+                f"(teacher threshold {pseudo.manifest['threshold']:.3f}, {ignored:.3%} of their pixels ignored), "
                 f"{sc.pseudo_share:.0%} of the crops; {extra.defect_share:.3f} of those centred on a defect pixel")
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
