@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option,
-                                   limit_option, max_pixels_option, parse_class_map, print_note, progress_bar,
-                                   sample_option, threads_option, wide_console)
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, class_map_option,
+                                   device_option, format_option, limit_option, max_pixels_option, parse_class_map,
+                                   print_note, progress_bar, sample_option, threads_option, wide_console)
 
 
 @app.command()
@@ -27,9 +27,9 @@ def calibrate(
                                     "the trained threshold (0: best F1)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: "
                                        "update --model in place; its weights are not rewritten)."),
-    format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
-    batch: int = typer.Option(4, help="Tiles per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    format: str = format_option(),
+    batch: int = batch_option(),
+    device: str = device_option(),
     amp: str = amp_option(),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower): calibrate with it if infer "
                              "will run with --tta."),

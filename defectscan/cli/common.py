@@ -69,6 +69,21 @@ def sample_option():
                         "group images by kind).")
 
 
+def format_option():
+    """`--format`: how a dataset directory is read (see data.formats)."""
+    return typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec.")
+
+
+def batch_option():
+    """`--batch`: tiles per forward pass of the tiling engine."""
+    return typer.Option(4, help="Tiles per forward pass.")
+
+
+def device_option():
+    """`--device`: where the model runs (see runtime.resolve_device)."""
+    return typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
+
+
 def amp_option():
     """`--amp`: mixed precision of the forward passes (see runtime.resolve_amp)."""
     return typer.Option("auto", help="Mixed precision: auto (bf16/fp16 on CUDA; on CPUs with native bf16, bf16 "

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import app, apply_max_pixels, max_pixels_option, progress_bar, wide_console
+from defectscan.cli.common import app, apply_max_pixels, format_option, max_pixels_option, progress_bar, wide_console
 from defectscan.errors import DefectscanError
 
 
@@ -22,7 +22,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 def data_check(
     root: Path = typer.Argument(..., help="Dataset directory."),
-    format: str = typer.Option("auto", "--format", "-f", help="auto, folder, labelme, coco or mvtec."),
+    format: str = format_option(),
     classes: Optional[str] = typer.Option(None, help="Comma-separated defect class names (default: from the data)."),
     max_pixels: Optional[int] = max_pixels_option(),
 ) -> None:

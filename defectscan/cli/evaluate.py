@@ -9,9 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, class_map_option, command_line,
-                                   console, join_processes, limit_option, max_pixels_option, parse_class_map,
-                                   print_note, progress_bar, sample_option, threads_option, wide_console)
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, class_map_option,
+                                   command_line, console, device_option, format_option, join_processes, limit_option,
+                                   max_pixels_option, parse_class_map, print_note, progress_bar, sample_option,
+                                   threads_option, wide_console)
 
 
 @app.command()
@@ -21,12 +22,12 @@ def evaluate(
     split: str = typer.Option("test", help="test, val, train, unused (the labeled images a label-budget run left "
                                            "out) or all (a training run's checkpoint uses that run's split)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <checkpoint dir>/evaluation)."),
-    format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
+    format: str = format_option(),
     tile: Optional[int] = typer.Option(None, help="Tile size in px (default: the checkpoint's)."),
     overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
     stitch: Optional[str] = typer.Option(None, help="center or gaussian (default: the checkpoint's)."),
-    batch: int = typer.Option(4, help="Tiles per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    batch: int = batch_option(),
+    device: str = device_option(),
     amp: str = amp_option(),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold (default: the checkpoint's)."),
     min_area: int = typer.Option(4, help="Drop predicted regions smaller than this many pixels (as infer does)."),

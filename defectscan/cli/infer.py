@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, console, join_processes,
-                                   max_pixels_option, print_error,
-                                   print_note, progress_bar, threads_option, wide_console)
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, console,
+                                   device_option, join_processes, max_pixels_option, print_error, print_note,
+                                   progress_bar, threads_option, wide_console)
 from defectscan.errors import DefectscanError
 
 
@@ -24,8 +24,8 @@ def infer(
     overlap: Optional[int] = typer.Option(None, help="Tile overlap in px (default: the checkpoint's)."),
     stitch: Optional[str] = typer.Option(None, help="center (exact overlap-tile) or gaussian (weighted blending); "
                                          "default: the checkpoint's (how its training validated)."),
-    batch: int = typer.Option(4, help="Tiles per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    batch: int = batch_option(),
+    device: str = device_option(),
     threshold: Optional[float] = typer.Option(None, help="Defect score threshold in [0, 1] (default: the checkpoint's)."),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower)."),
     amp: str = amp_option(),

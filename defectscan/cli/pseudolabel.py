@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, limit_option, max_pixels_option,
-                                   progress_bar, sample_option, threads_option, wide_console)
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, device_option,
+                                   format_option, limit_option, max_pixels_option, progress_bar, sample_option,
+                                   threads_option, wide_console)
 
 
 @app.command()
@@ -20,9 +21,9 @@ def pseudolabel(
                              "train --set data.pseudo_labels=OUT."),
     band: float = typer.Option(2.0, min=0.0, help="Pixels whose defect score lies within this many logits of the "
                                "threshold are left out of the loss (0: every pixel labeled)."),
-    format: str = typer.Option("auto", "--format", "-f", help="Dataset format: auto, folder, labelme, coco, mvtec."),
-    batch: int = typer.Option(4, help="Tiles per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    format: str = format_option(),
+    batch: int = batch_option(),
+    device: str = device_option(),
     amp: str = amp_option(),
     tta: bool = typer.Option(False, "--tta", help="Average over flips (4x slower); the threshold should then come "
                              "from calibrate --tta."),
