@@ -36,12 +36,14 @@ SCORE_EPS = 0.5 / 255  # scores are stored in 1/255 steps: keep logits finite at
 
 
 def uncertain_pixels(score: np.ndarray, threshold: float, band: float) -> np.ndarray:
-    """Pixels whose uint8 defect score is within `band` logits of `threshold` (band 0: none)."""
+    """Pixels whose uint8 defect score is within `band` logits of `threshold` (band 0: none). Decided once per score
+    value (256 of them) and looked up, so a huge image costs no float copies."""
     if band <= 0:
         return np.zeros(score.shape, bool)
-    p = np.clip(score.astype(np.float32) / 255.0, SCORE_EPS, 1 - SCORE_EPS)
+    p = np.clip(np.arange(256, dtype=np.float32) / 255.0, SCORE_EPS, 1 - SCORE_EPS)
     t = float(np.clip(threshold, SCORE_EPS, 1 - SCORE_EPS))
-    return np.abs(np.log(p / (1 - p)) - np.log(t / (1 - t))) < band
+    unsure = np.abs(np.log(p / (1 - p)) - np.log(t / (1 - t))) < band
+    return unsure[score]
 
 
 @dataclass
@@ -77,7 +79,7 @@ def write_pseudolabels(checkpoint: str | Path, data: str | Path, out: str | Path
         (tmp / MASKS).mkdir()
         for i, s in enumerate(chosen):
             pred = predictor.predict(ds.open_source(s), keep_probs=False)
-            mask = pred.mask.copy()
+            mask = pred.mask  # the prediction's own array: nothing else reads it
             unsure = uncertain_pixels(pred.score, predictor.threshold, band)
             mask[unsure] = IGNORE_INDEX
             if not cv2.imwrite(str(tmp / MASKS / f"{s.stem}.png"), mask):
