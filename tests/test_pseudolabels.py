@@ -109,11 +109,13 @@ def test_pseudo_labels_are_refused_when_they_cannot_be_trusted(tmp_path, monkeyp
                            "--device", "cpu")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "no unlabeled images" in errors[0] and "Traceback" not in err
+    assert "pseudo-labeling with" not in err  # no empty progress bar above the error
     assert not (tmp_path / "none").exists()
 
     code, _, err = run_cli(monkeypatch, capsys, "pseudolabel", data, "-m", teacher, "-o", tmp_path / "pl",
                            "--device", "cpu", "--limit", "2", "--sample", "random")
     assert code == 0, err
+    assert "pseudo-labeling with" in err and "2/2" in err
 
     def refused(folder: Path, match: str) -> None:
         cfg = load_config(None, TINY + [f"data.root={data}", f"data.pseudo_labels={folder}"])

@@ -8,8 +8,9 @@ from typing import List, Optional
 import typer
 
 from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, class_map_option,
-                                   device_option, format_option, limit_option, max_pixels_option, parse_class_map,
-                                   print_note, progress_bar, sample_option, threads_option, wide_console)
+                                   counting_task, device_option, format_option, limit_option, max_pixels_option,
+                                   parse_class_map, print_note, progress_bar, sample_option, threads_option,
+                                   wide_console)
 
 
 @app.command()
@@ -51,11 +52,10 @@ def calibrate(
     classes = parse_class_map(class_map)
     run = RunDir.containing(model)
     with progress_bar() as progress:
-        task = progress.add_task(f"scoring {model.name}", total=None)
         choice, written, how = calibrate_threshold(
             model, data, split=split, rule=rule, target=target, tolerance=tolerance, out=out, data_format=format,
             options=opts, run_splits=run.split_source() if run else None, class_map=classes,
-            progress=lambda d, n: progress.update(task, completed=d, total=n), log=print_note, limit=limit,
+            progress=counting_task(progress, f"scoring {model.name}"), log=print_note, limit=limit,
             sample=sample)
     result = wide_console()  # the result on stdout; progress and notes on stderr
     result.print(f"threshold {choice.threshold:.4f} ({rule}{f' {target}' if target else ''}, on {how}): pixel "

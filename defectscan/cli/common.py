@@ -129,6 +129,19 @@ def progress_bar(enabled: bool = True) -> Progress:
                     TimeRemainingColumn(), console=console, transient=False, disable=not enabled)
 
 
+def counting_task(progress: Progress, description: str) -> Callable[[int, int], None]:
+    """A (done, total) callback whose task appears on its first call: a command that fails before any work (a
+    dataset without the images it needs) prints its one error line without an empty bar above it."""
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task(description, total=total or None)
+        progress.update(task, completed=done, total=total or None)
+    return update
+
+
 def task_factory(progress: Progress):
     """progress_factory for the training loop: (description, total) -> update(done, {name: value})."""
     def factory(description: str, total: int):

@@ -10,9 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, class_map_option,
-                                   command_line, console, device_option, format_option, join_processes, limit_option,
-                                   max_pixels_option, parse_class_map, print_note, progress_bar, sample_option,
-                                   threads_option, wide_console)
+                                   command_line, console, counting_task, device_option, format_option, join_processes,
+                                   limit_option, max_pixels_option, parse_class_map, print_note, progress_bar,
+                                   sample_option, threads_option, wide_console)
 
 
 @app.command()
@@ -63,12 +63,11 @@ def evaluate(
     out_dir = check_output_dir(out or model.parent / EVALUATION_DIR)
     shard = join_processes(device, lambda: remove_leftovers(out_dir.parent, out_dir.name))
     with progress_bar(shard.is_main) as progress:
-        task = progress.add_task(f"evaluating {model.name}" + (f" (rank 0 of {shard.world})" if shard.world > 1
-                                                               else ""), total=None)
         result = run_evaluation(model, data, out_dir, split=split, data_format=format, options=opts, limit=limit,
                                 sample=sample,
                                 run_splits=run.split_source() if run else None,
-                                progress=lambda d, n: progress.update(task, completed=d, total=n),
+                                progress=counting_task(progress, f"evaluating {model.name}"
+                                                       + (f" (rank 0 of {shard.world})" if shard.world > 1 else "")),
                                 command=command_line(), class_map=classes,
                                 log=print_note if shard.is_main else lambda message: None, shard=shard)
     distributed.close()

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, device_option,
-                                   format_option, limit_option, max_pixels_option, progress_bar, sample_option,
-                                   threads_option, wide_console)
+from defectscan.cli.common import (amp_option, app, apply_max_pixels, apply_threads, batch_option, counting_task,
+                                   device_option, format_option, limit_option, max_pixels_option, progress_bar,
+                                   sample_option, threads_option, wide_console)
 
 
 @app.command()
@@ -42,10 +42,9 @@ def pseudolabel(
     apply_max_pixels(max_pixels)
     apply_threads(threads)
     with progress_bar() as progress:
-        task = progress.add_task(f"pseudo-labeling with {model.name}", total=None)
         manifest = write_pseudolabels(model, data, out, options=opts, band=band, limit=limit, sample=sample,
                                       data_format=format,
-                                      progress=lambda d, n: progress.update(task, completed=d, total=n))
+                                      progress=counting_task(progress, f"pseudo-labeling with {model.name}"))
     rows = manifest["images"]
     n = len(rows)
     wide_console().print(

@@ -284,6 +284,8 @@ def evaluate(
     results: list[ImageResult] = []  # several processes: kept until they are gathered
     seam: list[tuple[int, dict]] = []
     t_start = time.perf_counter()
+    if progress:
+        progress(0, len(mine))  # the inputs are checked: the bar may appear
     try:
         for done, (index, sample) in enumerate(mine, 1):
             source = ds.open_source(sample)

@@ -77,6 +77,8 @@ def write_pseudolabels(checkpoint: str | Path, data: str | Path, out: str | Path
     rows = []
     with atomic_dir(out) as tmp:
         (tmp / MASKS).mkdir()
+        if progress:
+            progress(0, len(chosen))
         for i, s in enumerate(chosen):
             pred = predictor.predict(ds.open_source(s), keep_probs=False)
             mask = pred.mask  # the prediction's own array: nothing else reads it
