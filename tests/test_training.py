@@ -27,7 +27,7 @@ from defectscan.training import RunDir, load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
 from defectscan.data.sampling import CropDataset, build_augment
-from defectscan.training.optim import block_key, lr_at, param_groups, set_lr
+from defectscan.training.optim import block_key, lr_at, param_groups, set_lr, weight_average
 
 from _helpers import defect_image, folder_dataset  # noqa: E402 - tests/ is on sys.path under pytest
 
@@ -290,9 +290,10 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path, ema):
     data = folder_dataset(tmp_path / "data", 3, size=96, seed=20)
-    overrides = TINY + [f"data.root={data}", "data.val_fraction=0", "training.epochs=3"]
+    overrides = TINY + [f"data.root={data}", "data.val_fraction=0", "training.epochs=3", f"training.ema={ema}"]
     train(load_config(None, overrides), tmp_path / "straight", log=lambda m: None)
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
@@ -310,6 +311,13 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    state = torch.load(tmp_path / "killed" / "last_state.pt", weights_only=True)
+    saved = load_checkpoint(tmp_path / "killed" / "last.safetensors")[0].state_dict()
+    if ema:  # the checkpoint holds the averaged weights, the state both
+        assert all(torch.equal(saved[k], state["averaged"][k]) for k in saved)
+        assert not all(torch.equal(saved[k], state["model"][k]) for k in saved if saved[k].is_floating_point())
+    else:
+        assert "averaged" not in state and all(torch.equal(saved[k], state["model"][k]) for k in saved)
     # killed before the first epoch ended: nothing to continue from, so --resume starts over (same result)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "early"), "new", "2", *overrides], env=env,
                           capture_output=True, text=True)
@@ -317,6 +325,19 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
     train(load_config(tmp_path / "early" / "config.yaml"), tmp_path / "early", resume=True, log=lambda m: None)
     c = load_file(tmp_path / "early" / "last.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_weight_average_warms_up_its_decay_to_the_cap():
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = weight_average(net, decay=0.5)
+    expected = None
+    for step in range(1, 6):  # the weight is `step` after optimizer step `step`
+        net.weight.data.fill_(float(step))
+        avg.update(net, step=step)
+        decay = min(0.5, 1 - step ** (-2 / 3))  # 0 at step 1 (a copy), 0.37 at 2, then the cap
+        expected = float(step) if expected is None else decay * expected + (1 - decay) * step
+        assert avg.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert weight_average(net, 0.9999).get_decay(100) == pytest.approx(0.954, abs=5e-4)  # the docstring's figure
 
 
 def test_training_refuses_bad_runs(tmp_path):

@@ -131,6 +131,9 @@ class TrainingConfig(_Section):
     # which epoch becomes the `best` checkpoint: the best validation score, the last epoch, or auto: the best only
     # with at least training.loop.PICK_MIN_IMAGES validation images (fewer pick noise; scripts/epoch_selection.py)
     pick_epoch: Literal["auto", "best", "last"] = "auto"
+    # exponential moving average of the weights (training/optim.weight_average): the cap of its decay, 0: off.
+    # Validation, the best/last checkpoints and the test score use the averaged weights
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
     half_checkpoints: bool = False  # store best/last weights in float16 (half the size; loaded back as float32)
     log_every: int = Field(25, ge=0)  # a train.log line every N steps (loss, lr, steps/s, ETA); 0: per epoch only
 

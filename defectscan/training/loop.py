@@ -39,7 +39,7 @@ from defectscan.schemas import EvalOptions
 from defectscan.tiling import validate_tile
 from defectscan.training.config import Config
 from defectscan.training.losses import build_loss
-from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr
+from defectscan.training.optim import build_optimizer, lr_at, optimizer_step, set_lr, weight_average
 from defectscan.training.pseudolabels import load_pseudolabels
 from defectscan.training.rundir import RunDir
 
@@ -214,6 +214,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
 
     complete = False
     opt = build_optimizer(model, oc)
+    ema = weight_average(model, tc.ema) if tc.ema else None
+    kept = ema.module if ema else model  # what validation scores and the checkpoints hold
     progress_state = {"epoch": 0, "best_metric": None, "best_epoch": 0, "bad_validations": 0, "history": [],
                       "seconds": 0.0}
     if resume:
@@ -223,6 +225,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         except RuntimeError:
             raise DefectscanError(f"{run.path}: saved state does not fit {spec.arch}/{spec.encoder}") from None
         opt.load_state_dict(saved["optimizer"])
+        if ema:  # training.ema cannot change on resume: the saved config decides
+            if "averaged" not in saved:
+                raise DefectscanError(f"{run.path}: the saved state has no averaged weights (training.ema)")
+            ema.module.load_state_dict(saved["averaged"])
         progress_state = saved["progress"]
         done, planned = progress_state["epoch"], run.read_config().training.epochs
         stopped = bool(tc.early_stop) and progress_state["bad_validations"] >= tc.early_stop
@@ -305,6 +311,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         say(f"the last epoch becomes the best checkpoint (training.pick_epoch {tc.pick_epoch}"
             + (f": {len(splits.val)} validation image(s), fewer than {PICK_MIN_IMAGES}" if tc.pick_epoch == "auto"
                else "") + ")")
+    if ema:
+        say(f"training.ema {tc.ema}: validation and the checkpoints use the moving average of the weights")
     net = _distributed(model, device, shard, say)  # what the training steps call; `model` is what is saved
 
     for epoch in range(tc.epochs + 1 if complete else progress_state["epoch"] + 1, tc.epochs + 1):
@@ -330,6 +338,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                 logits = net(x)
             loss = loss_fn(logits, y)
             losses.append(optimizer_step(loss, model, opt, scaler, oc.clip_grad, f"epoch {epoch} step {k + 1}"))
+            if ema:
+                ema.update(model, step=step + 1)
             if update:
                 update(k + 1, {"loss": float(np.mean(losses[-20:])), "lr": lr})
             if tc.log_every and (k + 1) % tc.log_every == 0 and k + 1 < sc.steps_per_epoch:
@@ -343,7 +353,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         improved = False
         val_scores = m = None
         if splits.val and (epoch % tc.val_every == 0 or epoch == tc.epochs):
-            m = validate(model, spec, splits.val, "validation")
+            m = validate(kept, spec, splits.val, "validation")
             val_scores = validation_scores(m.image_hists)  # kept with a best checkpoint: its threshold comes from it
             metric, vals = _metric_row(m, tc.select)
             row.update(vals)
@@ -375,11 +385,11 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         if shard.is_main:
             if improved:
                 best_extra = {**extra, "validation_scores": val_scores} if val_scores else extra
-                save_checkpoint(model, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
-            save_checkpoint(model, spec, run.checkpoint_stem("last"), half=half, extra=extra)
+                save_checkpoint(kept, spec, run.checkpoint_stem("best"), half=half, extra=best_extra)
+            save_checkpoint(kept, spec, run.checkpoint_stem("last"), half=half, extra=extra)
             if m is not None:
                 run.write_validation_scores(epoch, [r["image"] for r in m.per_image], m.image_hists)
-            run.save_state(model, opt, progress_state)  # written last: resume starts from here
+            run.save_state(model, opt, progress_state, ema.module if ema else None)  # last: resume starts here
             run.write_history(history, progress_state.get("validation_images", []))
         say(f"epoch {epoch}/{tc.epochs} loss {row['train_loss']:.4f}"
             + (f" val mIoU {row['val_mean_iou']} mDice {row['val_mean_dice']} AP {row['val_defect_ap']}"

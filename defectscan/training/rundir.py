@@ -142,9 +142,13 @@ class RunDir:
         return len(splits.get("train", [])) + len(splits.get("val", []))
 
     # ---- resume state -----------------------------------------------------------------------------------------
-    def save_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Mapping[str, Any]) -> None:
-        payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   "optimizer": opt.state_dict(), "progress": json.dumps(progress)}
+    def save_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Mapping[str, Any],
+                   averaged: torch.nn.Module | None = None) -> None:
+        """What `--resume` continues from: the weights, the optimizer, the progress and (training.ema) the
+        averaged weights."""
+        payload = {"model": _cpu_state(model), "optimizer": opt.state_dict(), "progress": json.dumps(progress)}
+        if averaged is not None:
+            payload["averaged"] = _cpu_state(averaged)
         buf = io.BytesIO()
         torch.save(payload, buf)
         with atomic_path(self.path / self.STATE) as tmp:
@@ -213,3 +217,7 @@ class RunDir:
     def open_log(self):
         self.path.mkdir(parents=True, exist_ok=True)
         return open(self.path / self.LOG, "a", encoding="utf-8")
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
