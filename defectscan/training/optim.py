@@ -1,4 +1,4 @@
-"""Optimizer, parameter groups, learning-rate schedule and weight averaging, shared by `train` and `pretrain`.
+"""Optimizer, parameter groups and learning-rate schedule (shared by `train` and `pretrain`); weight averaging.
 
 Pretrained encoders are fine-tuned more gently than the freshly initialised decoder: `optim.encoder_lr_scale`
 multiplies the encoder's rate, and `optim.layer_decay` (< 1) lowers it further towards the input, block group by
