@@ -22,14 +22,14 @@ from defectscan.inference import Predictor
 from defectscan.schemas import EvalOptions, InferOptions
 from defectscan.io.images import write_image
 from defectscan.metrics import read_validation_scores
-from defectscan.models import ModelSpec, build_model, load_checkpoint
+from defectscan.models import ModelSpec, build_model, load_checkpoint, read_sidecar
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
 from defectscan.data.sampling import CropDataset, build_augment
 from defectscan.training.optim import block_key, lr_at, param_groups, set_lr, weight_average
 
-from _helpers import defect_image, folder_dataset  # noqa: E402 - tests/ is on sys.path under pytest
+from _helpers import defect_image, folder_dataset, load_script  # noqa: E402 - tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a small, fast network and short epochs
@@ -340,6 +340,27 @@ def test_weight_average_warms_up_its_decay_to_the_cap():
     assert weight_average(net, 0.9999).get_decay(100) == pytest.approx(0.954, abs=5e-4)  # the docstring's figure
 
 
+@pytest.mark.slow
+def test_unaveraged_checkpoint_holds_the_weights_of_the_same_run_without_averaging(tmp_path, capsys):
+    # scripts/unaveraged_checkpoint.py pairs an averaged run with itself: its raw weights must be exactly those of
+    # the run without training.ema (the average draws no random numbers)
+    script = load_script("unaveraged_checkpoint")
+    data = folder_dataset(tmp_path / "data", 4, size=96, seed=21)
+    overrides = TINY + [f"data.root={data}", "data.val_fraction=0", "training.epochs=2"]
+    train(load_config(None, overrides), tmp_path / "plain", log=lambda m: None)
+    assert script.main([str(tmp_path / "plain")]) == 2
+    assert "did not average its weights" in capsys.readouterr().err
+    train(load_config(None, overrides + ["training.ema=0.9"]), tmp_path / "ema", log=lambda m: None)
+    written = script.write_unaveraged(tmp_path / "ema")
+    raw = load_checkpoint(written)[0].state_dict()
+    plain = load_file(tmp_path / "plain" / "last.safetensors")
+    averaged = load_file(tmp_path / "ema" / "last.safetensors")
+    assert raw.keys() == plain.keys() and all(torch.equal(raw[k], plain[k]) for k in plain)
+    assert not all(torch.equal(averaged[k], plain[k]) for k in plain if plain[k].is_floating_point())
+    meta = read_sidecar(written)  # calibrate starts again from model.threshold, not the average's choice
+    assert meta["model"]["threshold"] == 0.5 and "threshold" not in meta["extra"]
+
+
 def test_training_refuses_bad_runs(tmp_path):
     data = folder_dataset(tmp_path / "data", 2, size=64)
     with pytest.raises(DefectscanError, match="no dataset"):
@@ -588,13 +609,9 @@ def test_validation_scores_of_a_redone_epoch_replace_the_interrupted_ones(tmp_pa
 
 
 def test_epoch_selection_replay_with_thresholds_prefers_the_epoch_that_is_best_at_its_own_threshold(tmp_path, capsys):
-    import importlib.util
-
     from defectscan.metrics import ScoreHistogram
 
-    spec = importlib.util.spec_from_file_location("epoch_selection", ROOT / "scripts" / "epoch_selection.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("epoch_selection")
     rng = np.random.default_rng(0)
     run = RunDir(tmp_path)
     # epochs 1 and 3 separate defects (score ~130) from background (~100) poorly; epoch 2 separates them well
