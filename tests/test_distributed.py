@@ -121,9 +121,13 @@ def test_ddp_training_with_two_processes_equals_one(tmp_path):
     _run(args + ["--out", str(tmp_path / "one")], 1)
     _run(args + ["--out", str(tmp_path / "two")], 2)
     one, two = (load_checkpoint(tmp_path / d / "last.safetensors")[0].state_dict() for d in ("one", "two"))
-    # the same crops in the same global batches; only the order of the gradient all-reduce's sums differs
-    worst = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
-    assert worst < 1e-4, worst
+    # the same crops in the same global batches; only the order of float sums differs (the all-reduce's, and the
+    # kernels' on half a batch). AdamW turns that noise into lr-sized steps for the few weights whose gradient nearly
+    # cancels, so the largest difference depends on the CPU: on an AMX Xeon one process at 1 and at 2 threads
+    # differ by up to 2e-3 in 0.3 % of the weights (mean 7e-6), as 1 and 2 processes do, while training on other
+    # crops (another seed) moves 99.7 % of them by more than 1e-4 (mean 3e-2)
+    diff = torch.cat([(one[k].float() - two[k].float()).abs().flatten() for k in one])
+    assert float(diff.mean()) < 1e-4 and float((diff > 1e-4).float().mean()) < 0.01, (diff.max(), diff.mean())
     rows = [list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("one", "two")]
     for a, b in zip(*rows):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
