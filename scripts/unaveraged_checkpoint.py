@@ -3,7 +3,8 @@
 Weight averaging draws no random numbers, so a run's raw weights are those of the same run without it: scoring
 both checkpoints of one run on the same images measures what the average did, paired, at the cost of one
 training run instead of two. The raw checkpoint gets the threshold training would have chosen for it from
-`calibrate` (the run's validation images, the training config's rule, starting from model.threshold):
+`calibrate` on the run's validation images, starting from model.threshold (calibrate's default rule, stable_f1,
+is training's default `validation.threshold`; pass `--rule` where the run used another):
 
     python scripts/unaveraged_checkpoint.py RUN                    # writes RUN/raw.safetensors + RUN/raw.json
     defectscan calibrate -m RUN/raw.safetensors -d DATA            # --split val: the run's validation images
