@@ -26,7 +26,7 @@ from defectscan.models import ModelSpec, build_model, load_checkpoint, read_side
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.losses import build_loss
 from defectscan.training.config import LossTerm
-from defectscan.data.sampling import CropDataset, build_augment
+from defectscan.data.sampling import CropDataset, build_augment, group_shares, group_weights
 from defectscan.training.optim import block_key, lr_at, param_groups, set_lr, weight_average
 
 from _helpers import defect_image, folder_dataset, load_script  # noqa: E402 - tests/ is on sys.path under pytest
@@ -130,6 +130,33 @@ def test_zoomed_crops_show_defects_at_other_pixel_sizes():
     for bad in ("[2.0, 1.0]", "[0.5]", "[0.0, 1.0]"):
         with pytest.raises(DefectscanError, match="sampling.scale"):
             load_config(None, [f"sampling.scale={bad}"])
+
+
+def test_balance_groups_gives_a_small_group_its_share_of_crops():
+    """Three images of group a, one of b, each with one defect: the image a crop is cut from follows the group
+    weights for defect-centred and background crops alike; balance 0 keeps the unweighted crops exactly."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    m = np.zeros((64, 64), np.uint8)
+    m[30:34, 30:34] = 1
+    groups = ["a", "a", "a", "b"]
+
+    def share_of_b(balance: float, defect_share: float) -> float:
+        ds = CropDataset([image] * 4, [m] * 4, 2, crop=32, defect_share=defect_share, seed=3,
+                         groups=groups, balance_groups=balance)
+        return float(np.mean([ds._window(np.random.default_rng([3, i]))[0] == 3 for i in range(2000)]))
+
+    for defect_share in (1.0, 0.0):
+        assert abs(share_of_b(0.0, defect_share) - 0.25) < 0.04
+        assert abs(share_of_b(1.0, defect_share) - 0.5) < 0.04
+        assert abs(share_of_b(0.5, defect_share) - 1 / (1 + 3**0.5)) < 0.04  # sqrt(1) : sqrt(3)
+    plain = CropDataset([image] * 4, [m] * 4, 2, crop=32, defect_share=0.5, seed=3)
+    off = CropDataset([image] * 4, [m] * 4, 2, crop=32, defect_share=0.5, seed=3, groups=groups, balance_groups=0.0)
+    one = CropDataset([image] * 4, [m] * 4, 2, crop=32, defect_share=0.5, seed=3, groups=["a"] * 4,
+                      balance_groups=1.0)
+    assert all(torch.equal(plain[i][1], off[i][1]) and torch.equal(plain[i][1], one[i][1]) for i in range(20))
+    assert group_shares(groups, group_weights(groups, 4, 1.0)) == {"a": (3, 0.5), "b": (1, 0.5)}
+    with pytest.raises(DefectscanError, match="sampling.balance_groups"):
+        load_config(None, ["sampling.balance_groups=1.5"])
 
 
 def test_auto_defect_share_follows_how_rare_defective_images_are():

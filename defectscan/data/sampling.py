@@ -53,6 +53,33 @@ def auto_defect_share(defective_images: int, images: int) -> float:
     return round(0.5 * float(np.sqrt(defective_images / max(1, images))), 4)
 
 
+def group_weights(groups: Sequence[str | None] | None, n: int, balance: float) -> np.ndarray | None:
+    """Per-image weight n_g^-balance (n_g: images in its group), or None when every image weighs the same (no
+    groups, one group, or balance 0). Images without a group form a group of their own."""
+    if not 0.0 <= balance <= 1.0:
+        raise DefectscanError(f"sampling.balance_groups must be from 0 to 1 (got {balance})")
+    if groups is None or balance == 0.0:
+        return None
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group names for {n} images")
+    counts: dict[str | None, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    if len(counts) < 2:
+        return None
+    return np.array([counts[g] ** -balance for g in groups], dtype=np.float64)
+
+
+def group_shares(groups: Sequence[str | None], weights: np.ndarray | None) -> dict[str, tuple[int, float]]:
+    """Each group's image count and share of the image weight (its share of crops, before image sizes)."""
+    w = np.ones(len(groups)) if weights is None else weights
+    out: dict[str, tuple[int, float]] = {}
+    for g, v in zip(groups, w):
+        n, total = out.get(str(g), (0, 0.0))
+        out[str(g)] = (n + 1, total + float(v))
+    return {g: (n, v / float(w.sum())) for g, (n, v) in sorted(out.items())}
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Map-style dataset over an unbounded index space: item i is a (3, crop, crop) uint8 image and its
     (crop, crop) class-index mask.
@@ -66,11 +93,18 @@ class CropDataset(torch.utils.data.Dataset):
     (at most the image's shorter side) is resized to crop px, so one defect is seen at several pixel sizes. Images
     taken by two cameras or at two magnifications then train one model; the tiles at inference stay at 1:1.
     (1, 1) draws no factor: crops are the same as without the option.
+
+    `groups` names each image's sub-type (camera, product type; `Sample.group`) and `balance_groups` (b in [0, 1])
+    reweights images so a group of n images gets a share of crops (defect-centred and background alike) in
+    proportion to n^(1 - b): 0 weighs every image alike (a group of 3 among 20 gets ~15 % of the crops), 1 gives
+    every group the same share, 0.5 the square root in between (as repeat-factor sampling does for rare classes).
+    A group's defects are then learned from as many crops as its images' look warrants, not as its count allows.
     """
 
     def __init__(self, images: list, masks: list, num_classes: int, crop: int,
                  defect_share: float | str, seed: int, augment: A.Compose | None = None,
-                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
+                 scale: tuple[float, float] = (1.0, 1.0), groups: Sequence[str | None] | None = None,
+                 balance_groups: float = 0.0) -> None:
         if not images:
             raise DefectscanError("no training images")
         lo, hi = (float(v) for v in scale)
@@ -94,7 +128,15 @@ class CropDataset(torch.utils.data.Dataset):
         defective = len({k for found in self.points.values() for k, _ in found})
         self.defect_share = (auto_defect_share(defective, len(self.masks)) if defect_share == "auto"
                              else float(defect_share))
+        self.image_weight = group_weights(groups, len(self.masks), balance_groups)
+        # the defect-crop image draw for each class: None keeps the unweighted draw (and its random stream)
+        self.point_p: dict[int, np.ndarray | None] = {}
+        for c, found in self.points.items():
+            w = None if self.image_weight is None else self.image_weight[[k for k, _ in found]]
+            self.point_p[c] = None if w is None else w / w.sum()
         areas = np.array([m.size for m in self.masks], dtype=np.float64)
+        if self.image_weight is not None:
+            areas = areas * self.image_weight
         self.area_p = areas / areas.sum()
 
     def __len__(self) -> int:
@@ -107,7 +149,9 @@ class CropDataset(torch.utils.data.Dataset):
             c = int(round(c / np.exp(rng.uniform(*self.log_scale))))
         if self.classes_present and rng.random() < self.defect_share:
             cls = self.classes_present[rng.integers(len(self.classes_present))]
-            k, idx = self.points[cls][rng.integers(len(self.points[cls]))]
+            p_img = self.point_p[cls]
+            j = rng.integers(len(self.points[cls])) if p_img is None else rng.choice(len(p_img), p=p_img)
+            k, idx = self.points[cls][j]
             w = self.masks[k].shape[1]
             p = int(idx[rng.integers(idx.size)])
             cy, cx = divmod(p, w)

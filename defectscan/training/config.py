@@ -77,6 +77,9 @@ class SamplingConfig(_Section):
     # zoom range of the training crops (data/sampling.py): [0.5, 2.0] shows each crop between half and twice its
     # pixel size, for images whose defects appear at more than one scale (two cameras, two magnifications)
     scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
+    # reweight images by their group (Sample.group: camera, product type): a group of n images gets crops in
+    # proportion to n^(1 - balance_groups); 0: every image alike, 1: every group alike (data/sampling.py)
+    balance_groups: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     # with data.pseudo_labels: the share of crops cut from pseudo-labeled images (the rest from labeled ones)

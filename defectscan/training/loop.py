@@ -23,7 +23,7 @@ import torch
 from defectscan.data import Splits, label_budget, load_dataset, split_dataset
 from defectscan.data.dataset import SegmentationDataset
 from defectscan.data.cache import cache_root, choose_mode, load_images, load_training_pairs
-from defectscan.data.sampling import CropDataset, IndexRange, MixedCrops, build_augment
+from defectscan.data.sampling import CropDataset, IndexRange, MixedCrops, build_augment, group_shares
 from defectscan.distributed import SINGLE, Shard, processes_on_this_node
 from defectscan.errors import DefectscanError
 from defectscan.evaluation import Evaluation, evaluate
@@ -273,8 +273,12 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         if mode == "disk":
             say(f"training images memory-mapped from the decode cache {cache_root()} (data.cache: {cfg.data.cache})")
         images, masks = load_training_pairs(ds, train_samples, mode, counter("loading images", len(train_samples)))
+        groups = [s.group for s in train_samples]
         crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment,
-                            scale=tuple(sc.scale))
+                            scale=tuple(sc.scale), groups=groups, balance_groups=sc.balance_groups)
+        if sc.balance_groups and crops.image_weight is not None:
+            say(f"sampling.balance_groups {sc.balance_groups:g}: crops by image group " + ", ".join(
+                f"{g} ({n} images) {share:.0%}" for g, (n, share) in group_shares(groups, crops.image_weight).items()))
         if sc.defect_share == "auto":
             say(f"sampling.defect_share auto: {crops.defect_share:.3f} of the crops centred on a defect pixel")
         if pseudo is not None:
@@ -287,7 +291,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
                                           f"{image.shape[0]}")
             # a seed of their own: pseudo crop i is not cut at labeled crop i's window
             extra = CropDataset(pseudo_images, pseudo.masks, len(ds.classes), sc.crop, sc.defect_share,
-                                tc.seed + PSEUDO_SEED_OFFSET, augment, scale=tuple(sc.scale))
+                                tc.seed + PSEUDO_SEED_OFFSET, augment, scale=tuple(sc.scale),
+                                groups=[s.group for s in pseudo.samples], balance_groups=sc.balance_groups)
             crops = MixedCrops(crops, extra, sc.pseudo_share, tc.seed)
             ignored = float(np.mean([r["ignored_share"] for r in pseudo.manifest["images"]]))
             say(f"self-training: {len(pseudo.samples)} pseudo-labeled image(s) from {cfg.data.pseudo_labels} "
