@@ -6,6 +6,7 @@ workers, a resumed run and an uninterrupted run all see the same crops.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import albumentations as A
@@ -62,22 +63,19 @@ def group_weights(groups: Sequence[str | None] | None, n: int, balance: float) -
         return None
     if len(groups) != n:
         raise ValueError(f"{len(groups)} group names for {n} images")
-    counts: dict[str | None, int] = {}
-    for g in groups:
-        counts[g] = counts.get(g, 0) + 1
+    counts = Counter(groups)
     if len(counts) < 2:
         return None
     return np.array([counts[g] ** -balance for g in groups], dtype=np.float64)
 
 
-def group_shares(groups: Sequence[str | None], weights: np.ndarray | None) -> dict[str, tuple[int, float]]:
+def group_shares(groups: Sequence[str | None], weights: np.ndarray) -> dict[str, tuple[int, float]]:
     """Each group's image count and share of the image weight (its share of crops, before image sizes)."""
-    w = np.ones(len(groups)) if weights is None else weights
     out: dict[str, tuple[int, float]] = {}
-    for g, v in zip(groups, w):
+    for g, v in zip(groups, weights):
         n, total = out.get(str(g), (0, 0.0))
         out[str(g)] = (n + 1, total + float(v))
-    return {g: (n, v / float(w.sum())) for g, (n, v) in sorted(out.items())}
+    return {g: (n, v / float(weights.sum())) for g, (n, v) in sorted(out.items())}
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -130,10 +128,11 @@ class CropDataset(torch.utils.data.Dataset):
                              else float(defect_share))
         self.image_weight = group_weights(groups, len(self.masks), balance_groups)
         # the defect-crop image draw for each class: None keeps the unweighted draw (and its random stream)
-        self.point_p: dict[int, np.ndarray | None] = {}
-        for c, found in self.points.items():
-            w = None if self.image_weight is None else self.image_weight[[k for k, _ in found]]
-            self.point_p[c] = None if w is None else w / w.sum()
+        self.point_p: dict[int, np.ndarray | None] = {c: None for c in self.points}
+        if self.image_weight is not None:
+            for c, found in self.points.items():
+                w = self.image_weight[[k for k, _ in found]]
+                self.point_p[c] = w / w.sum()
         areas = np.array([m.size for m in self.masks], dtype=np.float64)
         if self.image_weight is not None:
             areas = areas * self.image_weight

@@ -276,7 +276,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Log, open_log: Callable[
         groups = [s.group for s in train_samples]
         crops = CropDataset(images, masks, len(ds.classes), sc.crop, sc.defect_share, tc.seed, augment,
                             scale=tuple(sc.scale), groups=groups, balance_groups=sc.balance_groups)
-        if sc.balance_groups and crops.image_weight is not None:
+        if crops.image_weight is not None:  # balance_groups > 0 and more than one group
             say(f"sampling.balance_groups {sc.balance_groups:g}: crops by image group " + ", ".join(
                 f"{g} ({n} images) {share:.0%}" for g, (n, share) in group_shares(groups, crops.image_weight).items()))
         if sc.defect_share == "auto":
