@@ -689,6 +689,20 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
         run_study(load_study(study_file), tmp_path / "machine4", only="r10t__n2__s0", log=lambda m: None)
 
 
+def test_a_record_compares_on_what_decides_the_result_not_on_where_it_ran(tmp_path):
+    """The device and the DataLoader workers (crops depend on the seed and index only) do not make a record stale;
+    a record from before `sampling.workers: auto` holds 0 and stands for today's auto."""
+    from defectscan.studies.records import comparable_config
+    from defectscan.training.config import Config
+
+    today = Config.model_validate({"data": {"root": str(tmp_path / "d")}})
+    old = today.to_dict()
+    old["sampling"]["workers"], old["training"]["device"] = 0, "cuda"
+    assert comparable_config(old, tmp_path) == comparable_config(today, tmp_path)
+    old["sampling"]["crop"] = today.sampling.crop * 2
+    assert comparable_config(old, tmp_path) != comparable_config(today, tmp_path)
+
+
 @pytest.mark.slow
 def test_pretrained_row_pretrains_once_without_test_images_and_counts_its_time(tmp_path, monkeypatch):
     import defectscan.studies.benchmark as benchmark

@@ -45,7 +45,8 @@ from defectscan.models.checkpoint import read_sidecar
 from defectscan.schemas import (
     SCORE_OPTIONS, BackboneSpec, EvalOptions, EvalSummary, StudyEvaluate, StudySpec, describe_validation_error,
 )
-from defectscan.studies.records import check_record, read_record, record_path, same_subset, write_record
+from defectscan.studies.records import (MACHINE_KEYS, check_record, read_record, record_path, same_subset,
+                                        write_record)
 from defectscan.studies.report import collect_rows, group_column, write_report
 from defectscan.training import RunDir, load_config, train
 from defectscan.training.config import PretrainConfig
@@ -256,7 +257,7 @@ def check_finished_cell(cell_dir: Path, cfg, opts: EvalOptions, split: str, limi
             raise DefectscanError(f"{cell_dir}: cell.json exists but {f.name} is missing; delete the cell directory "
                                   f"to recompute it")
     # where it ran does not change what it measured
-    same_cfg = run.same_config(cfg, ignore=("training.device",))
+    same_cfg = run.same_config(cfg, ignore=MACHINE_KEYS)
     saved = EvalSummary.read(metrics_file)
     same_eval = (saved.split == split
                  and all(getattr(saved.options, k) == getattr(opts, k) for k in SCORE_OPTIONS)

@@ -30,10 +30,11 @@ from defectscan.schemas import SCORE_OPTIONS, EvalOptions
 from defectscan.training.config import Config
 
 RECORD_VERSION = 1
-# Where a cell ran does not change what it measured: the device, and where the dataset and the study's pretrained
+# Where a cell ran does not change what it measured: the device, the DataLoader workers (crops depend only on the
+# seed and their index, data/sampling.py; "auto" picks by device), and where the dataset and the study's pretrained
 # encoders were on that machine. The dataset is named by its directory's name, the encoder by its pretraining's
 # config digest (its directory under the study).
-MACHINE_KEYS = ("training.device",)
+MACHINE_KEYS = ("training.device", "sampling.workers")
 # What a key absent from an older record meant (tta was not a study option then: its cells ran without; tile,
 # overlap and threshold were not recorded: a study leaves them to the checkpoint, None)
 EVAL_KEY_DEFAULTS = {"tta": False}
