@@ -14,8 +14,10 @@ from torch import nn
 
 from _helpers import bsdata_like, folder_dataset, load_script, run_cli  # tests/ is on sys.path under pytest
 from defectscan.studies import aggregate, bootstrap_ci, load_study, run_study
+from defectscan.studies.records import comparable_config
 from defectscan.studies.report import separations
 from defectscan.training import RunDir
+from defectscan.training.config import Config
 from defectscan.evaluation.calibrate import calibrate_threshold
 from defectscan.evaluation.compare import compare
 from defectscan.data import load_dataset
@@ -692,9 +694,6 @@ def test_benchmark_records_let_another_machine_resume_and_report(tmp_path, monke
 def test_a_record_compares_on_what_decides_the_result_not_on_where_it_ran(tmp_path):
     """The device and the DataLoader workers (crops depend on the seed and index only) do not make a record stale;
     a record from before `sampling.workers: auto` holds 0 and stands for today's auto."""
-    from defectscan.studies.records import comparable_config
-    from defectscan.training.config import Config
-
     today = Config.model_validate({"data": {"root": str(tmp_path / "d")}})
     old = today.to_dict()
     old["sampling"]["workers"], old["training"]["device"] = 0, "cuda"

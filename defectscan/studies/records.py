@@ -27,7 +27,7 @@ from defectscan.errors import DefectscanError
 from defectscan.io.files import write_text
 from defectscan.io.provenance import library_versions
 from defectscan.schemas import SCORE_OPTIONS, EvalOptions
-from defectscan.training.config import Config
+from defectscan.training.config import Config, drop_keys
 
 RECORD_VERSION = 1
 # Where a cell ran does not change what it measured: the device, the DataLoader workers (crops depend only on the
@@ -54,9 +54,7 @@ def comparable_config(cfg: Config | dict, out: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise DefectscanError(f"the recorded training config is not valid today ({type(exc).__name__})") from None
     data = yaml.safe_load(yaml.safe_dump(data))  # plain types, as a saved config.yaml holds them
-    for key in MACHINE_KEYS:
-        section, name = key.split(".")
-        data.get(section, {}).pop(name, None)
+    drop_keys(data, MACHINE_KEYS)
     if data.get("data", {}).get("root"):
         data["data"]["root"] = Path(data["data"]["root"]).name
     weights = data.get("model", {}).get("encoder_weights")

@@ -334,15 +334,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise _config_error(exc, schema) from None
 
 
+def drop_keys(data: dict, keys: tuple[str, ...]) -> dict:
+    """`data` (a config as plain dicts) without its `section.key` entries in `keys`; changed in place."""
+    for key in keys:
+        section, name = key.split(".")
+        data.get(section, {}).pop(name, None)
+    return data
+
+
 def same_as_saved(cfg: BaseModel, saved: str | Path, ignore: tuple[str, ...] = ()) -> bool:
     """Whether `cfg` equals the config.yaml a run saved, leaving out the `section.key` entries in `ignore`."""
-    def plain(data: dict) -> dict:
-        for key in ignore:
-            section, name = key.split(".")
-            data.get(section, {}).pop(name, None)
-        return data
-
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # through YAML, as the trainer saved it
     # the saved file goes through the same defaults, so a field added later (at its default) does not count
     before = yaml.safe_load(yaml.safe_dump(load_config(saved, schema=type(cfg)).to_dict()))
-    return plain(before) == plain(current)
+    return drop_keys(before, ignore) == drop_keys(current, ignore)
